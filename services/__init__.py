@@ -1,0 +1,1 @@
+"""c360 services and their shared runtime."""

@@ -1,0 +1,5 @@
+"""Alembic environment of the enrichment service (tables in its own schema and version table)."""
+
+from services.runtime.db import run_migrations
+
+run_migrations()

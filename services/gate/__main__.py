@@ -1,0 +1,28 @@
+"""Runs the gate service: `python -m services.gate [serve|migrate]`."""
+
+from pathlib import Path
+
+from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from services.gate.settings import GateSettings
+from services.runtime import db
+from services.runtime.process import run, start_service
+from services.runtime.server import Registration, Server
+from services.runtime.telemetry import Telemetry
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
+    """Wires the service: settings -> engine -> servicer -> server. Every RPC answers
+    UNIMPLEMENTED until its issue (#3) lands."""
+    engine = db.create_engine(settings)
+    registration = Registration(
+        gate_pb2.DESCRIPTOR.services_by_name["Gate"],
+        gate_pb2_grpc.GateServicer(),  # type: ignore[abstract]  # the generated base
+        gate_pb2_grpc.add_GateServicer_to_server,
+    )
+    return await start_service(settings, telemetry, [registration], engine)
+
+
+if __name__ == "__main__":
+    run(GateSettings(), build, MIGRATIONS)

@@ -1,0 +1,1 @@
+"""The identity service: Identity in protos/c360/identity/v1/identity.proto."""

@@ -1,0 +1,158 @@
+"""Bearer tokens bound to shops and roles, enforced for every c360 method in one place."""
+
+import contextvars
+import hashlib
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from c360.common.v1 import common_pb2
+from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.runtime.interceptors import C360Interceptor
+from services.runtime.settings import RuntimeSettings
+
+ALL_SHOPS = "*"
+ROLES = {
+    "read": common_pb2.ROLE_READ,
+    "write": common_pb2.ROLE_WRITE,
+    "gdpr": common_pb2.ROLE_GDPR,
+    "admin": common_pb2.ROLE_ADMIN,
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The holder of a valid token: its name, the shops it may touch and its roles."""
+
+    name: str
+    shops: frozenset[str]
+    roles: frozenset[common_pb2.Role.ValueType]
+
+    def may_access(self, shop_id: str) -> bool:
+        """Whether the token is bound to this shop (or to every shop)."""
+        return ALL_SHOPS in self.shops or shop_id in self.shops
+
+    def has_role(self, role: common_pb2.Role.ValueType) -> bool:
+        """Whether the token holds the role; admin holds every role."""
+        return role in self.roles or common_pb2.ROLE_ADMIN in self.roles
+
+
+# The principal of the call being served, for servicers that check shops of stored resources.
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenRegistry:
+    """Known tokens, held by digest so that lookups never compare secrets directly."""
+
+    def __init__(self, principals: Iterable[tuple[str, Principal]]) -> None:
+        self._by_digest = {_digest(token): principal for token, principal in principals}
+
+    @classmethod
+    def from_settings(cls, settings: RuntimeSettings) -> "TokenRegistry":
+        """The tokens of C360_TOKENS, plus the development token when one is set."""
+        entries = [
+            (
+                t.token.get_secret_value(),
+                Principal(t.name, frozenset(t.shops), frozenset(ROLES[r] for r in t.roles)),
+            )
+            for t in settings.tokens
+        ]
+        if settings.dev_token is not None:
+            entries.append(
+                (
+                    settings.dev_token.get_secret_value(),
+                    Principal("dev", frozenset({ALL_SHOPS}), frozenset({common_pb2.ROLE_ADMIN})),
+                )
+            )
+        return cls(entries)
+
+    def principal(self, token: str) -> Principal | None:
+        """Who holds the token, or None for an unknown one."""
+        return self._by_digest.get(_digest(token))
+
+
+def required_role(method: str) -> common_pb2.Role.ValueType:
+    """The role a c360 method declares with the `required_role` option (UNSPECIFIED if none)."""
+    full_name = method.lstrip("/").replace("/", ".")
+    options = descriptor_pool.Default().FindMethodByName(full_name).GetOptions()
+    role: common_pb2.Role.ValueType = options.Extensions[common_pb2.required_role]
+    return role
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+    """The bearer token in the call's `authorization` metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def shops_of(request: Any) -> list[str] | None:
+    """The shop ids a request is about, or None when its message names no shop."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "shop_id" in fields:
+        return [request.shop_id]
+    if "shop_ids" in fields:
+        return list(request.shop_ids)
+    return None
+
+
+class AuthInterceptor(C360Interceptor):
+    """UNAUTHENTICATED without a valid token; PERMISSION_DENIED for another shop or role."""
+
+    def __init__(self, tokens: TokenRegistry) -> None:
+        self._tokens = tokens
+
+    def around(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> AbstractAsyncContextManager[None]:
+        return self._authenticated(method, context)
+
+    @asynccontextmanager
+    async def _authenticated(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        token = bearer_token(context)
+        if token is None:
+            raise Unauthenticated("missing bearer token in `authorization` metadata")
+        principal = self._tokens.principal(token)
+        if principal is None:
+            raise Unauthenticated("unknown bearer token")
+        role = required_role(method)
+        if role == common_pb2.ROLE_UNSPECIFIED or not principal.has_role(role):
+            raise PermissionDenied(
+                "MISSING_ROLE",
+                f"the token lacks the {common_pb2.Role.Name(role)} role for {method}",
+                role=common_pb2.Role.Name(role),
+            )
+        reset = current_principal.set(principal)
+        try:
+            yield
+        finally:
+            current_principal.reset(reset)
+
+    async def check_request(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Every shop a request names must be one the caller's token is bound to."""
+        shops = shops_of(request)
+        if shops is None:
+            return
+        if not shops or any(not shop for shop in shops):
+            raise InvalidArgument([("shop_id", "required")])
+        principal = current_principal.get()
+        for shop in shops:
+            if not principal.may_access(shop):
+                raise PermissionDenied(
+                    "OTHER_SHOP", "the token is not bound to this shop", shop_id=shop
+                )

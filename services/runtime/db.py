@@ -1,0 +1,86 @@
+"""SQLAlchemy 2 async engines (PostgreSQL via asyncpg, SQLite via aiosqlite) and migrations."""
+
+import asyncio
+from pathlib import Path
+
+from alembic import command, context
+from alembic.config import Config
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from services.runtime.settings import RuntimeSettings
+
+
+def create_engine(settings: RuntimeSettings) -> AsyncEngine:
+    """The service's engine. On PostgreSQL every connection works in the service's own schema,
+    so services sharing one database never see each other's tables."""
+    url = make_url(settings.sqlalchemy_url)
+    if url.get_backend_name() == "postgresql":
+        return create_async_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=10,
+            connect_args={
+                "server_settings": {"search_path": settings.schema_name},
+                "timeout": settings.dependency_timeout_seconds * 5,
+            },
+        )
+    if url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay usable after commit."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Raises unless the database answers a trivial query."""
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+
+
+def version_table(settings: RuntimeSettings) -> str:
+    """Each service's Alembic version table, in its own schema."""
+    return f"alembic_version_{settings.service}"
+
+
+def migrate(settings: RuntimeSettings, migrations: Path, revision: str = "head") -> None:
+    """Brings the service's tables to `revision` (run as a step of its own, not at every boot)."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    config.attributes["settings"] = settings
+    command.upgrade(config, revision)
+
+
+def run_migrations() -> None:
+    """The body of every service's migrations/env.py: online migrations on the async engine."""
+    settings: RuntimeSettings = context.config.attributes["settings"]
+
+    def upgrade(connection: Connection) -> None:
+        context.configure(connection=connection, version_table=version_table(settings))
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            if engine.dialect.name == "postgresql":
+                async with engine.begin() as connection:
+                    await connection.execute(
+                        text(f'CREATE SCHEMA IF NOT EXISTS "{settings.schema_name}"')
+                    )
+            async with engine.begin() as connection:
+                await connection.run_sync(upgrade)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())

@@ -1,0 +1,194 @@
+"""The one error hierarchy: each error knows its gRPC code and rich details."""
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import grpc
+import redis.exceptions
+import sqlalchemy.exc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "c360"
+
+# Failures of a dependency (database, Redis, network) that a retry may cure.
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+class C360Error(Exception):
+    """An error a caller should see: a gRPC status code, a message and typed details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> Sequence[Message]:
+        """The google.rpc error details attached to the status."""
+        return ()
+
+    def to_status(self) -> status_pb2.Status:
+        """This error as a google.rpc.Status."""
+        packed = []
+        for detail in self.details():
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+        )
+
+
+class InvalidArgument(C360Error):
+    """Bad input: every offending field with what is wrong with it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{field}: {why}" for field, why in self.violations))
+
+    def details(self) -> Sequence[Message]:
+        return (
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+                    for field, why in self.violations
+                ]
+            ),
+        )
+
+
+class NotFound(C360Error):
+    """The named resource does not exist (or is not visible to the caller)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, resource_type: str, resource_name: str) -> None:
+        super().__init__(f"{resource_type} not found")
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+    def details(self) -> Sequence[Message]:
+        return (
+            error_details_pb2.ResourceInfo(
+                resource_type=self.resource_type, resource_name=self.resource_name
+            ),
+        )
+
+
+class AlreadyExists(C360Error):
+    """The resource to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(C360Error):
+    """The system is not in a state that allows the operation (e.g. unmerge after its window)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, kind: str, subject: str, description: str) -> None:
+        super().__init__(description)
+        self.kind = kind
+        self.subject = subject
+
+    def details(self) -> Sequence[Message]:
+        return (
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=self.kind, subject=self.subject, description=self.message
+                    )
+                ]
+            ),
+        )
+
+
+class Unauthenticated(C360Error):
+    """No valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
+    def details(self) -> Sequence[Message]:
+        return (error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain=DOMAIN),)
+
+
+class PermissionDenied(C360Error):
+    """A valid token without the right to this shop or method."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, reason: str, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata
+
+    def details(self) -> Sequence[Message]:
+        return (
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata),
+        )
+
+
+class Unavailable(C360Error):
+    """A dependency is down; retry after the suggested delay."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: timedelta = timedelta(seconds=1)) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def details(self) -> Sequence[Message]:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(self.retry_after)
+        return (error_details_pb2.RetryInfo(retry_delay=delay),)
+
+
+def as_c360_error(exc: BaseException) -> C360Error | None:
+    """The caller-facing error for an exception, or None when it must stay hidden (INTERNAL)."""
+    if isinstance(exc, C360Error):
+        return exc
+    if isinstance(exc, DEPENDENCY_ERRORS):
+        return Unavailable("a dependency of the service is unavailable; retry")
+    return None
+
+
+@asynccontextmanager
+async def mapped_errors(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Turns exceptions raised by a handler into gRPC statuses.
+
+    Typed errors become their status with details; a method not built yet is UNIMPLEMENTED; any
+    other exception becomes a generic INTERNAL whose traceback goes to the log only.
+    """
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except NotImplementedError:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+    except Exception as exc:
+        error = as_c360_error(exc)
+        if error is None:
+            log.exception("unhandled error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        else:
+            status = rpc_status.to_status(error.to_status())
+            await context.abort(status.code, status.details, status.trailing_metadata)

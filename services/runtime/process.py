@@ -1,0 +1,74 @@
+"""One service process: `python -m services.<name> [serve|migrate]`, until SIGTERM or SIGINT."""
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.runtime import db
+from services.runtime.auth import TokenRegistry
+from services.runtime.server import Dependency, Registration, Server, start_server
+from services.runtime.settings import RuntimeSettings
+from services.runtime.telemetry import Telemetry, configure_logging, telemetry_from_environment
+
+log = logging.getLogger(__name__)
+
+
+async def start_service(
+    settings: RuntimeSettings,
+    telemetry: Telemetry,
+    registrations: Sequence[Registration],
+    engine: AsyncEngine,
+    dependencies: Sequence[Dependency] = (),
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> Server:
+    """Starts a service that owns a database: its health follows the database and every other
+    dependency; stopping it disposes of the engine."""
+    return await start_server(
+        settings.listen_address,
+        registrations,
+        tokens=TokenRegistry.from_settings(settings),
+        telemetry=telemetry,
+        dependencies=[Dependency("database", partial(db.ping, engine)), *dependencies],
+        health_interval=settings.health_interval_seconds,
+        dependency_timeout=settings.dependency_timeout_seconds,
+        on_stop=[*on_stop, engine.dispose],
+    )
+
+
+S = TypeVar("S", bound=RuntimeSettings)
+
+
+async def serve(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]]) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    telemetry = telemetry_from_environment(settings.service)
+    server = await build(settings, telemetry)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("serving", extra={"address": settings.listen_address, "port": server.port})
+    await stopping.wait()
+    log.info("stopping", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await server.stop(settings.shutdown_grace_seconds)
+    telemetry.shutdown()
+    log.info("stopped")
+
+
+def run(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]], migrations: Path) -> None:
+    """The command line of a service: `serve` (default) or `migrate`."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{settings.service}")
+    parser.add_argument("command", nargs="?", choices=["serve", "migrate"], default="serve")
+    command = parser.parse_args().command
+    configure_logging(settings.service, settings.log_level)
+    if command == "migrate":
+        db.migrate(settings, migrations)
+        log.info("migrated")
+        return
+    asyncio.run(serve(settings, build))
