@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
+from pydantic import SecretStr
 
 from c360.common.v1 import common_pb2
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from services.runtime.interceptors import C360Interceptor
-from services.runtime.settings import RuntimeSettings
+from services.runtime.settings import RuntimeSettings, TokenConfig
 
 ALL_SHOPS = "*"
 ROLES = {
@@ -56,23 +57,30 @@ class TokenRegistry:
         self._by_digest = {_digest(token): principal for token, principal in principals}
 
     @classmethod
-    def from_settings(cls, settings: RuntimeSettings) -> "TokenRegistry":
-        """The tokens of C360_TOKENS, plus the development token when one is set."""
+    def from_settings_tokens(
+        cls, tokens: Iterable[TokenConfig], dev_token: SecretStr | None = None
+    ) -> "TokenRegistry":
+        """The configured tokens, plus the development token (admin, every shop) when set."""
         entries = [
             (
                 t.token.get_secret_value(),
                 Principal(t.name, frozenset(t.shops), frozenset(ROLES[r] for r in t.roles)),
             )
-            for t in settings.tokens
+            for t in tokens
         ]
-        if settings.dev_token is not None:
+        if dev_token is not None:
             entries.append(
                 (
-                    settings.dev_token.get_secret_value(),
+                    dev_token.get_secret_value(),
                     Principal("dev", frozenset({ALL_SHOPS}), frozenset({common_pb2.ROLE_ADMIN})),
                 )
             )
         return cls(entries)
+
+    @classmethod
+    def from_settings(cls, settings: RuntimeSettings) -> "TokenRegistry":
+        """The tokens of C360_TOKENS, plus C360_DEV_TOKEN when set."""
+        return cls.from_settings_tokens(settings.tokens, settings.dev_token)
 
     def principal(self, token: str) -> Principal | None:
         """Who holds the token, or None for an unknown one."""

@@ -10,18 +10,19 @@ from pydantic import SecretStr
 from services.runtime.interceptors import deadline
 from services.runtime.telemetry import Telemetry
 
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
 
 def _details(
-    details: grpc.aio.ClientCallDetails, token: SecretStr | None
+    details: grpc.aio.ClientCallDetails, token: SecretStr | None, default_timeout: float
 ) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     if token is not None and "authorization" not in metadata:
         metadata.add("authorization", f"Bearer {token.get_secret_value()}")
-    timeout = details.timeout
+    timeout = details.timeout if details.timeout is not None else default_timeout
     inherited = deadline.get()
     if inherited is not None:
-        remaining = max(inherited - time.monotonic(), 0.0)
-        timeout = remaining if timeout is None else min(timeout, remaining)
+        timeout = min(timeout, max(inherited - time.monotonic(), 0.0))
     return grpc.aio.ClientCallDetails(
         details.method, timeout, metadata, details.credentials, details.wait_for_ready
     )
@@ -31,10 +32,12 @@ class PeerInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
 ):
-    """Presents the service token and never lets a peer call outlive the call being served."""
+    """Presents the service token and gives every peer call a deadline: the caller's own when
+    set, never later than the deadline of the call being served."""
 
-    def __init__(self, token: SecretStr | None) -> None:
+    def __init__(self, token: SecretStr | None, default_timeout: float) -> None:
         self._token = token
+        self._default_timeout = default_timeout
 
     async def intercept_unary_unary(
         self,
@@ -42,7 +45,8 @@ class PeerInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return await continuation(_details(client_call_details, self._token), request)
+        details = _details(client_call_details, self._token, self._default_timeout)
+        return await continuation(details, request)
 
     async def intercept_unary_stream(
         self,
@@ -50,10 +54,19 @@ class PeerInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return await continuation(_details(client_call_details, self._token), request)
+        details = _details(client_call_details, self._token, self._default_timeout)
+        return await continuation(details, request)
 
 
-def connect(address: str, token: SecretStr | None, telemetry: Telemetry) -> grpc.aio.Channel:
+def connect(
+    address: str,
+    token: SecretStr | None,
+    telemetry: Telemetry,
+    default_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> grpc.aio.Channel:
     """A channel to a peer service with tracing, the service token and deadline propagation."""
-    interceptors: list[Any] = [*telemetry.client_interceptors(), PeerInterceptor(token)]
+    interceptors: list[Any] = [
+        *telemetry.client_interceptors(),
+        PeerInterceptor(token, default_timeout),
+    ]
     return grpc.aio.insecure_channel(address, interceptors=interceptors)

@@ -56,7 +56,7 @@ async def serve(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]])
     log.info("serving", extra={"address": settings.listen_address, "port": server.port})
     await stopping.wait()
     log.info("stopping", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    await server.stop(settings.shutdown_grace_seconds)
+    await server.stop(settings.shutdown_grace_seconds, settings.shutdown_drain_seconds)
     telemetry.shutdown()
     log.info("stopped")
 

@@ -126,9 +126,11 @@ class Server:
         self.health = health
         self._on_stop = on_stop
 
-    async def stop(self, grace: float) -> None:
-        """NOT_SERVING first, then in-flight calls get `grace` seconds, then resources close."""
+    async def stop(self, grace: float, drain: float = 0.0) -> None:
+        """NOT_SERVING first (still taking calls for `drain` seconds, so load balancers notice),
+        then in-flight calls get `grace` seconds, then resources close."""
         await self.health.stop()
+        await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
         for close in self._on_stop:
             await close()

@@ -24,7 +24,9 @@ class TokenConfig(BaseModel):
 class RuntimeSettings(BaseSettings):
     """Settings every service reads. Variables are prefixed C360_, except the standard ones."""
 
-    model_config = SettingsConfigDict(env_prefix="C360_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="C360_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     service: ClassVar[ServiceName]
 
@@ -45,8 +47,8 @@ class RuntimeSettings(BaseSettings):
         validation_alias="DATABASE_URL",
         description="postgresql+asyncpg://… ; unset = a SQLite file per service under data_dir.",
     )
-    db_schema: str | None = Field(
-        None, description="PostgreSQL schema holding this service's tables; default its name."
+    db_schema_prefix: str = Field(
+        "", description="Prefix of the PostgreSQL schema holding this service's tables."
     )
     data_dir: Path = Field(Path("data"), description="Folder of the embedded SQLite files.")
 
@@ -63,6 +65,11 @@ class RuntimeSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level of the JSON logs.")
     shutdown_grace_seconds: float = Field(
         10.0, description="How long in-flight RPCs may finish after SIGTERM."
+    )
+    shutdown_drain_seconds: float = Field(
+        0.0,
+        description="How long a stopping server keeps answering NOT_SERVING before it stops "
+        "taking calls, so that load balancers notice (a few seconds in Kubernetes).",
     )
     health_interval_seconds: float = Field(
         2.0, description="How often dependencies (database, Redis) are probed for health."
@@ -88,8 +95,8 @@ class RuntimeSettings(BaseSettings):
 
     @property
     def schema_name(self) -> str:
-        """The PostgreSQL schema of this service's tables."""
-        return self.db_schema or self.service
+        """The PostgreSQL schema of this service's tables: the prefix and the service's name."""
+        return f"{self.db_schema_prefix}{self.service}"
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -1,0 +1,1 @@
+"""The c360 test suite."""

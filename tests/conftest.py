@@ -1,0 +1,117 @@
+"""Fixtures shared by the suite: real PostgreSQL and Redis, real services on port 0."""
+
+import asyncio
+import importlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
+
+from services.runtime import db
+from services.runtime.server import Server
+from services.runtime.settings import RuntimeSettings, ServiceName, TokenConfig
+from services.runtime.telemetry import Telemetry
+from tests.backing import Backing, BackingUnavailable, provide
+
+ADMIN_TOKEN = "tok-admin"
+SHOP_A_TOKEN = "tok-shop-a"
+READER_TOKEN = "tok-reader"
+TOKENS = [
+    TokenConfig(name="ops", token=SecretStr(ADMIN_TOKEN), shops=["*"], roles=["admin"]),
+    TokenConfig(
+        name="shop-a", token=SecretStr(SHOP_A_TOKEN), shops=["shop-a"], roles=["read", "write"]
+    ),
+    TokenConfig(
+        name="agency", token=SecretStr(READER_TOKEN), shops=["shop-a", "shop-b"], roles=["read"]
+    ),
+]
+
+StartService = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture(scope="session")
+def backing() -> Iterator[Backing]:
+    """The real PostgreSQL and Redis for this run."""
+    try:
+        found = provide()
+    except BackingUnavailable as missing:
+        pytest.exit(str(missing), returncode=1)
+    yield found
+    found.stop()
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    """A prefix that keeps this run's PostgreSQL schemas apart from other runs and `make run`."""
+    return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+async def drop_schemas(backing: Backing, run_id: str) -> AsyncIterator[None]:
+    """Drops every schema this run created once the run is over."""
+    yield
+    url = make_url(backing.database_url).set(drivername="postgresql")
+    connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        schemas = await connection.fetch(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", f"{run_id}_%"
+        )
+        for row in schemas:
+            await connection.execute(f'DROP SCHEMA "{row["nspname"]}" CASCADE')
+    finally:
+        await connection.close()
+
+
+def service_module(service: ServiceName) -> Any:
+    """The wiring module of a service (`python -m services.<service>`)."""
+    return importlib.import_module(f"services.{service}.__main__")
+
+
+@pytest.fixture
+def settings_for(backing: Backing, run_id: str, drop_schemas: None) -> Callable[..., Any]:
+    """Settings of a service on port 0 against the real PostgreSQL (and Redis for the gate)."""
+
+    def make(service: ServiceName, **overrides: Any) -> RuntimeSettings:
+        module = importlib.import_module(f"services.{service}.settings")
+        settings_class = getattr(module, f"{service.capitalize()}Settings")
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            f"{service}_port": 0,
+            "database_url": backing.database_url,
+            "db_schema_prefix": f"{run_id}_",
+            "tokens": TOKENS,
+            "health_interval_seconds": 0.1,
+            "dependency_timeout_seconds": 0.5,
+        }
+        if service == "gate":
+            values["redis_url"] = backing.redis_url
+        values.update(overrides)
+        settings: RuntimeSettings = settings_class(**values)
+        return settings
+
+    return make
+
+
+@pytest.fixture
+async def start_service(settings_for: Callable[..., Any]) -> AsyncIterator[StartService]:
+    """Migrates and starts real services in process; stops them after the test."""
+    started: list[Server] = []
+
+    async def start(
+        service: ServiceName, telemetry: Telemetry | None = None, **overrides: Any
+    ) -> Server:
+        settings = settings_for(service, **overrides)
+        module = service_module(service)
+        await asyncio.to_thread(db.migrate, settings, Path(module.MIGRATIONS))
+        server: Server = await module.build(settings, telemetry or Telemetry())
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=1.0)

@@ -1,0 +1,187 @@
+"""The whole mesh, started as `make run` starts it, called as a client would (grpcurl)."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from services.runtime.settings import SERVICES, ServiceName
+from tests.backing import Backing, free_port
+
+READY_DEADLINE_SECONDS = 90.0
+DEV_TOKEN = "e2e-dev-token"
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+FULL_NAMES: dict[ServiceName, str] = {
+    "identity": "c360.identity.v1.Identity",
+    "profile": "c360.profile.v1.Profile",
+    "enrichment": "c360.enrichment.v1.Enrichment",
+    "gate": "c360.gate.v1.Gate",
+    "gdpr": "c360.gdpr.v1.Gdpr",
+}
+
+
+@dataclass
+class Mesh:
+    process: asyncio.subprocess.Process
+    process_cwd: Path
+    ports: dict[ServiceName, int]
+    banner: list[str]
+
+
+async def start_mesh(env: dict[str, str], cwd: Path) -> Mesh:
+    ports = {service: free_port() for service in SERVICES}
+    env = {**env, **{f"C360_{s.upper()}_PORT": str(p) for s, p in ports.items()}}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.runtime.mesh",
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    banner: list[str] = []
+    deadline = asyncio.get_running_loop().time() + READY_DEADLINE_SECONDS
+    while not banner or banner[-1] != "ready":
+        remaining = deadline - asyncio.get_running_loop().time()
+        line = await asyncio.wait_for(process.stdout.readline(), max(remaining, 0.01))
+        if not line:
+            raise AssertionError(f"mesh exited before ready: {banner}")
+        banner.append(line.decode().rstrip("\n"))
+    return Mesh(process, cwd, ports, banner)
+
+
+async def stop_mesh(mesh: Mesh) -> tuple[int, str]:
+    mesh.process.send_signal(signal.SIGINT)
+    assert mesh.process.stdout is not None
+    rest = await asyncio.wait_for(mesh.process.stdout.read(), 60)
+    return await mesh.process.wait(), rest.decode()
+
+
+async def grpcurl(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        GRPCURL,
+        "-plaintext",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    return await process.wait(), output.decode()
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))}
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    return {**env, "C360_DEV_TOKEN": DEV_TOKEN, "C360_DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.fixture(scope="module")
+async def embedded_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    """One mesh on embedded defaults, shared by the tests that only call it."""
+    folder = tmp_path_factory.mktemp("mesh")
+    mesh = await start_mesh(base_env(folder), folder)
+    yield mesh
+    await stop_mesh(mesh)
+
+
+async def test_make_run_prints_addresses_the_token_an_example_and_ready(
+    embedded_mesh: Mesh,
+) -> None:
+    banner = embedded_mesh.banner
+    assert f"token: {DEV_TOKEN}" in banner
+    for service, port in embedded_mesh.ports.items():
+        assert f"  {service:<11} localhost:{port}" in banner
+    assert any("grpcurl -plaintext -H 'authorization: Bearer" in line for line in banner)
+    data = Path(embedded_mesh.process_cwd) / "data"
+    assert sorted(p.name for p in data.iterdir()) == sorted(f"{s}.db" for s in SERVICES)
+
+
+async def test_grpcurl_lists_and_health_checks_every_service(embedded_mesh: Mesh) -> None:
+    for service, port in embedded_mesh.ports.items():
+        code, output = await grpcurl(
+            "-H", f"authorization: Bearer {DEV_TOKEN}", f"localhost:{port}", "list"
+        )
+        assert code == 0, output
+        assert output.split() == sorted(
+            [
+                FULL_NAMES[service],
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+        )
+        code, output = await grpcurl(f"localhost:{port}", "grpc.health.v1.Health/Check")
+        assert code == 0, output
+        assert json.loads(output) == {"status": "SERVING"}
+
+
+async def test_grpcurl_describe_shows_the_contract(embedded_mesh: Mesh) -> None:
+    code, output = await grpcurl(
+        f"localhost:{embedded_mesh.ports['gate']}", "describe", "c360.gate.v1.Gate"
+    )
+    assert code == 0, output
+    assert (
+        "rpc Check ( .c360.gate.v1.CheckRequest ) returns ( .c360.gate.v1.CheckResponse )" in output
+    )
+    code, output = await grpcurl(
+        f"localhost:{embedded_mesh.ports['gate']}", "describe", "c360.gate.v1.CheckResponse"
+    )
+    assert code == 0, output
+    assert "string reason = 2;" in output
+
+
+async def test_calls_are_authenticated_and_unbuilt_rpcs_unimplemented(embedded_mesh: Mesh) -> None:
+    address = f"localhost:{embedded_mesh.ports['gate']}"
+    request = json.dumps({"shop_id": "shop-a", "person_id": "p1", "message_id": "m1"})
+    code, output = await grpcurl("-d", request, address, "c360.gate.v1.Gate/Check")
+    assert code != 0
+    assert "Code: Unauthenticated" in output
+    code, output = await grpcurl(
+        "-H",
+        f"authorization: Bearer {DEV_TOKEN}",
+        "-d",
+        request,
+        address,
+        "c360.gate.v1.Gate/Check",
+    )
+    assert code != 0
+    assert "Code: Unimplemented" in output
+
+
+async def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path) -> None:
+    mesh = await start_mesh(base_env(tmp_path), tmp_path)
+    code, rest = await stop_mesh(mesh)
+    assert code == 0
+    assert rest.splitlines()[-1] == "stopped"
+    for port in mesh.ports.values():
+        status, _ = await grpcurl("-max-time", "2", f"localhost:{port}", "list")
+        assert status != 0
+
+
+async def test_the_mesh_runs_on_postgresql_and_redis(
+    tmp_path: Path, backing: Backing, run_id: str, drop_schemas: None
+) -> None:
+    env = {
+        **base_env(tmp_path),
+        "DATABASE_URL": backing.database_url,
+        "REDIS_URL": backing.redis_url,
+        "C360_DB_SCHEMA_PREFIX": f"{run_id}_e2e_",
+    }
+    mesh = await start_mesh(env, tmp_path)
+    try:
+        assert "  data: PostgreSQL; gate counters: Redis" in mesh.banner
+        assert not (tmp_path / "data").exists()
+        for port in mesh.ports.values():
+            code, output = await grpcurl(f"localhost:{port}", "grpc.health.v1.Health/Check")
+            assert json.loads(output) == {"status": "SERVING"}, output
+    finally:
+        code, _ = await stop_mesh(mesh)
+    assert code == 0
