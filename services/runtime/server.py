@@ -22,6 +22,9 @@ from services.runtime.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# Reported SERVING from start to shutdown whatever the dependencies do: the liveness probe's
+# service name, so that a database outage takes replicas out of rotation without restarting them.
+LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -47,7 +50,8 @@ class Dependency:
 
 class HealthMonitor:
     """Keeps the standard health service truthful: SERVING only while every dependency answers,
-    NOT_SERVING from the first failed probe and during shutdown."""
+    NOT_SERVING from the first failed probe and during shutdown. The `liveness` name stays
+    SERVING until shutdown."""
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class HealthMonitor:
             await self._servicer.set(service, status)
 
     async def _run(self) -> None:
+        await self._servicer.set(LIVENESS, SERVING)
         while True:
             await self.check()
             await asyncio.sleep(self._interval)

@@ -32,6 +32,14 @@ def through(url: str, proxy: TcpProxy) -> str:
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
+async def status_of(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    status: int = response.status
+    return status
+
+
 async def wait_for_status(port: int, expected: int) -> None:
     """Polls the health service until it reports `expected`, failing after the deadline."""
     deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
@@ -64,6 +72,7 @@ async def test_database_outage_turns_health_not_serving_and_back(
     await wait_for_status(server.port, SERVING)
     await database_proxy.cut()
     await wait_for_status(server.port, NOT_SERVING)
+    assert await status_of(server.port, "liveness") == SERVING
     await database_proxy.start()
     await wait_for_status(server.port, SERVING)
 

@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.runtime.server import LIVENESS
+
 Manifest = dict[str, Any]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -369,10 +371,11 @@ def test_grpc_services_probe_their_health_service(
     )
     for name, port in GRPC_PORTS.items():
         server = _server(docs, name)
-        for probe in ("readinessProbe", "livenessProbe"):
+        # Readiness follows the dependencies (overall status); liveness only the process.
+        for probe, service in (("readinessProbe", ""), ("livenessProbe", LIVENESS)):
             assert probe in server, f"{name} has no {probe}"
             assert server[probe].get("grpc", {}).get("port") == port, f"{name} {probe}"
-            assert server[probe]["grpc"].get("service", "") == "", f"{name} {probe}: overall status"
+            assert server[probe]["grpc"].get("service", "") == service, f"{name} {probe}"
         pod = _pod_spec(_of_kind(docs, "Deployment")[name])
         assert pod.get("terminationGracePeriodSeconds", 30) > stopping, f"{name} is killed early"
 
