@@ -39,7 +39,17 @@ def free_port() -> int:
         return port
 
 
-def _binary(name: str) -> str | None:
+def _wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise BackingUnavailable(
+                f"{what} did not become ready within {START_TIMEOUT_SECONDS:.0f}s"
+            )
+        time.sleep(0.1)
+
+
+def _postgres_binary(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
@@ -47,111 +57,99 @@ def _binary(name: str) -> str | None:
     return candidates[0] if candidates else None
 
 
-def _wait_until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not check():
-        if time.monotonic() > deadline:
-            raise BackingUnavailable(f"{what} did not start within {START_TIMEOUT_SECONDS:.0f}s")
-        time.sleep(0.1)
-
-
-@dataclass
-class Backing:
-    """URLs of the PostgreSQL and Redis in use, and what to stop at the end."""
-
-    database_url: str
-    redis_url: str
-    _started: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    _folders: list[str] = field(default_factory=list)
-
-    def stop(self) -> None:
-        """Stops what this run started; leaves configured services alone."""
-        for process in self._started:
-            process.terminate()
-            process.wait(timeout=30)
-        for folder in self._folders:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def _as_postgres_user(argv: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI machines run tests as root.
+    # PostgreSQL refuses to run as root, and CI runs the suite as root.
     if os.geteuid() == 0:
         return ["runuser", "-u", "postgres", "--", *argv]
     return argv
 
 
-def _start_postgres(backing: Backing) -> str:
-    initdb, postgres = _binary("initdb"), _binary("postgres")
-    if not (initdb and postgres):
-        raise BackingUnavailable(
-            "PostgreSQL is not reachable and no initdb/postgres binaries were found: install "
-            "PostgreSQL (Debian: apt-get install postgresql) or set DATABASE_URL to a reachable "
-            "postgresql+asyncpg:// URL."
+class LocalPostgres:
+    """A throwaway PostgreSQL cluster in a temporary folder, stoppable and restartable on the
+    same port."""
+
+    def __init__(self) -> None:
+        initdb = _postgres_binary("initdb")
+        if not (initdb and _postgres_binary("pg_ctl")):
+            raise BackingUnavailable(
+                "PostgreSQL is not reachable and no initdb/pg_ctl binaries were found: install "
+                "PostgreSQL (Debian: apt-get install postgresql) or set DATABASE_URL to a "
+                "reachable postgresql+asyncpg:// URL."
+            )
+        self.folder = tempfile.mkdtemp(prefix="c360-pg-")
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.port = free_port()
+        self.running = False
+        subprocess.run(
+            _as_postgres_user([initdb, "-D", self._data, "-A", "trust", "-U", "postgres"]),
+            check=True,
+            capture_output=True,
         )
-    folder = tempfile.mkdtemp(prefix="c360-pg-")
-    backing._folders.append(folder)
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    data = str(Path(folder) / "data")
-    port = free_port()
-    subprocess.run(
-        _as_postgres_user([initdb, "-D", data, "-A", "trust", "-U", "postgres"]),
-        check=True,
-        capture_output=True,
-    )
-    backing._started.append(
-        subprocess.Popen(
+        self.start()
+        createdb = _postgres_binary("createdb") or "createdb"
+        subprocess.run(
             _as_postgres_user(
-                [
-                    postgres,
-                    "-D",
-                    data,
-                    "-p",
-                    str(port),
-                    "-k",
-                    folder,
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                ]
+                [createdb, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "test"]
             ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            check=True,
+            capture_output=True,
         )
-    )
-    _wait_until(lambda: reachable("127.0.0.1", port), "throwaway PostgreSQL")
-    createdb = _binary("createdb")
-    if createdb:
-        _wait_until(
-            lambda: (
-                subprocess.run(
-                    _as_postgres_user(
-                        [createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "test"]
-                    ),
-                    capture_output=True,
-                ).returncode
-                == 0
+
+    @property
+    def _data(self) -> str:
+        return str(Path(self.folder) / "data")
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL of its `test` database."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/test"
+
+    def _pg_ctl(self, *args: str) -> None:
+        pg_ctl = _postgres_binary("pg_ctl") or "pg_ctl"
+        subprocess.run(
+            _as_postgres_user(
+                [pg_ctl, "-D", self._data, "-t", str(int(START_TIMEOUT_SECONDS)), *args]
             ),
-            "creating database test",
+            check=True,
+            capture_output=True,
         )
-    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test"
+
+    def start(self) -> None:
+        """Starts the server and waits until it accepts connections."""
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg_ctl("-o", options, "-l", str(Path(self.folder) / "log"), "-w", "start")
+        self.running = True
+
+    def stop(self) -> None:
+        """Stops the server at once, terminating open connections (pg_ctl's fast mode)."""
+        if self.running:
+            self._pg_ctl("-m", "fast", "-w", "stop")
+            self.running = False
+
+    def remove(self) -> None:
+        """Stops the server and deletes its folder."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _start_redis(backing: Backing) -> str:
-    server = shutil.which("redis-server")
-    if not server:
-        raise BackingUnavailable(
-            "Redis is not reachable and no redis-server binary was found: install Redis "
-            "(Debian: apt-get install redis-server) or set REDIS_URL to a reachable redis:// URL."
-        )
-    port = free_port()
-    backing._started.append(
-        subprocess.Popen(
+class LocalRedis:
+    """A throwaway Redis that keeps nothing on disk."""
+
+    def __init__(self) -> None:
+        server = shutil.which("redis-server")
+        if not server:
+            raise BackingUnavailable(
+                "Redis is not reachable and no redis-server binary was found: install Redis "
+                "(Debian: apt-get install redis-server) or set REDIS_URL to a reachable "
+                "redis:// URL."
+            )
+        self.port = free_port()
+        self._process = subprocess.Popen(
             [
                 server,
                 "--port",
-                str(port),
+                str(self.port),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -162,9 +160,31 @@ def _start_redis(backing: Backing) -> str:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    )
-    _wait_until(lambda: reachable("127.0.0.1", port), "throwaway Redis")
-    return f"redis://127.0.0.1:{port}/0"
+        _wait_until(lambda: reachable("127.0.0.1", self.port), "throwaway Redis")
+
+    @property
+    def url(self) -> str:
+        """Its redis:// URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def remove(self) -> None:
+        """Stops the server."""
+        self._process.terminate()
+        self._process.wait(timeout=START_TIMEOUT_SECONDS)
+
+
+@dataclass
+class Backing:
+    """URLs of the PostgreSQL and Redis in use, and the throwaway servers to remove at the end."""
+
+    database_url: str
+    redis_url: str
+    throwaway: list[LocalPostgres | LocalRedis] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Removes what this run started; leaves configured services alone."""
+        for server in self.throwaway:
+            server.remove()
 
 
 def provide() -> Backing:
@@ -175,8 +195,12 @@ def provide() -> Backing:
     )
     database = urlsplit(backing.database_url)
     if not reachable(database.hostname or "127.0.0.1", database.port or 5432):
-        backing.database_url = _start_postgres(backing)
+        postgres = LocalPostgres()
+        backing.throwaway.append(postgres)
+        backing.database_url = postgres.url
     redis_url = urlsplit(backing.redis_url)
     if not reachable(redis_url.hostname or "127.0.0.1", redis_url.port or 6379):
-        backing.redis_url = _start_redis(backing)
+        redis = LocalRedis()
+        backing.throwaway.append(redis)
+        backing.redis_url = redis.url
     return backing

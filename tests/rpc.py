@@ -8,6 +8,17 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from services.runtime.settings import ServiceName
+
+# The gRPC service each c360 service serves.
+FULL_NAMES: dict[ServiceName, str] = {
+    "identity": "c360.identity.v1.Identity",
+    "profile": "c360.profile.v1.Profile",
+    "enrichment": "c360.enrichment.v1.Enrichment",
+    "gate": "c360.gate.v1.Gate",
+    "gdpr": "c360.gdpr.v1.Gdpr",
+}
+
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying a bearer token."""

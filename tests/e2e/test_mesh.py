@@ -13,17 +13,11 @@ import pytest
 
 from services.runtime.settings import SERVICES, ServiceName
 from tests.backing import Backing, free_port
+from tests.rpc import FULL_NAMES
 
 READY_DEADLINE_SECONDS = 90.0
 DEV_TOKEN = "e2e-dev-token"
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-FULL_NAMES: dict[ServiceName, str] = {
-    "identity": "c360.identity.v1.Identity",
-    "profile": "c360.profile.v1.Profile",
-    "enrichment": "c360.enrichment.v1.Enrichment",
-    "gate": "c360.gate.v1.Gate",
-    "gdpr": "c360.gdpr.v1.Gdpr",
-}
 
 
 @dataclass

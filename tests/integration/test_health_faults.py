@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.backing import Backing
+from tests.backing import Backing, LocalPostgres
 from tests.conftest import StartService
 from tests.faults import TcpProxy
 
@@ -88,3 +88,19 @@ async def test_redis_outage_turns_the_gates_health_not_serving_and_back(
     await proxy.start()
     await wait_for_status(server.port, SERVING)
     await proxy.cut()
+
+
+async def test_stopping_postgresql_turns_health_not_serving_until_it_is_back(
+    start_service: StartService,
+) -> None:
+    """The literal outage: a PostgreSQL server of the test's own is stopped and started again."""
+    postgres = await asyncio.to_thread(LocalPostgres)
+    try:
+        server = await start_service("identity", database_url=postgres.url)
+        await wait_for_status(server.port, SERVING)
+        await asyncio.to_thread(postgres.stop)
+        await wait_for_status(server.port, NOT_SERVING)
+        await asyncio.to_thread(postgres.start)
+        await wait_for_status(server.port, SERVING)
+    finally:
+        await asyncio.to_thread(postgres.remove)

@@ -9,15 +9,7 @@ from sqlalchemy import text
 from services.runtime import db
 from services.runtime.settings import SERVICES, ServiceName
 from tests.conftest import ADMIN_TOKEN, StartService
-from tests.rpc import bearer, call, request_for, service_descriptor
-
-FULL_NAMES: dict[ServiceName, str] = {
-    "identity": "c360.identity.v1.Identity",
-    "profile": "c360.profile.v1.Profile",
-    "enrichment": "c360.enrichment.v1.Enrichment",
-    "gate": "c360.gate.v1.Gate",
-    "gdpr": "c360.gdpr.v1.Gdpr",
-}
+from tests.rpc import FULL_NAMES, bearer, call, request_for, service_descriptor
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -12,17 +12,10 @@ from c360.identity.v1 import identity_pb2  # noqa: F401
 from c360.profile.v1 import profile_pb2  # noqa: F401
 from services.runtime.auth import Principal, TokenRegistry, required_role
 from services.runtime.settings import TokenConfig
-
-SERVICES = [
-    "c360.identity.v1.Identity",
-    "c360.profile.v1.Profile",
-    "c360.enrichment.v1.Enrichment",
-    "c360.gate.v1.Gate",
-    "c360.gdpr.v1.Gdpr",
-]
+from tests.rpc import FULL_NAMES
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", FULL_NAMES.values())
 def test_every_rpc_declares_a_required_role(service: str) -> None:
     descriptor = descriptor_pool.Default().FindServiceByName(service)
     undeclared = [
