@@ -1,11 +1,18 @@
 """Runs the gate service: `python -m services.gate [serve|migrate]`."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
+import fakeredis
 import redis.asyncio as redis
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from services.gate.counters import Counters
+from services.gate.gate import Gate
+from services.gate.message_log import MessageLogWriter
+from services.gate.servicer import GateServicer
 from services.gate.settings import GateSettings
+from services.gate.store import GateStore
 from services.runtime import db
 from services.runtime.process import run, start_service
 from services.runtime.server import Dependency, Registration, Server
@@ -14,33 +21,48 @@ from services.runtime.telemetry import Telemetry
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def redis_client(settings: GateSettings) -> redis.Redis:
+    """Redis at REDIS_URL, or the embedded in-process store (same scripts, same semantics)."""
+    if settings.redis_url is None:
+        return fakeredis.FakeAsyncRedis()
+    timeout = settings.redis_timeout_ms / 1000
+    return redis.from_url(
+        settings.redis_url,
+        socket_timeout=max(timeout, settings.dependency_timeout_seconds),
+        socket_connect_timeout=max(timeout, settings.dependency_timeout_seconds),
+        max_connections=256,
+    )
+
+
 async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
-    """Wires the service: settings -> engine, Redis -> servicer -> server. Every RPC answers
-    UNIMPLEMENTED until its issue (#3) lands."""
+    """Wires the service: settings -> engine, Redis -> gate -> servicer -> server."""
     engine = db.create_engine(settings)
+    store = GateStore(db.session_factory(engine))
+    counters = Counters(redis_client(settings), timeout=settings.redis_timeout_ms / 1000)
+    writer = MessageLogWriter(
+        store, counters, settings.log_flush_interval_seconds, settings.log_batch_size
+    )
+    gate = Gate(
+        counters,
+        store,
+        writer,
+        clock=lambda: datetime.now(UTC),
+        meter=telemetry.meter_provider.get_meter("c360.gate"),
+        shop_policy_ttl=settings.shop_policy_ttl_seconds,
+    )
     registration = Registration(
         gate_pb2.DESCRIPTOR.services_by_name["Gate"],
-        gate_pb2_grpc.GateServicer(),  # type: ignore[abstract]  # the generated base
+        GateServicer(gate),  # type: ignore[abstract]  # Erase comes with the GDPR issue (#8)
         gate_pb2_grpc.add_GateServicer_to_server,
     )
-    if settings.redis_url is None:
-        return await start_service(settings, telemetry, [registration], engine)
-    counters = redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.dependency_timeout_seconds,
-        socket_connect_timeout=settings.dependency_timeout_seconds,
-    )
-
-    async def ping() -> None:
-        await counters.ping()
-
+    await writer.start()
     return await start_service(
         settings,
         telemetry,
         [registration],
         engine,
-        dependencies=[Dependency("redis", ping)],
-        on_stop=[counters.aclose],
+        dependencies=[Dependency("redis", counters.ping)],
+        on_stop=[writer.stop, counters.close],
     )
 
 

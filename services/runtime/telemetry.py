@@ -8,6 +8,13 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -21,9 +28,10 @@ from pythonjsonlogger.json import JsonFormatter
 
 @dataclass
 class Telemetry:
-    """The tracer provider a process uses, handed to its servers and channels."""
+    """The tracer and meter providers a process uses, handed to its servers and services."""
 
     tracer_provider: TracerProvider = field(default_factory=TracerProvider)
+    meter_provider: MeterProvider = field(default_factory=MeterProvider)
 
     def server_interceptor(self) -> Any:
         """The OpenTelemetry gRPC server interceptor: a span per call, parent from metadata."""
@@ -34,8 +42,21 @@ class Telemetry:
         return list(aio_client_interceptors(tracer_provider=self.tracer_provider))  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
-        """Flushes and stops the span processors."""
+        """Flushes and stops the span processors and metric readers."""
         self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def _metric_exporter(name: str) -> MetricExporter | None:
+    if name == "none":
+        return None
+    if name == "console":
+        return ConsoleMetricExporter()
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+    raise ValueError(f"OTEL_METRICS_EXPORTER={name!r} is not supported (none, console, otlp)")
 
 
 def _exporter(name: str) -> SpanExporter | None:
@@ -51,8 +72,9 @@ def _exporter(name: str) -> SpanExporter | None:
 
 
 def telemetry_from_environment(service: str) -> Telemetry:
-    """Tracing as the standard variables ask: OTEL_TRACES_EXPORTER (none by default, console,
-    otlp with OTEL_EXPORTER_OTLP_*) and OTEL_SERVICE_NAME (default c360-<service>)."""
+    """Tracing and metrics as the standard variables ask: OTEL_TRACES_EXPORTER and
+    OTEL_METRICS_EXPORTER (none by default, console, otlp with OTEL_EXPORTER_OTLP_*),
+    OTEL_METRIC_EXPORT_INTERVAL, and OTEL_SERVICE_NAME (default c360-<service>)."""
     resource = Resource.create(
         {SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", f"c360-{service}")}
     )
@@ -62,7 +84,12 @@ def telemetry_from_environment(service: str) -> Telemetry:
         if exporter is not None:
             processor = SimpleSpanProcessor if name == "console" else BatchSpanProcessor
             provider.add_span_processor(processor(exporter))
-    return Telemetry(provider)
+    readers: list[MetricReader] = []
+    for name in os.environ.get("OTEL_METRICS_EXPORTER", "none").split(","):
+        metric_exporter = _metric_exporter(name.strip())
+        if metric_exporter is not None:
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
+    return Telemetry(provider, MeterProvider(resource=resource, metric_readers=readers))
 
 
 class TraceContextFilter(logging.Filter):

@@ -1,0 +1,117 @@
+-- The gate's atomic check: consent, caps, fatigue, quiet hours, then the reservation, in one step.
+-- All keys belong to one customer and share its {shop:person} hash tag (Redis Cluster safe).
+-- KEYS[1] policy (hash)  KEYS[2] sent (zset message_id -> ms)  KEYS[3] channels (hash
+--   message_id -> channel)  KEYS[4] log (stream of decisions awaiting the durable log)
+-- ARGV: 1 mode (check|dry|peek)  2 now ms  3 channel  4 message_id  5 transactional (0|1)
+--   6 the customer's zone the caller assumed ("" = none of their own)  7 local day start ms
+--   8 next local midnight ms  9 quiet hours now (0|1)  10 quiet hours end ms  11 global cap
+--   12 channel cap  13 fatigue threshold (hundredths)  14 fatigue window ms  15 key ttl ms
+-- Returns {status, allowed, reason, retry_at_ms, today_total, last_window, fatigue,
+--   log_entry_id, channel1, count1, ...}; status OK, REPLAY, REBUILD (no policy: Redis lost it
+--   or the customer is new) or TZ (the customer's zone differs from the assumed one; reason
+--   holds it). Counts are as before this message.
+local policy, sent, channels, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local mode, now, channel, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local transactional = ARGV[5] == '1'
+local day_start, next_midnight = tonumber(ARGV[7]), tonumber(ARGV[8])
+local quiet, quiet_end = ARGV[9] == '1', tonumber(ARGV[10])
+local global_cap, channel_cap = tonumber(ARGV[11]), tonumber(ARGV[12])
+local threshold, window, ttl = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+
+local fields = redis.call('HMGET', policy, 'v', 'tz', 'consent', 'unsub', 'suppressed')
+if not fields[1] then
+  return {'REBUILD', 0, '', 0, 0, 0, 0, ''}
+end
+local tz = fields[2] or ''
+if tz ~= ARGV[6] then
+  return {'TZ', 0, tz, 0, 0, 0, 0, ''}
+end
+
+-- Counts before this message: forget what left the window (a message sent at T counts until
+-- T + window, exclusive), then count.
+local expired = redis.call('ZRANGEBYSCORE', sent, '-inf', now - window)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', sent, '-inf', now - window)
+  redis.call('HDEL', channels, unpack(expired))
+end
+local last_window = redis.call('ZCARD', sent)
+local today = redis.call('ZRANGEBYSCORE', sent, day_start, '+inf')
+local by_channel, today_total = {}, #today
+if today_total > 0 then
+  local sent_on = redis.call('HMGET', channels, unpack(today))
+  for _, c in ipairs(sent_on) do
+    if c then by_channel[c] = (by_channel[c] or 0) + 1 end
+  end
+end
+local fatigue = math.min(last_window * 10, 100)
+
+local function answer(status, allowed, reason, retry_at, entry)
+  local out = {status, allowed, reason, retry_at, today_total, last_window, fatigue, entry or ''}
+  for c, n in pairs(by_channel) do
+    out[#out + 1] = c
+    out[#out + 1] = n
+  end
+  return out
+end
+
+if mode == 'peek' then
+  return answer('OK', 0, '', 0)
+end
+if redis.call('HEXISTS', channels, message_id) == 1 then
+  return answer('REPLAY', 1, '', 0)
+end
+
+local function listed(list, item)
+  return list and string.find(list, ',' .. item .. ',', 1, true) ~= nil
+end
+
+local function decide()
+  if listed(fields[5], channel) then
+    return 0, 'suppressed:' .. channel, 0
+  end
+  if transactional then
+    return 1, '', 0
+  end
+  if fields[4] == '1' then
+    return 0, 'global_unsubscribe', 0
+  end
+  if not listed(fields[3], channel) then
+    return 0, 'no_consent:' .. channel, 0
+  end
+  if today_total >= global_cap then
+    return 0, 'global_cap_reached:' .. today_total .. '/' .. global_cap, next_midnight
+  end
+  local on_channel = by_channel[channel] or 0
+  if on_channel >= channel_cap then
+    return 0, 'channel_cap_reached:' .. channel .. ':' .. on_channel .. '/' .. channel_cap,
+      next_midnight
+  end
+  if fatigue >= threshold then
+    -- Eligible again once enough of the oldest messages have left the window.
+    local allowed_max = math.ceil(threshold / 10) - 1
+    local leaving = redis.call('ZRANGE', sent, last_window - allowed_max - 1,
+      last_window - allowed_max - 1, 'WITHSCORES')
+    local function hundredths(n) return string.format('%d.%02d', math.floor(n / 100), n % 100) end
+    return 0, 'fatigue:' .. hundredths(fatigue) .. '/' .. hundredths(threshold),
+      tonumber(leaving[2]) + window
+  end
+  if quiet then
+    return 0, 'quiet_hours', quiet_end
+  end
+  return 1, '', 0
+end
+
+local allowed, reason, retry_at = decide()
+if mode == 'dry' then
+  return answer('OK', allowed, reason, retry_at)
+end
+if allowed == 1 and not transactional then
+  redis.call('ZADD', sent, now, message_id)
+  redis.call('HSET', channels, message_id, channel)
+end
+local entry = redis.call('XADD', log, '*', 'm', message_id, 'c', channel,
+  'k', transactional and 't' or 'm', 'a', allowed, 'r', reason, 't', now)
+for _, key in ipairs({policy, sent, channels, log}) do
+  redis.call('PEXPIRE', key, ttl)
+end
+return answer('OK', allowed, reason, retry_at, entry)

@@ -1,0 +1,279 @@
+"""The gate's counters: one customer's keys under one {shop:person} hash tag, the check as one
+server-side script, so a check is one Redis round trip. The same scripts run on real Redis and on
+the embedded in-process store (fakeredis with Lua), so both have exactly the same semantics."""
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.gate.rules import FATIGUE_WINDOW
+
+PREFIX = "c360:gate"
+# Counters, reservations and the pending log of a customer live this long after their last use.
+KEY_TTL_MS = int(FATIGUE_WINDOW.total_seconds() * 1000) + 24 * 3600 * 1000
+
+CHECK = resources.files(__package__).joinpath("check.lua").read_text()
+
+# Replaces the customer's contact policy, keeping their counters.
+PUT_POLICY = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', '1', 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
+  'suppressed', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+# Restores a customer whose keys Redis lost, unless someone restored them first.
+# ARGV: tz consent unsub suppressed ttl, then message_id, channel, ms triples.
+REBUILD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', '1', 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
+  'suppressed', ARGV[4])
+for i = 6, #ARGV, 3 do
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return 1
+"""
+
+# Gives back a reservation and records the release for the durable log.
+RELEASE = """
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then return '' end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local entry = redis.call('XADD', KEYS[4], '*', 'm', ARGV[1], 'x', 'release', 't', ARGV[2])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+return entry
+"""
+
+# Drops the pending log entries up to and including one the durable log now holds.
+ACK = """
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class CountersUnavailable(Exception):
+    """Redis did not answer within the gate's timeout."""
+
+
+@dataclass(frozen=True)
+class CustomerKeys:
+    """The Redis keys of one customer; all in one hash slot."""
+
+    policy: str
+    sent: str
+    channels: str
+    log: str
+
+    @classmethod
+    def of(cls, shop_id: str, person_id: str) -> "CustomerKeys":
+        """The keys of a customer, e.g. c360:gate:{shop-a:p1}:policy."""
+        tag = f"{PREFIX}:{{{shop_id}:{person_id}}}"
+        return cls(f"{tag}:policy", f"{tag}:sent", f"{tag}:channels", f"{tag}:log")
+
+    def all(self) -> list[str]:
+        """Every key, in the order the scripts take them."""
+        return [self.policy, self.sent, self.channels, self.log]
+
+
+@dataclass(frozen=True)
+class ContactPolicy:
+    """What the gate knows of one customer: consent per channel, global unsubscribe, zone,
+    hard suppressions."""
+
+    granted: frozenset[str] = frozenset()
+    global_unsubscribe: bool = False
+    time_zone: str = ""
+    suppressed: frozenset[str] = frozenset()
+
+    def as_args(self) -> list[str]:
+        """The policy as the scripts store it."""
+        return [
+            self.time_zone,
+            "," + ",".join(sorted(self.granted)) + ",",
+            "1" if self.global_unsubscribe else "0",
+            "," + ",".join(sorted(self.suppressed)) + ",",
+        ]
+
+
+@dataclass(frozen=True)
+class CheckArgs:
+    """One check as the script takes it (times in ms since the epoch)."""
+
+    mode: str
+    now_ms: int
+    channel: str
+    message_id: str
+    transactional: bool
+    assumed_zone: str
+    day_start_ms: int
+    next_midnight_ms: int
+    quiet: bool
+    quiet_end_ms: int
+    global_cap: int
+    channel_cap: int
+    fatigue_threshold: int
+
+    def argv(self) -> list[str | int]:
+        """ARGV of check.lua."""
+        return [
+            self.mode,
+            self.now_ms,
+            self.channel,
+            self.message_id,
+            int(self.transactional),
+            self.assumed_zone,
+            self.day_start_ms,
+            self.next_midnight_ms,
+            int(self.quiet),
+            self.quiet_end_ms,
+            self.global_cap,
+            self.channel_cap,
+            self.fatigue_threshold,
+            int(FATIGUE_WINDOW.total_seconds() * 1000),
+            KEY_TTL_MS,
+        ]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the script answered."""
+
+    status: str
+    allowed: bool
+    reason: str
+    retry_at_ms: int
+    today_total: int
+    last_window: int
+    fatigue: int
+    log_entry: str
+    today_by_channel: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Sequence[Any]) -> "Outcome":
+        """Decodes the script's reply."""
+        text = [v.decode() if isinstance(v, bytes) else v for v in raw]
+        pairs = text[8:]
+        return cls(
+            status=text[0],
+            allowed=int(text[1]) == 1,
+            reason=text[2],
+            retry_at_ms=int(text[3]),
+            today_total=int(text[4]),
+            last_window=int(text[5]),
+            fatigue=int(text[6]),
+            log_entry=text[7],
+            today_by_channel={pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs), 2)},
+        )
+
+
+def ms(instant: datetime) -> int:
+    """Milliseconds since the epoch."""
+    return int(instant.timestamp() * 1000)
+
+
+def from_ms(value: int) -> datetime:
+    """The instant of a millisecond timestamp."""
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+class Counters:
+    """The counter store: a Redis client (real, or fakeredis in process) and the scripts."""
+
+    def __init__(self, client: Redis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._check = client.register_script(CHECK)
+        self._put_policy = client.register_script(PUT_POLICY)
+        self._rebuild = client.register_script(REBUILD)
+        self._release = client.register_script(RELEASE)
+        self._ack = client.register_script(ACK)
+
+    async def _bounded(self, call: Any) -> Any:
+        try:
+            return await asyncio.wait_for(call, self._timeout)
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as e:
+            raise CountersUnavailable(type(e).__name__) from e
+
+    async def check(self, keys: CustomerKeys, args: CheckArgs) -> Outcome:
+        """Runs the atomic check for one customer: one round trip."""
+        return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=args.argv())))
+
+    async def check_many(self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]) -> list[Outcome]:
+        """Runs many independent checks in one pipelined round trip."""
+        pipeline = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            await self._check(keys=keys.all(), args=args.argv(), client=pipeline)
+        replies = await self._bounded(pipeline.execute())
+        return [Outcome.parse(reply) for reply in replies]
+
+    async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
+        """Replaces the customer's contact policy; the next check sees it."""
+        await self._bounded(
+            self._put_policy(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS])
+        )
+
+    async def rebuild(
+        self,
+        keys: CustomerKeys,
+        policy: ContactPolicy,
+        reservations: Sequence[tuple[str, str, int]],
+    ) -> bool:
+        """Restores a customer's policy and reservations (message_id, channel, ms) unless they
+        exist already; returns whether it restored them."""
+        flat = [value for reservation in reservations for value in reservation]
+        restored = await self._bounded(
+            self._rebuild(keys=keys.all()[:3], args=[*policy.as_args(), KEY_TTL_MS, *flat])
+        )
+        return bool(restored)
+
+    async def release(self, keys: CustomerKeys, message_id: str, now: datetime) -> str:
+        """Gives back a reservation; returns the pending log entry id, or "" if there was none."""
+        entry = await self._bounded(
+            self._release(keys=keys.all(), args=[message_id, ms(now), KEY_TTL_MS])
+        )
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def ack(self, acknowledged: Sequence[tuple[CustomerKeys, str]]) -> None:
+        """Drops pending log entries the durable log holds: (customer, newest entry id) pairs."""
+        pipeline = self._client.pipeline(transaction=False)
+        for keys, entry in acknowledged:
+            millis, _, sequence = entry.partition("-")
+            await self._ack(
+                keys=[keys.log], args=[f"{millis}-{int(sequence) + 1}"], client=pipeline
+            )
+        await pipeline.execute()
+
+    async def pending_logs(self, count: int = 1000) -> list[str]:
+        """Every customer's log stream that still holds entries (after a crash)."""
+        found: list[str] = []
+        async for key in self._client.scan_iter(
+            match=f"{PREFIX}:*:log", count=count, _type="stream"
+        ):
+            found.append(key.decode() if isinstance(key, bytes) else key)
+        return found
+
+    async def read_log(self, key: str) -> list[tuple[str, dict[str, str]]]:
+        """The entries of one pending log stream."""
+        entries: list[Any] = await self._client.xrange(key) or []
+        return [
+            (entry_id.decode(), {k.decode(): v.decode() for k, v in values.items()})
+            for entry_id, values in entries
+        ]
+
+    async def ping(self) -> None:
+        """Raises unless Redis answers."""
+        await self._client.ping()
+
+    async def close(self) -> None:
+        """Closes the client's connections."""
+        await self._client.aclose()

@@ -1,0 +1,277 @@
+"""Gate RPCs: requests validated and turned into the gate's domain calls, answers into protos."""
+
+import re
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from c360.common.v1 import common_pb2
+from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from services.gate.counters import ContactPolicy
+from services.gate.gate import Counts, Decision, Gate, Request
+from services.gate.rules import MINUTES_PER_DAY, parse_fatigue, zone
+from services.runtime.errors import InvalidArgument
+
+# Shop and person ids go inside the customer's Redis hash tag: no braces, and no colon in shops.
+SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_MESSAGE_ID = 256
+MAX_BATCH = 100_000
+MAX_CAP = 1000
+MAX_LOG = 1000
+
+CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
+    common_pb2.CHANNEL_EMAIL: "email",
+    common_pb2.CHANNEL_SMS: "sms",
+    common_pb2.CHANNEL_WHATSAPP: "whatsapp",
+    common_pb2.CHANNEL_PUSH: "push",
+}
+CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
+
+
+class Violations:
+    """Collects every field violation of a request, then raises them together."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, field: str, why: str) -> None:
+        self.found.append((field, why))
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise InvalidArgument(self.found)
+
+
+def _shop(value: str, violations: Violations) -> str:
+    if not SHOP_ID.fullmatch(value):
+        violations.add("shop_id", "must be 1-128 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _person(value: str, field: str, violations: Violations) -> str:
+    if not PERSON_ID.fullmatch(value):
+        violations.add(field, "must be 1-128 letters, digits, '.', '_', ':' or '-'")
+    return value
+
+
+def _message(value: str, field: str, violations: Violations) -> str:
+    if not value or len(value) > MAX_MESSAGE_ID or not value.isprintable():
+        violations.add(field, f"must be 1-{MAX_MESSAGE_ID} printable characters")
+    return value
+
+
+def _channel(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:
+    name = CHANNEL_NAMES.get(value)
+    if name is None:
+        violations.add(
+            field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WHATSAPP or CHANNEL_PUSH"
+        )
+        return "email"
+    return name
+
+
+def _zone(value: str, field: str, violations: Violations) -> str:
+    if value:
+        try:
+            zone(value)
+        except ValueError:
+            violations.add(field, f"unknown IANA time zone {value!r}")
+    return value
+
+
+def _timestamp(instant: datetime | None) -> Timestamp | None:
+    if instant is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(instant)
+    return stamp
+
+
+def _counts(counts: Counts) -> gate_pb2.ContactCounts:
+    return gate_pb2.ContactCounts(
+        today_by_channel=counts.today_by_channel,
+        today_total=counts.today_total,
+        last_7_days=counts.last_window,
+        fatigue=counts.fatigue,
+    )
+
+
+def _response(decision: Decision) -> gate_pb2.CheckResponse:
+    return gate_pb2.CheckResponse(
+        allowed=decision.allowed,
+        reason=decision.reason,
+        retryable=decision.retryable,
+        next_eligible_at=_timestamp(decision.next_eligible_at),
+        counts=_counts(decision.counts),
+        replayed=decision.replayed,
+    )
+
+
+def _window(window: gate_pb2.QuietHours, field: str, violations: Violations) -> list[int]:
+    for name in ("start_minute", "end_minute"):
+        if not 0 <= getattr(window, name) < MINUTES_PER_DAY:
+            violations.add(f"{field}.{name}", f"must be in [0, {MINUTES_PER_DAY})")
+    return [window.start_minute, window.end_minute]
+
+
+def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, Any]:
+    """The stored form of a shop policy; only what the request sets (the rest stays default)."""
+    violations = Violations()
+    _shop(request.shop_id, violations)
+    document: dict[str, Any] = {}
+    if request.HasField("global_daily_cap"):
+        if not 0 <= request.global_daily_cap <= MAX_CAP:
+            violations.add("global_daily_cap", f"must be in [0, {MAX_CAP}]")
+        document["global_daily_cap"] = request.global_daily_cap
+    caps: dict[str, int] = {}
+    for i, cap in enumerate(request.channel_caps):
+        channel = _channel(cap.channel, f"channel_caps[{i}].channel", violations)
+        if not 0 <= cap.daily_cap <= MAX_CAP:
+            violations.add(f"channel_caps[{i}].daily_cap", f"must be in [0, {MAX_CAP}]")
+        caps[channel] = cap.daily_cap
+    if caps:
+        document["channel_caps"] = caps
+    if request.HasField("fatigue_threshold"):
+        try:
+            document["fatigue_threshold"] = parse_fatigue(request.fatigue_threshold)
+        except ValueError as bad:
+            violations.add("fatigue_threshold", str(bad))
+    if request.HasField("quiet_hours"):
+        document["quiet_hours"] = _window(request.quiet_hours, "quiet_hours", violations)
+    if request.time_zone:
+        document["time_zone"] = _zone(request.time_zone, "time_zone", violations)
+    regions = {}
+    for i, region in enumerate(request.region_quiet_hours):
+        if not region.region:
+            violations.add(f"region_quiet_hours[{i}].region", "required")
+        regions[region.region] = _window(
+            region.window, f"region_quiet_hours[{i}].window", violations
+        )
+    if regions:
+        document["region_quiet_hours"] = regions
+    violations.raise_any()
+    return document
+
+
+def _channels(
+    values: Iterable[common_pb2.Channel.ValueType], field: str, violations: Violations
+) -> frozenset[str]:
+    return frozenset(_channel(v, f"{field}[{i}]", violations) for i, v in enumerate(values))
+
+
+class GateServicer(gate_pb2_grpc.GateServicer):
+    """c360.gate.v1.Gate over the gate's domain."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    async def Check(self, request: gate_pb2.CheckRequest, context: Any) -> gate_pb2.CheckResponse:
+        violations = Violations()
+        decision_request = Request(
+            shop_id=_shop(request.shop_id, violations),
+            person_id=_person(request.person_id, "person_id", violations),
+            channel=_channel(request.channel, "channel", violations),
+            message_id=_message(request.message_id, "message_id", violations),
+            transactional=request.message_class == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+            dry_run=request.dry_run,
+        )
+        violations.raise_any()
+        return _response(await self._gate.check(decision_request))
+
+    async def CheckBatch(
+        self, request: gate_pb2.CheckBatchRequest, context: Any
+    ) -> gate_pb2.CheckBatchResponse:
+        violations = Violations()
+        shop_id = _shop(request.shop_id, violations)
+        channel = _channel(request.channel, "channel", violations)
+        if len(request.items) > MAX_BATCH:
+            violations.add("items", f"at most {MAX_BATCH} items")
+        transactional = request.message_class == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
+        requests = [
+            Request(
+                shop_id,
+                _person(item.person_id, f"items[{i}].person_id", violations),
+                channel,
+                _message(item.message_id, f"items[{i}].message_id", violations),
+                transactional,
+                request.dry_run,
+            )
+            for i, item in enumerate(request.items)
+        ]
+        violations.raise_any()
+        decisions = await self._gate.check_batch(requests)
+        return gate_pb2.CheckBatchResponse(results=[_response(d) for d in decisions])
+
+    async def Release(
+        self, request: gate_pb2.ReleaseRequest, context: Any
+    ) -> gate_pb2.ReleaseResponse:
+        violations = Violations()
+        shop_id = _shop(request.shop_id, violations)
+        person_id = _person(request.person_id, "person_id", violations)
+        message_id = _message(request.message_id, "message_id", violations)
+        violations.raise_any()
+        released = await self._gate.release(shop_id, person_id, message_id)
+        return gate_pb2.ReleaseResponse(released=released)
+
+    async def PutContactPolicy(
+        self, request: gate_pb2.PutContactPolicyRequest, context: Any
+    ) -> gate_pb2.PutContactPolicyResponse:
+        violations = Violations()
+        shop_id = _shop(request.shop_id, violations)
+        person_id = _person(request.person_id, "person_id", violations)
+        granted = frozenset(
+            _channel(c.channel, f"consents[{i}].channel", violations)
+            for i, c in enumerate(request.consents)
+            if c.granted
+        )
+        policy = ContactPolicy(
+            granted=granted,
+            global_unsubscribe=request.global_unsubscribe,
+            time_zone=_zone(request.time_zone, "time_zone", violations),
+            suppressed=_channels(request.suppressions, "suppressions", violations),
+        )
+        violations.raise_any()
+        await self._gate.put_contact_policy(shop_id, person_id, policy)
+        return gate_pb2.PutContactPolicyResponse()
+
+    async def PutShopPolicy(
+        self, request: gate_pb2.PutShopPolicyRequest, context: Any
+    ) -> gate_pb2.PutShopPolicyResponse:
+        await self._gate.put_shop_policy(request.shop_id, shop_policy_document(request))
+        return gate_pb2.PutShopPolicyResponse()
+
+    async def GetContactHistory(
+        self, request: gate_pb2.GetContactHistoryRequest, context: Any
+    ) -> gate_pb2.GetContactHistoryResponse:
+        violations = Violations()
+        shop_id = _shop(request.shop_id, violations)
+        person_id = _person(request.person_id, "person_id", violations)
+        if not 0 <= request.log_limit <= MAX_LOG:
+            violations.add("log_limit", f"must be in [0, {MAX_LOG}]")
+        violations.raise_any()
+        limit = (request.log_limit or 100) if request.include_log else 0
+        history = await self._gate.history(shop_id, person_id, limit)
+        return gate_pb2.GetContactHistoryResponse(
+            counts=_counts(history.counts),
+            last_contact=[
+                gate_pb2.LastContact(channel=CHANNEL_ENUMS[c], at=_timestamp(at))
+                for c, at in sorted(history.last_contact.items())
+            ],
+            log=[
+                gate_pb2.MessageLogEntry(
+                    message_id=row.message_id,
+                    channel=CHANNEL_ENUMS[row.channel],
+                    message_class=gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
+                    if row.transactional
+                    else gate_pb2.MESSAGE_CLASS_MARKETING,
+                    allowed=row.allowed,
+                    reason=row.reason,
+                    decided_at=_timestamp(row.decided_at),
+                    released=row.released_at is not None,
+                )
+                for row in history.log
+            ],
+        )
