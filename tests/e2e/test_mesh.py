@@ -132,19 +132,25 @@ async def test_grpcurl_describe_shows_the_contract(embedded_mesh: Mesh) -> None:
     assert "string reason = 2;" in output
 
 
-async def test_calls_are_authenticated_and_unbuilt_rpcs_unimplemented(embedded_mesh: Mesh) -> None:
-    address = f"localhost:{embedded_mesh.ports['gate']}"
-    request = json.dumps({"shop_id": "shop-a", "person_id": "p1", "message_id": "m1"})
-    code, output = await grpcurl("-d", request, address, "c360.gate.v1.Gate/Check")
+async def test_calls_are_authenticated_and_answered(embedded_mesh: Mesh) -> None:
+    gate = f"localhost:{embedded_mesh.ports['gate']}"
+    token = ("-H", f"authorization: Bearer {DEV_TOKEN}")
+    request = json.dumps(
+        {"shop_id": "shop-a", "person_id": "p1", "channel": "CHANNEL_SMS", "message_id": "m1"}
+    )
+    code, output = await grpcurl("-d", request, gate, "c360.gate.v1.Gate/Check")
     assert code != 0
     assert "Code: Unauthenticated" in output
+    code, output = await grpcurl(*token, "-d", request, gate, "c360.gate.v1.Gate/Check")
+    assert code == 0, output
+    assert json.loads(output) == {"reason": "no_consent:sms", "counts": {"fatigue": "0.00"}}
+    profile = f"localhost:{embedded_mesh.ports['profile']}"
     code, output = await grpcurl(
-        "-H",
-        f"authorization: Bearer {DEV_TOKEN}",
+        *token,
         "-d",
-        request,
-        address,
-        "c360.gate.v1.Gate/Check",
+        json.dumps({"shop_id": "shop-a", "person": {"person_id": "p1"}}),
+        profile,
+        "c360.profile.v1.Profile/Get",
     )
     assert code != 0
     assert "Code: Unimplemented" in output

@@ -7,6 +7,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from tests.conftest import ADMIN_TOKEN, READER_TOKEN, SHOP_A_TOKEN, StartService
 from tests.rpc import bearer, details
@@ -20,7 +21,9 @@ async def gate(start_service: StartService) -> AsyncIterator["gate_pb2_grpc.Gate
 
 
 def check(shop_id: str) -> gate_pb2.CheckRequest:
-    return gate_pb2.CheckRequest(shop_id=shop_id, person_id="p1", message_id="m1")
+    return gate_pb2.CheckRequest(
+        shop_id=shop_id, person_id="p1", channel=common_pb2.CHANNEL_SMS, message_id="m1"
+    )
 
 
 async def failure_of(call: object) -> grpc.aio.AioRpcError:
@@ -65,8 +68,8 @@ async def test_a_token_on_another_shops_data_is_permission_denied(
 async def test_a_token_on_its_own_shop_reaches_the_method(
     gate: "gate_pb2_grpc.GateAsyncStub",
 ) -> None:
-    error = await failure_of(gate.Check(check("shop-a"), metadata=bearer(SHOP_A_TOKEN)))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    response = await gate.Check(check("shop-a"), metadata=bearer(SHOP_A_TOKEN))
+    assert (response.allowed, response.reason) == (False, "no_consent:sms")
 
 
 async def test_an_agency_token_reads_each_of_its_shops_and_no_other(
@@ -74,8 +77,8 @@ async def test_an_agency_token_reads_each_of_its_shops_and_no_other(
 ) -> None:
     for shop in ("shop-a", "shop-b"):
         request = gate_pb2.GetContactHistoryRequest(shop_id=shop, person_id="p1")
-        error = await failure_of(gate.GetContactHistory(request, metadata=bearer(READER_TOKEN)))
-        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+        history = await gate.GetContactHistory(request, metadata=bearer(READER_TOKEN))
+        assert history.counts.today_total == 0
     request = gate_pb2.GetContactHistoryRequest(shop_id="shop-c", person_id="p1")
     error = await failure_of(gate.GetContactHistory(request, metadata=bearer(READER_TOKEN)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED

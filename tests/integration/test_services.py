@@ -40,6 +40,19 @@ async def test_reflection_lists_the_service_health_and_reflection(
     )
 
 
+# RPCs built so far; every other one must answer UNIMPLEMENTED rather than a made-up result.
+BUILT = {
+    "c360.gate.v1.Gate": {
+        "Check",
+        "CheckBatch",
+        "Release",
+        "PutContactPolicy",
+        "PutShopPolicy",
+        "GetContactHistory",
+    },
+}
+
+
 @pytest.mark.parametrize("service", SERVICES)
 async def test_every_rpc_not_built_yet_answers_unimplemented(
     start_service: StartService, service: ServiceName
@@ -48,6 +61,8 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
     descriptor = service_descriptor(FULL_NAMES[service])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         for method in descriptor.methods:
+            if method.name in BUILT.get(descriptor.full_name, set()):
+                continue
             request = request_for(method, shop_id="shop-a", job_id="job-1")
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await call(channel, method, request, bearer(ADMIN_TOKEN))
@@ -55,6 +70,15 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
             assert failure.value.details() == (
                 f"/{FULL_NAMES[service]}/{method.name} is not implemented yet"
             )
+
+
+LATEST_REVISION: dict[ServiceName, str] = {
+    "identity": "0001",
+    "profile": "0001",
+    "enrichment": "0001",
+    "gate": "0002",
+    "gdpr": "0001",
+}
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -73,4 +97,4 @@ async def test_migrations_record_their_version_in_the_service_schema(
     finally:
         await engine.dispose()
     assert current_schema == settings.schema_name
-    assert version == "0001"
+    assert version == LATEST_REVISION[service]
