@@ -1,0 +1,369 @@
+"""The gate's semantics, as one contract run against both counter stores: real Redis and the
+embedded in-process store. Time is a clock the test moves; the database is real PostgreSQL."""
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as redis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from services.gate.counters import ContactPolicy, Counters, CustomerKeys
+from services.gate.gate import Decision, Gate, Request
+from services.gate.message_log import MessageLogWriter
+from services.gate.rules import CHANNELS
+from services.gate.store import GateStore
+from services.runtime import db
+from tests.backing import Backing
+
+MIGRATIONS = Path(__file__).parents[2] / "services" / "gate" / "migrations"
+NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    """Time as the test says."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, now: datetime) -> None:
+        self.now = now
+
+
+@dataclass
+class GateUnderTest:
+    gate: Gate
+    clock: Clock
+    store: GateStore
+    writer: MessageLogWriter
+    client: Any
+    metrics: InMemoryMetricReader
+    shop: str
+    make_gate: Callable[[], Gate]
+
+    async def consent(self, person: str, time_zone: str = "", **policy: Any) -> None:
+        granted = frozenset(policy.pop("granted", CHANNELS))
+        await self.gate.put_contact_policy(
+            self.shop, person, ContactPolicy(granted, time_zone=time_zone, **policy)
+        )
+
+    async def check(self, person: str, channel: str, message: str, **kw: Any) -> Decision:
+        return await self.gate.check(Request(self.shop, person, channel, message, **kw))
+
+    async def lose_redis(self, person: str) -> None:
+        """Redis loses the customer's keys, as after a restart without persistence."""
+        await self.client.delete(*CustomerKeys.of(self.shop, person).all())
+
+
+@pytest.fixture(params=["redis", "embedded"])
+async def gut(
+    request: pytest.FixtureRequest, backing: Backing, settings_for: Callable[..., Any]
+) -> AsyncIterator[GateUnderTest]:
+    settings = settings_for("gate")
+    await asyncio.to_thread(db.migrate, settings, MIGRATIONS)
+    engine = db.create_engine(settings)
+    store = GateStore(db.session_factory(engine))
+    client = (
+        redis.from_url(backing.redis_url) if request.param == "redis" else fakeredis.FakeAsyncRedis()
+    )
+    counters = Counters(client, timeout=2.0)
+    writer = MessageLogWriter(store, counters, interval=3600, batch_size=100_000)
+    clock = Clock(NOON)
+    metrics = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[metrics]).get_meter("test")
+
+    def make_gate() -> Gate:
+        return Gate(counters, store, writer, clock, meter, shop_policy_ttl=0)
+
+    yield GateUnderTest(
+        make_gate(), clock, store, writer, client, metrics, f"shop-{secrets.token_hex(4)}",
+        make_gate,
+    )
+    await writer.stop()
+    await client.aclose()
+    await engine.dispose()
+
+
+def summary(decision: Decision) -> tuple[bool, str, datetime | None]:
+    return decision.allowed, decision.reason, decision.next_eligible_at
+
+
+async def test_no_contact_policy_means_no_consent_and_never_retry(gut: GateUnderTest) -> None:
+    decision = await gut.check("p1", "sms", "m1")
+    assert summary(decision) == (False, "no_consent:sms", None)
+    assert decision.retryable is False
+
+
+async def test_consent_is_per_channel(gut: GateUnderTest) -> None:
+    await gut.consent("p1", granted={"email"})
+    assert (await gut.check("p1", "email", "m1")).allowed is True
+    assert summary(await gut.check("p1", "whatsapp", "m2")) == (
+        False, "no_consent:whatsapp", None,
+    )
+
+
+async def test_global_unsubscribe_turns_every_channel_off(gut: GateUnderTest) -> None:
+    await gut.consent("p1", global_unsubscribe=True)
+    for i, channel in enumerate(CHANNELS):
+        decision = await gut.check("p1", channel, f"m{i}")
+        assert summary(decision) == (False, "global_unsubscribe", None)
+        assert decision.retryable is False
+
+
+async def test_the_global_cap_is_reached_at_three_and_resets_at_local_midnight(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1")
+    for i, channel in enumerate(["email", "push", "whatsapp"]):
+        assert (await gut.check("p1", channel, f"m{i}")).allowed is True
+    blocked = await gut.check("p1", "email", "m3")
+    midnight = datetime(2026, 6, 2, tzinfo=UTC)
+    assert summary(blocked) == (False, "global_cap_reached:3/3", midnight)
+    assert blocked.retryable is True
+    assert blocked.counts.today_by_channel == {"email": 1, "push": 1, "whatsapp": 1}
+    assert blocked.counts.today_total == 3
+
+
+async def test_the_channel_cap_is_reached_with_exact_counts(gut: GateUnderTest) -> None:
+    await gut.consent("p1")
+    assert (await gut.check("p1", "whatsapp", "m1")).allowed is True
+    assert (await gut.check("p1", "whatsapp", "m2")).allowed is True
+    blocked = await gut.check("p1", "whatsapp", "m3")
+    assert summary(blocked) == (
+        False, "channel_cap_reached:whatsapp:2/2", datetime(2026, 6, 2, tzinfo=UTC),
+    )
+    assert (await gut.check("p1", "sms", "m4")).allowed is True
+    assert summary(await gut.check("p1", "sms", "m5"))[1] == "global_cap_reached:3/3"
+
+
+async def test_the_calendar_day_rolls_over_at_the_customers_midnight(gut: GateUnderTest) -> None:
+    await gut.consent("p1", time_zone="America/New_York")
+    gut.clock.set(datetime(2026, 6, 2, 3, 0, tzinfo=UTC))  # 23:00 on 1 June in New York
+    for i in range(3):
+        assert (await gut.check("p1", "email", f"m{i}")).allowed is True
+    local_midnight = datetime(2026, 6, 2, 4, 0, tzinfo=UTC)
+    assert (await gut.check("p1", "email", "m3")).next_eligible_at == local_midnight
+    gut.clock.set(local_midnight - timedelta(milliseconds=1))
+    assert summary(await gut.check("p1", "email", "m4"))[1] == "global_cap_reached:3/3"
+    gut.clock.set(local_midnight)
+    allowed = await gut.check("p1", "email", "m5")
+    assert allowed.allowed is True
+    assert allowed.counts.today_total == 0
+    assert allowed.counts.last_window == 3
+
+
+async def test_fatigue_blocks_at_seven_in_seven_days_until_the_oldest_leaves(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1")
+    for day in range(7):
+        gut.clock.set(NOON + timedelta(days=day))
+        assert (await gut.check("p1", "email", f"m{day}")).allowed is True
+    week_later = NOON + timedelta(days=7)
+    gut.clock.set(week_later - timedelta(milliseconds=1))
+    blocked = await gut.check("p1", "email", "late")
+    assert summary(blocked) == (False, "fatigue:0.70/0.70", week_later)
+    assert (blocked.counts.last_window, blocked.counts.fatigue) == (7, "0.70")
+    gut.clock.set(week_later)
+    allowed = await gut.check("p1", "email", "on-time")
+    assert allowed.allowed is True
+    assert (allowed.counts.last_window, allowed.counts.fatigue) == (6, "0.60")
+
+
+async def test_a_shops_own_fatigue_threshold_and_caps(gut: GateUnderTest) -> None:
+    await gut.gate.put_shop_policy(
+        gut.shop, {"global_daily_cap": 10, "channel_caps": {"email": 10}, "fatigue_threshold": 50}
+    )
+    await gut.consent("p1")
+    for i in range(5):
+        assert (await gut.check("p1", "email", f"m{i}")).allowed is True
+    blocked = await gut.check("p1", "email", "m5")
+    assert summary(blocked) == (False, "fatigue:0.50/0.50", NOON + timedelta(days=7))
+
+
+async def test_quiet_hours_in_the_customers_zone_and_email_is_exempt(gut: GateUnderTest) -> None:
+    await gut.consent("p1", time_zone="Europe/Paris")
+    gut.clock.set(datetime(2026, 6, 1, 20, 30, tzinfo=UTC))  # 22:30 in Paris
+    nine_in_paris = datetime(2026, 6, 2, 7, 0, tzinfo=UTC)
+    blocked = await gut.check("p1", "sms", "m1")
+    assert summary(blocked) == (False, "quiet_hours", nine_in_paris)
+    assert blocked.retryable is True
+    assert (await gut.check("p1", "email", "m2")).allowed is True
+    gut.clock.set(nine_in_paris)
+    assert (await gut.check("p1", "sms", "m3")).allowed is True
+
+
+async def test_quiet_hours_end_is_dst_safe(gut: GateUnderTest) -> None:
+    await gut.consent("p1", time_zone="Europe/Paris")
+    gut.clock.set(datetime(2026, 3, 28, 21, 30, tzinfo=UTC))  # 22:30 CET, the night clocks jump
+    blocked = await gut.check("p1", "push", "m1")
+    # 09:00 on 29 March is summer time (UTC+2): 07:00 UTC, 9.5 hours later, not 10.5.
+    assert summary(blocked) == (False, "quiet_hours", datetime(2026, 3, 29, 7, 0, tzinfo=UTC))
+
+
+async def test_the_daily_cap_resets_at_the_real_midnight_on_a_25_hour_day(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1", time_zone="Europe/Paris")
+    gut.clock.set(datetime(2026, 10, 25, 12, 0, tzinfo=UTC))  # the day clocks go back
+    for i in range(3):
+        assert (await gut.check("p1", "email", f"m{i}")).allowed is True
+    blocked = await gut.check("p1", "email", "m3")
+    assert blocked.next_eligible_at == datetime(2026, 10, 25, 23, 0, tzinfo=UTC)
+
+
+async def test_region_quiet_hours_apply_to_customers_in_that_region(gut: GateUnderTest) -> None:
+    await gut.gate.put_shop_policy(gut.shop, {"region_quiet_hours": {"America/": [22 * 60, 8 * 60]}})
+    await gut.consent("ny", time_zone="America/New_York")
+    await gut.consent("paris", time_zone="Europe/Paris")
+    gut.clock.set(datetime(2026, 6, 2, 1, 30, tzinfo=UTC))  # 21:30 New York, 03:30 Paris
+    assert (await gut.check("ny", "sms", "m1")).allowed is True
+    assert summary(await gut.check("paris", "sms", "m2"))[1] == "quiet_hours"
+    gut.clock.set(datetime(2026, 6, 2, 2, 0, tzinfo=UTC))  # 22:00 New York
+    blocked = await gut.check("ny", "push", "m3")
+    assert summary(blocked) == (False, "quiet_hours", datetime(2026, 6, 2, 12, 0, tzinfo=UTC))
+
+
+async def test_a_replica_that_never_saw_the_customers_zone_still_uses_it(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1", time_zone="Asia/Tokyo")
+    other_replica = gut.make_gate()
+    gut.clock.set(datetime(2026, 6, 1, 13, 0, tzinfo=UTC))  # 22:00 in Tokyo, 13:00 UTC
+    decision = await other_replica.check(Request(gut.shop, "p1", "sms", "m1"))
+    assert summary(decision) == (False, "quiet_hours", datetime(2026, 6, 2, 0, 0, tzinfo=UTC))
+
+
+async def test_the_same_message_id_counts_once_and_gets_the_same_answer(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1")
+    first = await gut.check("p1", "sms", "m1")
+    again = await gut.check("p1", "sms", "m1")
+    assert (first.allowed, first.replayed) == (True, False)
+    assert (again.allowed, again.replayed) == (True, True)
+    assert again.counts.today_total == 1
+    assert (await gut.check("p1", "email", "m2")).counts.today_total == 1
+
+
+async def test_release_gives_the_reservation_back_once(gut: GateUnderTest) -> None:
+    await gut.consent("p1")
+    assert (await gut.check("p1", "sms", "m1")).allowed is True
+    assert await gut.gate.release(gut.shop, "p1", "m1") is True
+    assert await gut.gate.release(gut.shop, "p1", "m1") is False
+    assert await gut.gate.release(gut.shop, "p1", "never-sent") is False
+    again = await gut.check("p1", "sms", "m1")
+    assert (again.allowed, again.replayed, again.counts.today_total) == (True, False, 0)
+
+
+async def test_transactional_messages_skip_marketing_rules_and_do_not_count(
+    gut: GateUnderTest,
+) -> None:
+    gut.clock.set(datetime(2026, 6, 1, 23, 0, tzinfo=UTC))  # quiet hours in UTC
+    for i in range(5):
+        decision = await gut.check("p1", "sms", f"t{i}", transactional=True)
+        assert summary(decision) == (True, "", None)
+        assert decision.counts.today_total == 0
+
+
+async def test_a_hard_suppression_blocks_even_transactional_messages(gut: GateUnderTest) -> None:
+    await gut.consent("p1", suppressed=frozenset({"sms"}))
+    for message_class in (True, False):
+        decision = await gut.check("p1", "sms", f"m{message_class}", transactional=message_class)
+        assert summary(decision) == (False, "suppressed:sms", None)
+    assert (await gut.check("p1", "email", "receipt", transactional=True)).allowed is True
+
+
+async def test_a_dry_run_reserves_and_logs_nothing(gut: GateUnderTest) -> None:
+    await gut.consent("p1")
+    for _ in range(2):
+        dry = await gut.check("p1", "sms", "m1", dry_run=True)
+        assert (dry.allowed, dry.replayed, dry.counts.today_total) == (True, False, 0)
+    assert (await gut.check("p1", "sms", "m1")).replayed is False
+    await gut.writer.flush()
+    assert [r.message_id for r in await gut.store.log(gut.shop, "p1", 10)] == ["m1"]
+
+
+async def test_every_decision_and_release_reaches_the_durable_log(gut: GateUnderTest) -> None:
+    await gut.consent("p1", granted={"email", "sms"})
+    await gut.check("p1", "whatsapp", "m1")
+    gut.clock.set(NOON + timedelta(seconds=1))
+    await gut.check("p1", "sms", "m2")
+    gut.clock.set(NOON + timedelta(seconds=2))
+    await gut.check("p1", "sms", "m3")
+    gut.clock.set(NOON + timedelta(seconds=3))
+    await gut.gate.release(gut.shop, "p1", "m2")
+    await gut.writer.flush()
+    rows = await gut.store.log(gut.shop, "p1", 10)
+    assert [(r.message_id, r.channel, r.allowed, r.reason, r.released_at is not None) for r in rows] == [
+        ("m3", "sms", False, "channel_cap_reached:sms:1/1", False),
+        ("m2", "sms", True, "", True),
+        ("m1", "whatsapp", False, "no_consent:whatsapp", False),
+    ]
+    assert await gut.client.exists(CustomerKeys.of(gut.shop, "p1").log) == 0
+
+
+async def test_counters_lost_by_redis_are_rebuilt_before_the_next_answer(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1", granted={"email"})
+    for i in range(3):
+        assert (await gut.check("p1", "email", f"m{i}")).allowed is True
+    await gut.lose_redis("p1")
+    blocked = await gut.check("p1", "email", "m3")
+    assert summary(blocked)[:2] == (False, "global_cap_reached:3/3")
+    assert blocked.counts.today_by_channel == {"email": 3}
+    assert summary(await gut.check("p1", "sms", "m4"))[1] == "no_consent:sms"
+
+
+async def test_two_hundred_concurrent_checks_allow_exactly_the_cap(gut: GateUnderTest) -> None:
+    await gut.consent("p1")
+    channels = ["email", "push", "whatsapp", "sms"]
+    decisions = await asyncio.gather(
+        *(gut.check("p1", channels[i % 4], f"m{i}") for i in range(200))
+    )
+    reasons = sorted(d.reason for d in decisions if not d.allowed)
+    assert sum(d.allowed for d in decisions) == 3
+    assert len(reasons) == 197
+    assert set(reasons) == {"global_cap_reached:3/3"}
+
+
+async def test_check_batch_decides_each_item_as_check_would(gut: GateUnderTest) -> None:
+    for person in ("a", "b"):
+        await gut.consent(person, granted={"sms"})
+    await gut.check("b", "sms", "earlier")
+    batch = [Request(gut.shop, p, "sms", f"campaign-{p}") for p in ("a", "b", "c", "a")]
+    decisions = await gut.gate.check_batch(batch)
+    assert [(d.allowed, d.reason, d.replayed) for d in decisions] == [
+        (True, "", False),
+        (False, "channel_cap_reached:sms:1/1", False),
+        (False, "no_consent:sms", False),
+        (True, "", True),
+    ]
+
+
+async def test_decisions_are_counted_by_outcome_and_channel(gut: GateUnderTest) -> None:
+    await gut.consent("p1", granted={"email"})
+    await gut.check("p1", "email", "m1")
+    await gut.check("p1", "sms", "m2")
+    await gut.check("p1", "sms", "m3")
+    data = gut.metrics.get_metrics_data()
+    points = {
+        (p.attributes["outcome"], p.attributes["channel"]): p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "c360.gate.decisions"
+        for p in metric.data.data_points
+    }
+    assert points == {("allowed", "email"): 1, ("no_consent", "sms"): 2}
