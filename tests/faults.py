@@ -6,13 +6,24 @@ import contextlib
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut` drops every connection and stops listening."""
+    """Forwards 127.0.0.1:<port> to a target; `cut` drops every connection and stops listening,
+    `stall` holds every byte."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
+
+    def stall(self) -> None:
+        """Keeps connections open but forwards nothing: a server that stopped answering."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forwards again."""
+        self._flowing.set()
 
     async def start(self) -> None:
         """Listens (on the same port again after a cut)."""
@@ -42,6 +53,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         self._writers.discard(writer)

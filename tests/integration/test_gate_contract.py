@@ -74,7 +74,9 @@ async def gut(
     engine = db.create_engine(settings)
     store = GateStore(db.session_factory(engine))
     client = (
-        redis.from_url(backing.redis_url) if request.param == "redis" else fakeredis.FakeAsyncRedis()
+        redis.from_url(backing.redis_url)
+        if request.param == "redis"
+        else fakeredis.FakeAsyncRedis()
     )
     counters = Counters(client, timeout=2.0)
     writer = MessageLogWriter(store, counters, interval=3600, batch_size=100_000)
@@ -86,7 +88,13 @@ async def gut(
         return Gate(counters, store, writer, clock, meter, shop_policy_ttl=0)
 
     yield GateUnderTest(
-        make_gate(), clock, store, writer, client, metrics, f"shop-{secrets.token_hex(4)}",
+        make_gate(),
+        clock,
+        store,
+        writer,
+        client,
+        metrics,
+        f"shop-{secrets.token_hex(4)}",
         make_gate,
     )
     await writer.stop()
@@ -108,7 +116,9 @@ async def test_consent_is_per_channel(gut: GateUnderTest) -> None:
     await gut.consent("p1", granted={"email"})
     assert (await gut.check("p1", "email", "m1")).allowed is True
     assert summary(await gut.check("p1", "whatsapp", "m2")) == (
-        False, "no_consent:whatsapp", None,
+        False,
+        "no_consent:whatsapp",
+        None,
     )
 
 
@@ -140,7 +150,9 @@ async def test_the_channel_cap_is_reached_with_exact_counts(gut: GateUnderTest) 
     assert (await gut.check("p1", "whatsapp", "m2")).allowed is True
     blocked = await gut.check("p1", "whatsapp", "m3")
     assert summary(blocked) == (
-        False, "channel_cap_reached:whatsapp:2/2", datetime(2026, 6, 2, tzinfo=UTC),
+        False,
+        "channel_cap_reached:whatsapp:2/2",
+        datetime(2026, 6, 2, tzinfo=UTC),
     )
     assert (await gut.check("p1", "sms", "m4")).allowed is True
     assert summary(await gut.check("p1", "sms", "m5"))[1] == "global_cap_reached:3/3"
@@ -223,7 +235,9 @@ async def test_the_daily_cap_resets_at_the_real_midnight_on_a_25_hour_day(
 
 
 async def test_region_quiet_hours_apply_to_customers_in_that_region(gut: GateUnderTest) -> None:
-    await gut.gate.put_shop_policy(gut.shop, {"region_quiet_hours": {"America/": [22 * 60, 8 * 60]}})
+    await gut.gate.put_shop_policy(
+        gut.shop, {"region_quiet_hours": {"America/": [22 * 60, 8 * 60]}}
+    )
     await gut.consent("ny", time_zone="America/New_York")
     await gut.consent("paris", time_zone="Europe/Paris")
     gut.clock.set(datetime(2026, 6, 2, 1, 30, tzinfo=UTC))  # 21:30 New York, 03:30 Paris
@@ -305,7 +319,9 @@ async def test_every_decision_and_release_reaches_the_durable_log(gut: GateUnder
     await gut.gate.release(gut.shop, "p1", "m2")
     await gut.writer.flush()
     rows = await gut.store.log(gut.shop, "p1", 10)
-    assert [(r.message_id, r.channel, r.allowed, r.reason, r.released_at is not None) for r in rows] == [
+    assert [
+        (r.message_id, r.channel, r.allowed, r.reason, r.released_at is not None) for r in rows
+    ] == [
         ("m3", "sms", False, "channel_cap_reached:sms:1/1", False),
         ("m2", "sms", True, "", True),
         ("m1", "whatsapp", False, "no_consent:whatsapp", False),
@@ -357,7 +373,7 @@ async def test_decisions_are_counted_by_outcome_and_channel(gut: GateUnderTest) 
     await gut.check("p1", "email", "m1")
     await gut.check("p1", "sms", "m2")
     await gut.check("p1", "sms", "m3")
-    data = gut.metrics.get_metrics_data()
+    data: Any = gut.metrics.get_metrics_data()
     points = {
         (p.attributes["outcome"], p.attributes["channel"]): p.value
         for rm in data.resource_metrics
