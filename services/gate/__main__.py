@@ -38,7 +38,11 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
     """Wires the service: settings -> engine, Redis -> gate -> servicer -> server."""
     engine = db.create_engine(settings)
     store = GateStore(db.session_factory(engine))
-    counters = Counters(redis_client(settings), timeout=settings.redis_timeout_ms / 1000)
+    counters = Counters(
+        redis_client(settings),
+        timeout=settings.redis_timeout_ms / 1000,
+        log_retention=settings.log_retention_seconds,
+    )
     writer = MessageLogWriter(
         store, counters, settings.log_flush_interval_seconds, settings.log_batch_size
     )
@@ -55,7 +59,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         GateServicer(gate),  # type: ignore[abstract]  # Erase comes with the GDPR issue (#8)
         gate_pb2_grpc.add_GateServicer_to_server,
     )
-    await writer.start()
+    writer.start()
     return await start_service(
         settings,
         telemetry,

@@ -1,29 +1,37 @@
 -- The gate's atomic check: consent, caps, fatigue, quiet hours, then the reservation, in one step.
 -- All keys belong to one customer and share its {shop:person} hash tag (Redis Cluster safe).
 -- KEYS[1] policy (hash)  KEYS[2] sent (zset message_id -> ms)  KEYS[3] channels (hash
---   message_id -> channel)  KEYS[4] log (stream of decisions awaiting the durable log)
+--   message_id -> channel)  KEYS[4] log (stream: decisions not yet in the durable log)
 -- ARGV: 1 mode (check|dry|peek)  2 now ms  3 channel  4 message_id  5 transactional (0|1)
---   6 the customer's zone the caller assumed ("" = none of their own)  7 local day start ms
---   8 next local midnight ms  9 quiet hours now (0|1)  10 quiet hours end ms  11 global cap
---   12 channel cap  13 fatigue threshold (hundredths)  14 fatigue window ms  15 key ttl ms
+--   6 global cap  7 channel cap  8 fatigue threshold (hundredths)  9 fatigue window ms
+--   10 key ttl ms  11 log retention ms, then one row of five per time zone the shop's
+--   customers use ("" = customers without a zone of their own): zone, local day start ms,
+--   next local midnight ms, quiet hours now (0|1), quiet hours end ms.
 -- Returns {status, allowed, reason, retry_at_ms, today_total, last_window, fatigue,
 --   log_entry_id, channel1, count1, ...}; status OK, REPLAY, REBUILD (no policy: Redis lost it
---   or the customer is new) or TZ (the customer's zone differs from the assumed one; reason
---   holds it). Counts are as before this message.
+--   or the customer is new) or TZ (the customer's zone has no row; reason holds it). Counts are
+--   as before this message.
 local policy, sent, channels, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, now, channel, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local transactional = ARGV[5] == '1'
-local day_start, next_midnight = tonumber(ARGV[7]), tonumber(ARGV[8])
-local quiet, quiet_end = ARGV[9] == '1', tonumber(ARGV[10])
-local global_cap, channel_cap = tonumber(ARGV[11]), tonumber(ARGV[12])
-local threshold, window, ttl = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local global_cap, channel_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+local threshold, window, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local retention = tonumber(ARGV[11])
 
 local fields = redis.call('HMGET', policy, 'v', 'tz', 'consent', 'unsub', 'suppressed')
 if not fields[1] then
   return {'REBUILD', 0, '', 0, 0, 0, 0, ''}
 end
 local tz = fields[2] or ''
-if tz ~= ARGV[6] then
+local day_start, next_midnight, quiet, quiet_end
+for i = 12, #ARGV, 5 do
+  if ARGV[i] == tz then
+    day_start, next_midnight = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    quiet, quiet_end = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
+    break
+  end
+end
+if not day_start then
   return {'TZ', 0, tz, 0, 0, 0, 0, ''}
 end
 
@@ -109,9 +117,12 @@ if allowed == 1 and not transactional then
   redis.call('ZADD', sent, now, message_id)
   redis.call('HSET', channels, message_id, channel)
 end
-local entry = redis.call('XADD', log, '*', 'm', message_id, 'c', channel,
-  'k', transactional and 't' or 'm', 'a', allowed, 'r', reason, 't', now)
-for _, key in ipairs({policy, sent, channels, log}) do
+-- The log stream only bridges the moments between this answer and the durable log's next write:
+-- entries older than the retention go, and the stream itself with them when the customer is idle.
+local entry = redis.call('XADD', log, 'MINID', '~', now - retention, '*', 'm', message_id,
+  'c', channel, 'k', transactional and 't' or 'm', 'a', allowed, 'r', reason, 't', now)
+redis.call('PEXPIRE', log, retention)
+for _, key in ipairs({policy, sent, channels}) do
   redis.call('PEXPIRE', key, ttl)
 end
 return answer('OK', allowed, reason, retry_at, entry)

@@ -45,19 +45,14 @@ return 1
 """
 
 # Gives back a reservation and records the release for the durable log.
+# ARGV: message_id, now ms, log retention ms.
 RELEASE = """
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
-local entry = redis.call('XADD', KEYS[4], '*', 'm', ARGV[1], 'x', 'release', 't', ARGV[2])
+local entry = redis.call('XADD', KEYS[4], 'MINID', '~', tonumber(ARGV[2]) - tonumber(ARGV[3]),
+  '*', 'm', ARGV[1], 'x', 'release', 't', ARGV[2])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return entry
-"""
-
-# Drops the pending log entries up to and including one the durable log now holds.
-ACK = """
-redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
-if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
-return 1
 """
 
 
@@ -106,42 +101,60 @@ class ContactPolicy:
 
 
 @dataclass(frozen=True)
+class CalendarRow:
+    """One time zone's calendar at the instant of a check (times in ms since the epoch)."""
+
+    zone: str
+    day_start_ms: int
+    next_midnight_ms: int
+    quiet: bool
+    quiet_end_ms: int
+
+    def argv(self) -> list[str | int]:
+        """The row as check.lua reads it."""
+        return [
+            self.zone,
+            self.day_start_ms,
+            self.next_midnight_ms,
+            int(self.quiet),
+            self.quiet_end_ms,
+        ]
+
+
+@dataclass(frozen=True)
 class CheckArgs:
-    """One check as the script takes it (times in ms since the epoch)."""
+    """One check as the script takes it; `calendar` has a row for every zone the shop's
+    customers use (the zone "" stands for customers without one), so that the customer's own
+    zone is found in the same round trip."""
 
     mode: str
     now_ms: int
     channel: str
     message_id: str
     transactional: bool
-    assumed_zone: str
-    day_start_ms: int
-    next_midnight_ms: int
-    quiet: bool
-    quiet_end_ms: int
     global_cap: int
     channel_cap: int
     fatigue_threshold: int
+    calendar: Sequence[CalendarRow]
 
-    def argv(self) -> list[str | int]:
+    def argv(self, log_retention_ms: int) -> list[str | int]:
         """ARGV of check.lua."""
-        return [
+        args: list[str | int] = [
             self.mode,
             self.now_ms,
             self.channel,
             self.message_id,
             int(self.transactional),
-            self.assumed_zone,
-            self.day_start_ms,
-            self.next_midnight_ms,
-            int(self.quiet),
-            self.quiet_end_ms,
             self.global_cap,
             self.channel_cap,
             self.fatigue_threshold,
             int(FATIGUE_WINDOW.total_seconds() * 1000),
             KEY_TTL_MS,
+            log_retention_ms,
         ]
+        for row in self.calendar:
+            args.extend(row.argv())
+        return args
 
 
 @dataclass(frozen=True)
@@ -187,32 +200,39 @@ def from_ms(value: int) -> datetime:
 
 
 class Counters:
-    """The counter store: a Redis client (real, or fakeredis in process) and the scripts."""
+    """The counter store: a Redis client (real, or fakeredis in process) and the scripts.
 
-    def __init__(self, client: Redis, timeout: float) -> None:
+    Each customer's decisions also go to a log stream that keeps them for `log_retention`
+    seconds: long enough for the durable log to be written, even by the next process to start
+    if this one is killed first."""
+
+    def __init__(self, client: Redis, timeout: float, log_retention: float = 60.0) -> None:
         self._client = client
         self._timeout = timeout
+        self._log_retention_ms = int(log_retention * 1000)
         self._check = client.register_script(CHECK)
         self._put_policy = client.register_script(PUT_POLICY)
         self._rebuild = client.register_script(REBUILD)
         self._release = client.register_script(RELEASE)
-        self._ack = client.register_script(ACK)
 
     async def _bounded(self, call: Any) -> Any:
         try:
-            return await asyncio.wait_for(call, self._timeout)
+            async with asyncio.timeout(self._timeout):
+                return await call
         except (TimeoutError, RedisConnectionError, RedisTimeoutError) as e:
             raise CountersUnavailable(type(e).__name__) from e
 
     async def check(self, keys: CustomerKeys, args: CheckArgs) -> Outcome:
         """Runs the atomic check for one customer: one round trip."""
-        return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=args.argv())))
+        argv = args.argv(self._log_retention_ms)
+        return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=argv)))
 
     async def check_many(self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]) -> list[Outcome]:
         """Runs many independent checks in one pipelined round trip."""
         pipeline = self._client.pipeline(transaction=False)
         for keys, args in calls:
-            await self._check(keys=keys.all(), args=args.argv(), client=pipeline)
+            argv = args.argv(self._log_retention_ms)
+            await self._check(keys=keys.all(), args=argv, client=pipeline)
         replies = await self._bounded(pipeline.execute())
         return [Outcome.parse(reply) for reply in replies]
 
@@ -239,19 +259,9 @@ class Counters:
     async def release(self, keys: CustomerKeys, message_id: str, now: datetime) -> str:
         """Gives back a reservation; returns the pending log entry id, or "" if there was none."""
         entry = await self._bounded(
-            self._release(keys=keys.all(), args=[message_id, ms(now), KEY_TTL_MS])
+            self._release(keys=keys.all(), args=[message_id, ms(now), self._log_retention_ms])
         )
         return entry.decode() if isinstance(entry, bytes) else str(entry)
-
-    async def ack(self, acknowledged: Sequence[tuple[CustomerKeys, str]]) -> None:
-        """Drops pending log entries the durable log holds: (customer, newest entry id) pairs."""
-        pipeline = self._client.pipeline(transaction=False)
-        for keys, entry in acknowledged:
-            millis, _, sequence = entry.partition("-")
-            await self._ack(
-                keys=[keys.log], args=[f"{millis}-{int(sequence) + 1}"], client=pipeline
-            )
-        await pipeline.execute()
 
     async def pending_logs(self, count: int = 1000) -> list[str]:
         """Every customer's log stream that still holds entries (after a crash)."""

@@ -1,7 +1,6 @@
 """The send-time gate: a check is one atomic step in the counter store, around which this module
 brings the shop's policy, the customer's calendar, recovery from a lost Redis and the log."""
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 from opentelemetry.metrics import Meter
 
 from services.gate.counters import (
+    CalendarRow,
     CheckArgs,
     ContactPolicy,
     Counters,
@@ -23,6 +23,7 @@ from services.gate.counters import (
 from services.gate.message_log import MessageLogWriter
 from services.gate.rules import (
     FATIGUE_WINDOW,
+    QUIET_HOURS_EXEMPT,
     ShopPolicy,
     Window,
     boundaries,
@@ -32,8 +33,6 @@ from services.gate.store import Decided, GateStore, MessageLogRow, Released
 
 Clock = Callable[[], datetime]
 UNAVAILABLE = "gate_unavailable"
-# How many customers' time zones a process remembers, to guess right on the first round trip.
-ZONE_CACHE_SIZE = 200_000
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,10 @@ class Gate:
         self._clock = clock
         self._shop_policy_ttl = shop_policy_ttl
         self._shop_policies: dict[str, tuple[float, ShopPolicy]] = {}
-        self._zones: dict[tuple[str, str], str] = {}
+        # The zones each shop's customers use ("" = none of their own), learnt from contact
+        # policies and checks; every check carries the calendar of all of them.
+        self._zones: dict[str, list[str]] = {}
+        self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, list[CalendarRow]]] = {}
         self._decisions = meter.create_counter(
             "c360.gate.decisions",
             unit="{decision}",
@@ -158,31 +160,51 @@ class Gate:
             await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
         except CountersUnavailable:
             raise ConnectionError("the gate's counter store is unavailable") from None
-        self._remember_zone(shop_id, person_id, policy.time_zone)
+        self._learn_zone(shop_id, policy.time_zone)
 
-    def _remember_zone(self, shop_id: str, person_id: str, zone: str) -> None:
-        if len(self._zones) >= ZONE_CACHE_SIZE:
-            self._zones.clear()
-        self._zones[(shop_id, person_id)] = zone
+    def _learn_zone(self, shop_id: str, zone: str) -> None:
+        zones = self._zones.setdefault(shop_id, [""])
+        if zone not in zones:
+            zones.append(zone)
+
+    def _calendar(
+        self, shop_id: str, policy: ShopPolicy, now: datetime, channel: str
+    ) -> list[CalendarRow]:
+        """Each known zone's local day and quiet hours now. Days and windows start on whole
+        minutes, so the rows hold for the whole minute and are computed once a minute per shop."""
+        exempt = channel in QUIET_HOURS_EXEMPT
+        minute = int(now.timestamp() // 60)
+        zones = self._zones.setdefault(shop_id, [""])
+        cached = self._calendars.get((shop_id, exempt))
+        if cached and cached[0] == minute and cached[1] is policy and cached[2] == len(zones):
+            return cached[3]
+        rows = []
+        for zone in zones:
+            effective = zone or policy.time_zone
+            day = boundaries(now, effective, policy.quiet_hours_for(effective), channel)
+            rows.append(
+                CalendarRow(
+                    zone,
+                    ms(day.day_start),
+                    ms(day.next_midnight),
+                    day.quiet,
+                    ms(day.quiet_end) if day.quiet_end else 0,
+                )
+            )
+        self._calendars[(shop_id, exempt)] = (minute, policy, len(zones), rows)
+        return rows
 
     def _args(self, request: Request, policy: ShopPolicy, now: datetime, mode: str) -> CheckArgs:
-        assumed = self._zones.get((request.shop_id, request.person_id), "")
-        zone = assumed or policy.time_zone
-        calendar = boundaries(now, zone, policy.quiet_hours_for(zone), request.channel)
         return CheckArgs(
             mode=mode,
             now_ms=ms(now),
             channel=request.channel,
             message_id=request.message_id,
             transactional=request.transactional,
-            assumed_zone=assumed,
-            day_start_ms=ms(calendar.day_start),
-            next_midnight_ms=ms(calendar.next_midnight),
-            quiet=calendar.quiet,
-            quiet_end_ms=ms(calendar.quiet_end) if calendar.quiet_end else 0,
             global_cap=policy.global_daily_cap,
             channel_cap=policy.channel_caps[request.channel],
             fatigue_threshold=policy.fatigue_threshold,
+            calendar=self._calendar(request.shop_id, policy, now, request.channel),
         )
 
     async def _rebuild(self, shop_id: str, person_id: str, now: datetime) -> None:
@@ -207,7 +229,7 @@ class Gate:
             if outcome.status == "REBUILD":
                 await self._rebuild(request.shop_id, request.person_id, now)
             elif outcome.status == "TZ":
-                self._remember_zone(request.shop_id, request.person_id, outcome.reason)
+                self._learn_zone(request.shop_id, outcome.reason)
             else:
                 return outcome
             outcome = await self._counters.check(keys, self._args(request, policy, now, mode))
@@ -216,7 +238,6 @@ class Gate:
     def _decision(self, request: Request, now: datetime, outcome: Outcome) -> Decision:
         if outcome.log_entry:
             self._log.record(
-                CustomerKeys.of(request.shop_id, request.person_id),
                 Decided(
                     request.shop_id,
                     request.person_id,
@@ -298,7 +319,7 @@ class Gate:
             raise ConnectionError("the gate's counter store is unavailable") from None
         if not entry:
             return False
-        self._log.record(keys, Released(shop_id, person_id, entry, message_id, now))
+        self._log.record(Released(shop_id, person_id, entry, message_id, now))
         return True
 
     async def history(self, shop_id: str, person_id: str, log_limit: int) -> History:
@@ -313,12 +334,6 @@ class Gate:
         except CountersUnavailable:
             raise ConnectionError("the gate's counter store is unavailable") from None
         await self._log.flush()
-        last_contact, log = await asyncio.gather(
-            self._store.last_contact(shop_id, person_id),
-            self._store.log(shop_id, person_id, log_limit) if log_limit else _nothing(),
-        )
+        last_contact = await self._store.last_contact(shop_id, person_id)
+        log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []
         return History(_counts(outcome), last_contact, log)
-
-
-async def _nothing() -> list[MessageLogRow]:
-    return []

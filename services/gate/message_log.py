@@ -1,16 +1,18 @@
 """The durable message log, written in batches off the hot path.
 
-Every decision is first appended, inside the atomic check, to the customer's pending log stream
-in Redis, so it survives the gate process being killed after answering. This writer copies
-pending decisions to the database in batches and then trims the streams; at start-up it also
-copies whatever a killed process left behind. Writes are idempotent (keyed by stream entry id).
+Every decision is first appended, inside the atomic check, to the customer's log stream in
+Redis, which keeps it for a retention period (60 s by default), so it survives the gate process
+being killed after answering. This writer copies the decisions its process made to the database
+in batches; at start-up it also copies what the streams still hold, which covers whatever a
+killed process had not written yet. Writes are idempotent (keyed by the stream entry id), so
+copying an entry twice changes nothing.
 """
 
 import asyncio
 import contextlib
 import logging
 
-from services.gate.counters import PREFIX, Counters, CustomerKeys, from_ms
+from services.gate.counters import PREFIX, Counters, from_ms
 from services.gate.store import Decided, GateStore, Released
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,15 @@ class MessageLogWriter:
         self._counters = counters
         self._interval = interval
         self._batch_size = batch_size
-        self._buffer: list[tuple[CustomerKeys, Decided | Released]] = []
+        self._buffer: list[Decided | Released] = []
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
-    def record(self, keys: CustomerKeys, entry: Decided | Released) -> None:
-        """Queues one pending entry (already durable in Redis) for the database."""
-        self._buffer.append((keys, entry))
+    def record(self, entry: Decided | Released) -> None:
+        """Queues one entry (already kept in Redis for the retention period) for the database."""
+        self._buffer.append(entry)
         if len(self._buffer) >= self._batch_size:
             self._full.set()
 
@@ -83,33 +86,39 @@ class MessageLogWriter:
                 raise
             return len(batch)
 
-    async def _write(self, batch: list[tuple[CustomerKeys, Decided | Released]]) -> None:
-        decided = [e for _, e in batch if isinstance(e, Decided)]
-        released = [e for _, e in batch if isinstance(e, Released)]
+    async def _write(self, batch: list[Decided | Released]) -> None:
+        decided = [e for e in batch if isinstance(e, Decided)]
+        released = [e for e in batch if isinstance(e, Released)]
         await self._store.append(decided, released)
-        newest: dict[CustomerKeys, str] = {}
-        for keys, entry in batch:
-            newest[keys] = max(newest.get(keys, entry.entry_id), entry.entry_id, key=_order)
-        if newest:
-            await self._counters.ack(list(newest.items()))
 
     async def recover(self) -> int:
-        """Copies what pending log streams still hold (a killed process's last decisions) to the
-        database; returns how many entries it copied."""
+        """Copies what the log streams still hold (a killed process's last decisions among them)
+        to the database; returns how many entries it read."""
         copied = 0
         for key in await self._counters.pending_logs():
+            if self._stopping:
+                break
             shop_id, person_id = customer_of(key)
-            keys = CustomerKeys.of(shop_id, person_id)
             for entry_id, fields in await self._counters.read_log(key):
-                self.record(keys, parse_entry(shop_id, person_id, entry_id, fields))
+                self.record(parse_entry(shop_id, person_id, entry_id, fields))
                 copied += 1
         await self.flush()
         return copied
 
+    async def _recover(self) -> None:
+        try:
+            recovered = await self.recover()
+        except Exception as exc:
+            log.warning("message log recovery failed", extra={"error": type(exc).__name__})
+        else:
+            log.info("message log recovered", extra={"entries": recovered})
+
     async def _run(self) -> None:
-        while True:
+        await self._recover()
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._full.wait()
             try:
                 await self.flush()
             except Exception as exc:
@@ -117,29 +126,19 @@ class MessageLogWriter:
                     "message log write failed; retrying", extra={"error": type(exc).__name__}
                 )
 
-    async def start(self) -> None:
-        """Recovers what a previous process left, then writes in the background."""
-        try:
-            recovered = await self.recover()
-        except Exception as exc:
-            log.warning("message log recovery failed", extra={"error": type(exc).__name__})
-        else:
-            if recovered:
-                log.info("message log recovered", extra={"entries": recovered})
+    def start(self) -> None:
+        """Recovers what the streams hold, then writes in batches, both in the background."""
         self._task = asyncio.create_task(self._run(), name="message-log-writer")
 
     async def stop(self) -> None:
         """Stops the background writer after a last flush."""
+        self._stopping = True
+        self._full.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
         try:
             await self.flush()
         except Exception as exc:
-            # Still pending in Redis: the next process to start copies it.
+            # Still in the Redis log streams for the retention period: the next process to
+            # start copies it.
             log.warning("message log not flushed at stop", extra={"error": type(exc).__name__})
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    millis, _, sequence = entry_id.partition("-")
-    return int(millis), int(sequence)

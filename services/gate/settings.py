@@ -22,6 +22,11 @@ class GateSettings(RuntimeSettings):
     log_flush_interval_seconds: float = Field(
         0.1, description="How often decisions are copied to the durable message log."
     )
+    log_retention_seconds: float = Field(
+        60.0,
+        description="How long Redis keeps each decision for the durable log: what a killed "
+        "replica had not written yet is copied by the next replica to start within it.",
+    )
     log_batch_size: int = Field(
         500, description="Decisions that trigger a copy to the message log before the interval."
     )

@@ -159,9 +159,10 @@ class GateStore:
             if decided:
                 dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
                 await session.execute(
-                    dialect.insert(MessageLogRow)
-                    .values([d.__dict__ for d in decided])
-                    .on_conflict_do_nothing(index_elements=["shop_id", "person_id", "entry_id"])
+                    dialect.insert(MessageLogRow).on_conflict_do_nothing(
+                        index_elements=["shop_id", "person_id", "entry_id"]
+                    ),
+                    [d.__dict__ for d in decided],
                 )
             for r in released:
                 await session.execute(

@@ -71,7 +71,8 @@ class HealthMonitor:
 
     async def _probe(self, dependency: Dependency) -> bool:
         try:
-            await asyncio.wait_for(dependency.probe(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await dependency.probe()
         except Exception as exc:
             log.warning(
                 "dependency down",

@@ -327,7 +327,9 @@ async def test_every_decision_and_release_reaches_the_durable_log(gut: GateUnder
         ("m2", "sms", True, "", True),
         ("m1", "whatsapp", False, "no_consent:whatsapp", False),
     ]
-    assert await gut.client.exists(CustomerKeys.of(gut.shop, "p1").log) == 0
+    log_key = CustomerKeys.of(gut.shop, "p1").log
+    assert await gut.client.xlen(log_key) == 4
+    assert 0 < await gut.client.pttl(log_key) <= 60_000
 
 
 async def test_counters_lost_by_redis_are_rebuilt_before_the_next_answer(
