@@ -2,8 +2,7 @@
 
 import contextvars
 import hashlib
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,6 @@ from pydantic import SecretStr
 
 from c360.common.v1 import common_pb2
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.runtime.interceptors import C360Interceptor
 from services.runtime.settings import RuntimeSettings, TokenConfig
 
 ALL_SHOPS = "*"
@@ -115,52 +113,40 @@ def shops_of(request: Any) -> list[str] | None:
     return None
 
 
-class AuthInterceptor(C360Interceptor):
-    """UNAUTHENTICATED without a valid token; PERMISSION_DENIED for another shop or role."""
+def authenticate(
+    tokens: TokenRegistry,
+    context: grpc.aio.ServicerContext,
+    method: str,
+    role: common_pb2.Role.ValueType,
+) -> Principal:
+    """The caller, who must hold a known token with the method's role.
 
-    def __init__(self, tokens: TokenRegistry) -> None:
-        self._tokens = tokens
+    UNAUTHENTICATED without a valid token; PERMISSION_DENIED without the role.
+    """
+    token = bearer_token(context)
+    if token is None:
+        raise Unauthenticated("missing bearer token in `authorization` metadata")
+    principal = tokens.principal(token)
+    if principal is None:
+        raise Unauthenticated("unknown bearer token")
+    if role == common_pb2.ROLE_UNSPECIFIED or not principal.has_role(role):
+        raise PermissionDenied(
+            "MISSING_ROLE",
+            f"the token lacks the {common_pb2.Role.Name(role)} role for {method}",
+            role=common_pb2.Role.Name(role),
+        )
+    return principal
 
-    def around(
-        self, method: str, context: grpc.aio.ServicerContext
-    ) -> AbstractAsyncContextManager[None]:
-        return self._authenticated(method, context)
 
-    @asynccontextmanager
-    async def _authenticated(
-        self, method: str, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        token = bearer_token(context)
-        if token is None:
-            raise Unauthenticated("missing bearer token in `authorization` metadata")
-        principal = self._tokens.principal(token)
-        if principal is None:
-            raise Unauthenticated("unknown bearer token")
-        role = required_role(method)
-        if role == common_pb2.ROLE_UNSPECIFIED or not principal.has_role(role):
+def check_shops(principal: Principal, request: Any) -> None:
+    """Every shop a request names must be one the caller's token is bound to."""
+    shops = shops_of(request)
+    if shops is None:
+        return
+    if not shops or any(not shop for shop in shops):
+        raise InvalidArgument([("shop_id", "required")])
+    for shop in shops:
+        if not principal.may_access(shop):
             raise PermissionDenied(
-                "MISSING_ROLE",
-                f"the token lacks the {common_pb2.Role.Name(role)} role for {method}",
-                role=common_pb2.Role.Name(role),
+                "OTHER_SHOP", "the token is not bound to this shop", shop_id=shop
             )
-        reset = current_principal.set(principal)
-        try:
-            yield
-        finally:
-            current_principal.reset(reset)
-
-    async def check_request(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> None:
-        """Every shop a request names must be one the caller's token is bound to."""
-        shops = shops_of(request)
-        if shops is None:
-            return
-        if not shops or any(not shop for shop in shops):
-            raise InvalidArgument([("shop_id", "required")])
-        principal = current_principal.get()
-        for shop in shops:
-            if not principal.may_access(shop):
-                raise PermissionDenied(
-                    "OTHER_SHOP", "the token is not bound to this shop", shop_id=shop
-                )

@@ -1,9 +1,9 @@
 """The one error hierarchy: each error knows its gRPC code and rich details."""
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import NoReturn
 
 import grpc
 import redis.exceptions
@@ -171,24 +171,18 @@ def as_c360_error(exc: BaseException) -> C360Error | None:
     return None
 
 
-@asynccontextmanager
-async def mapped_errors(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Turns exceptions raised by a handler into gRPC statuses.
+async def abort_for(exc: Exception, method: str, context: grpc.aio.ServicerContext) -> NoReturn:
+    """Ends the call with the status an exception stands for.
 
-    Typed errors become their status with details; a method not built yet is UNIMPLEMENTED; any
-    other exception becomes a generic INTERNAL whose traceback goes to the log only.
+    Typed errors become their status with details; dependency failures UNAVAILABLE; a method not
+    built yet UNIMPLEMENTED; anything else a generic INTERNAL whose traceback goes to the log
+    only.
     """
-    try:
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except NotImplementedError:
+    if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
-    except Exception as exc:
-        error = as_c360_error(exc)
-        if error is None:
-            log.exception("unhandled error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        else:
-            status = rpc_status.to_status(error.to_status())
-            await context.abort(status.code, status.details, status.trailing_metadata)
+    error = as_c360_error(exc)
+    if error is None:
+        log.error("unhandled error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    status = rpc_status.to_status(error.to_status())
+    await context.abort(status.code, status.details, status.trailing_metadata)

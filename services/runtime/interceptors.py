@@ -1,151 +1,171 @@
-"""Server interceptors shared by every service: each concern wraps c360 handlers once."""
+"""The server interceptor every service runs for its c360 methods (health and reflection stay
+open): deadline, authentication and tenancy, error mapping and the request log, applied in one
+wrapper built once per method."""
 
 import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
 
-from services.runtime.errors import mapped_errors
+from services.runtime.auth import (
+    Principal,
+    TokenRegistry,
+    authenticate,
+    check_shops,
+    current_principal,
+    required_role,
+)
+from services.runtime.errors import abort_for
 
 log = logging.getLogger("c360.rpc")
 
 C360_PREFIX = "/c360."
-
-Around = Callable[[str, grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
-RequestCheck = Callable[[str, Any, grpc.aio.ServicerContext], Awaitable[None]]
+# A call slower than this is logged at INFO even when it succeeds.
+SLOW_CALL_SECONDS = 1.0
 
 # Monotonic time by which the RPC being served must finish; read by outgoing peer calls.
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
-def wrap_handler(
-    handler: Any,
-    method: str,
-    around: Around,
-    check_request: RequestCheck | None = None,
-) -> Any:
-    """A handler that runs `around` the original one and checks every request message first."""
+class Call:
+    """The state of one call being served: its deadline, its caller, its outcome for the log."""
 
-    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if check_request is not None:
-            await check_request(method, request, context)
-        return request
+    __slots__ = ("_deadline", "_principal", "context", "method", "started")
 
-    async def checked_stream(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        async for request in requests:
-            yield await checked(request, context)
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.started = time.perf_counter()
+        remaining = context.time_remaining()
+        self._deadline = deadline.set(None if remaining is None else time.monotonic() + remaining)
+        self._principal: contextvars.Token[Principal] | None = None
 
-    if handler.unary_unary:
-        unary_unary = handler.unary_unary
+    def authenticated(self, principal: Principal) -> None:
+        self._principal = current_principal.set(principal)
 
-        async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with around(method, context):
-                return await unary_unary(await checked(request, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            uu, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        unary_stream = handler.unary_stream
-
-        async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with around(method, context):
-                async for response in unary_stream(await checked(request, context), context):
-                    yield response
-
-        return grpc.unary_stream_rpc_method_handler(
-            us, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        stream_unary = handler.stream_unary
-
-        async def su(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async with around(method, context):
-                return await stream_unary(checked_stream(requests, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            su, handler.request_deserializer, handler.response_serializer
-        )
-    stream_stream = handler.stream_stream
-
-    async def ss(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        async with around(method, context):
-            async for response in stream_stream(checked_stream(requests, context), context):
-                yield response
-
-    return grpc.stream_stream_rpc_method_handler(
-        ss, handler.request_deserializer, handler.response_serializer
-    )
+    def finish(self) -> None:
+        """Restores the context and writes the request log line: method, code, duration."""
+        if self._principal is not None:
+            current_principal.reset(self._principal)
+        deadline.reset(self._deadline)
+        seconds = time.perf_counter() - self.started
+        code = self.context.code() or grpc.StatusCode.OK
+        ok = code in (grpc.StatusCode.OK, 0)
+        level = logging.DEBUG if ok and seconds < SLOW_CALL_SECONDS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "rpc",
+                extra={
+                    "rpc.method": self.method,
+                    "rpc.code": code.name if isinstance(code, grpc.StatusCode) else str(code),
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
 
 
-class C360Interceptor(grpc.aio.ServerInterceptor):
-    """Base of the interceptors that apply only to c360 methods (not health or reflection)."""
+class RuntimeInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every c360 method once: UNAUTHENTICATED without a valid token, PERMISSION_DENIED
+    for another shop or a missing role, typed errors as statuses, a log line per call."""
 
-    def around(
-        self, method: str, context: grpc.aio.ServicerContext
-    ) -> AbstractAsyncContextManager[None]:
-        """What runs around every call of a c360 method."""
-        raise NotImplementedError
-
-    check_request: RequestCheck | None = None
+    def __init__(self, tokens: TokenRegistry) -> None:
+        self._tokens = tokens
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(C360_PREFIX):
-            return handler
-        return wrap_handler(handler, method, self.around, self.check_request)
+        if not method.startswith(C360_PREFIX):
+            return await continuation(handler_call_details)
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._handlers[method] = self._wrap(handler, method)
+        return wrapped
 
+    def _begin(self, method: str, role: Any, context: grpc.aio.ServicerContext) -> Call:
+        call = Call(method, context)
+        call.authenticated(authenticate(self._tokens, context, method, role))
+        return call
 
-class ErrorInterceptor(C360Interceptor):
-    """Maps exceptions to statuses with rich details; never leaks a traceback to the caller."""
+    def _wrap(self, handler: Any, method: str) -> Any:
+        role = required_role(method)
+        begin = self._begin
 
-    def around(
-        self, method: str, context: grpc.aio.ServicerContext
-    ) -> AbstractAsyncContextManager[None]:
-        return mapped_errors(method, context)
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                check_shops(current_principal.get(), request)
+                yield request
 
+        async def unary(request: Any, context: grpc.aio.ServicerContext, behaviour: Any) -> Any:
+            call: Call | None = None
+            try:
+                call = begin(method, role, context)
+                check_shops(current_principal.get(), request)
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_for(exc, method, context)
+            finally:
+                if call is not None:
+                    call.finish()
 
-class RequestLogInterceptor(C360Interceptor):
-    """One JSON log line per call: method, status code, duration. Never the request's content."""
+        async def streaming(
+            request: Any, context: grpc.aio.ServicerContext, behaviour: Any, stream_in: bool
+        ) -> AsyncIterator[Any]:
+            call: Call | None = None
+            try:
+                call = begin(method, role, context)
+                if stream_in:
+                    request = checked(request)
+                else:
+                    check_shops(current_principal.get(), request)
+                async for response in behaviour(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_for(exc, method, context)
+            finally:
+                if call is not None:
+                    call.finish()
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            code = context.code() or grpc.StatusCode.OK
-            log.info(
-                "rpc",
-                extra={
-                    "rpc.method": method,
-                    "rpc.code": code.name if isinstance(code, grpc.StatusCode) else str(code),
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                },
-            )
+        serializers = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            behaviour = handler.unary_unary
 
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await unary(request, context, behaviour)
 
-class DeadlineInterceptor(C360Interceptor):
-    """Remembers the deadline of the call being served so that peer calls inherit it."""
+            return grpc.unary_unary_rpc_method_handler(uu, *serializers)
+        if handler.stream_unary:
+            behaviour = handler.stream_unary
 
-    @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        remaining = context.time_remaining()
-        token = deadline.set(None if remaining is None else time.monotonic() + remaining)
-        try:
-            yield
-        finally:
-            deadline.reset(token)
+            async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await unary(checked(requests), context, behaviour)
+
+            return grpc.stream_unary_rpc_method_handler(su, *serializers)
+        if handler.unary_stream:
+            behaviour = handler.unary_stream
+
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in streaming(request, context, behaviour, False):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(us, *serializers)
+        behaviour = handler.stream_stream
+
+        async def ss(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in streaming(requests, context, behaviour, True):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(ss, *serializers)

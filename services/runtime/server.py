@@ -12,12 +12,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.auth import AuthInterceptor, TokenRegistry
-from services.runtime.interceptors import (
-    DeadlineInterceptor,
-    ErrorInterceptor,
-    RequestLogInterceptor,
-)
+from services.runtime.auth import TokenRegistry
+from services.runtime.interceptors import RuntimeInterceptor
 from services.runtime.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -162,10 +158,7 @@ async def start_server(
     server = grpc.aio.server(
         interceptors=[
             telemetry.server_interceptor(),
-            RequestLogInterceptor(),
-            DeadlineInterceptor(),
-            ErrorInterceptor(),
-            AuthInterceptor(tokens),
+            RuntimeInterceptor(tokens),
         ],
     )
     for registration in registrations:
