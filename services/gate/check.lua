@@ -1,16 +1,18 @@
 -- The gate's atomic check: consent, caps, fatigue, quiet hours, then the reservation, in one step.
 -- All keys belong to one customer and share its {shop:person} hash tag (Redis Cluster safe).
--- KEYS[1] policy (hash)  KEYS[2] sent (zset message_id -> ms)  KEYS[3] channels (hash
---   message_id -> channel)  KEYS[4] log (stream: decisions not yet in the durable log)
+-- KEYS[1] policy (hash; its field v marks counters Redis holds in full)  KEYS[2] sent (zset
+--   message_id -> ms)  KEYS[3] channels (hash message_id -> "<channel> <log entry id>")
+--   KEYS[4] log (stream: decisions kept for the durable log)
 -- ARGV: 1 mode (check|dry|peek)  2 now ms  3 channel  4 message_id  5 transactional (0|1)
 --   6 global cap  7 channel cap  8 fatigue threshold (hundredths)  9 fatigue window ms
 --   10 key ttl ms  11 log retention ms, then one row of five per time zone the shop's
 --   customers use ("" = customers without a zone of their own): zone, local day start ms,
 --   next local midnight ms, quiet hours now (0|1), quiet hours end ms.
 -- Returns {status, allowed, reason, retry_at_ms, today_total, last_window, fatigue,
---   log_entry_id, channel1, count1, ...}; status OK, REPLAY, REBUILD (no policy: Redis lost it
---   or the customer is new) or TZ (the customer's zone has no row; reason holds it). Counts are
---   as before this message.
+--   log_entry_id, channel1, count1, ...}; status OK, REPLAY, CONFLICT (the message_id is
+--   reserved on another channel; reason holds it), REBUILD (Redis does not hold the customer in
+--   full: lost, or never seen) or TZ (the customer's zone has no row; reason holds it). Counts
+--   are as before this message.
 local policy, sent, channels, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, now, channel, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local transactional = ARGV[5] == '1'
@@ -47,8 +49,11 @@ local today = redis.call('ZRANGEBYSCORE', sent, day_start, '+inf')
 local by_channel, today_total = {}, #today
 if today_total > 0 then
   local sent_on = redis.call('HMGET', channels, unpack(today))
-  for _, c in ipairs(sent_on) do
-    if c then by_channel[c] = (by_channel[c] or 0) + 1 end
+  for _, reservation in ipairs(sent_on) do
+    if reservation then
+      local c = string.match(reservation, '^%S+')
+      by_channel[c] = (by_channel[c] or 0) + 1
+    end
   end
 end
 local fatigue = math.min(last_window * 10, 100)
@@ -65,7 +70,12 @@ end
 if mode == 'peek' then
   return answer('OK', 0, '', 0)
 end
-if redis.call('HEXISTS', channels, message_id) == 1 then
+local reserved = redis.call('HGET', channels, message_id)
+if reserved then
+  local reserved_on = string.match(reserved, '^%S+')
+  if reserved_on ~= channel then
+    return answer('CONFLICT', 0, reserved_on, 0)
+  end
   return answer('REPLAY', 1, '', 0)
 end
 
@@ -113,15 +123,15 @@ local allowed, reason, retry_at = decide()
 if mode == 'dry' then
   return answer('OK', allowed, reason, retry_at)
 end
-if allowed == 1 and not transactional then
-  redis.call('ZADD', sent, now, message_id)
-  redis.call('HSET', channels, message_id, channel)
-end
 -- The log stream only bridges the moments between this answer and the durable log's next write:
 -- entries older than the retention go, and the stream itself with them when the customer is idle.
 local entry = redis.call('XADD', log, 'MINID', '~', now - retention, '*', 'm', message_id,
   'c', channel, 'k', transactional and 't' or 'm', 'a', allowed, 'r', reason, 't', now)
 redis.call('PEXPIRE', log, retention)
+if allowed == 1 and not transactional then
+  redis.call('ZADD', sent, now, message_id)
+  redis.call('HSET', channels, message_id, channel .. ' ' .. entry)
+end
 for _, key in ipairs({policy, sent, channels}) do
   redis.call('PEXPIRE', key, ttl)
 end

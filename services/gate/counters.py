@@ -10,8 +10,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from services.gate.rules import FATIGUE_WINDOW
 
@@ -21,43 +20,63 @@ KEY_TTL_MS = int(FATIGUE_WINDOW.total_seconds() * 1000) + 24 * 3600 * 1000
 
 CHECK = resources.files(__package__).joinpath("check.lua").read_text()
 
-# Replaces the customer's contact policy, keeping their counters.
+# Replaces the customer's contact policy unless a newer one is stored; keeps the counters, and
+# does not mark them present (only a rebuild does). ARGV: the policy's five fields, key ttl ms.
 PUT_POLICY = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', '1', 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
-  'suppressed', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local stored = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+if stored >= tonumber(ARGV[5]) then return 0 end
+redis.call('HSET', KEYS[1], 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
+  'suppressed', ARGV[4], 'ver', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
 """
 
-# Restores a customer whose keys Redis lost, unless someone restored them first.
-# ARGV: tz consent unsub suppressed ttl, then message_id, channel, ms triples.
+# Restores a customer Redis does not hold in full, unless someone restored them first: the
+# policy (unless a newer one arrived meanwhile) and the reservations, then marks them present.
+# ARGV: the policy's five fields, key ttl ms, then (message_id, channel, ms, entry id) quads.
 REBUILD = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', '1', 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
-  'suppressed', ARGV[4])
-for i = 6, #ARGV, 3 do
-  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+if redis.call('HEXISTS', KEYS[1], 'v') == 1 then return 0 end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+if stored < tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
+    'suppressed', ARGV[4], 'ver', ARGV[5])
 end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+redis.call('HSET', KEYS[1], 'v', '1')
+for i = 7, #ARGV, 4 do
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 3])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 return 1
 """
 
-# Gives back a reservation and records the release for the durable log.
-# ARGV: message_id, now ms, log retention ms.
+# Gives back a reservation and records the release for the durable log. Returns the log entry
+# id of the released reservation, "" when there is none, or REBUILD when Redis does not hold
+# the customer in full. ARGV: message_id, now ms, log retention ms.
 RELEASE = """
-if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then return '' end
+local reserved = redis.call('HGET', KEYS[3], ARGV[1])
+if not reserved then
+  if redis.call('HEXISTS', KEYS[1], 'v') == 0 then return 'REBUILD' end
+  return ''
+end
+local entry = string.match(reserved, ' (.+)$')
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-local entry = redis.call('XADD', KEYS[4], 'MINID', '~', tonumber(ARGV[2]) - tonumber(ARGV[3]),
-  '*', 'm', ARGV[1], 'x', 'release', 't', ARGV[2])
+redis.call('XADD', KEYS[4], 'MINID', '~', tonumber(ARGV[2]) - tonumber(ARGV[3]),
+  '*', 'm', ARGV[1], 'x', 'release', 'e', entry, 't', ARGV[2])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return entry
 """
 
+# CheckBatch goes to Redis in pipelined round trips of this many checks, each given the check
+# timeout plus this much time per check it carries.
+BATCH_CHUNK = 1000
+BATCH_BUDGET_PER_CHECK = 0.0005
+
 
 class CountersUnavailable(Exception):
-    """Redis did not answer within the gate's timeout."""
+    """Redis did not answer within the gate's timeout, or answered with an error (read-only
+    replica after a failover, out of memory, busy script)."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +108,17 @@ class ContactPolicy:
     global_unsubscribe: bool = False
     time_zone: str = ""
     suppressed: frozenset[str] = frozenset()
+    # Orders updates: a policy never replaces a newer one (e.g. µs since the epoch of the change).
+    version: int = 0
 
-    def as_args(self) -> list[str]:
+    def as_args(self) -> list[str | int]:
         """The policy as the scripts store it."""
         return [
             self.time_zone,
             "," + ",".join(sorted(self.granted)) + ",",
             "1" if self.global_unsubscribe else "0",
             "," + ",".join(sorted(self.suppressed)) + ",",
+            self.version,
         ]
 
 
@@ -219,7 +241,7 @@ class Counters:
         try:
             async with asyncio.timeout(self._timeout):
                 return await call
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError) as e:
+        except (TimeoutError, RedisError) as e:
             raise CountersUnavailable(type(e).__name__) from e
 
     async def check(self, keys: CustomerKeys, args: CheckArgs) -> Outcome:
@@ -227,14 +249,27 @@ class Counters:
         argv = args.argv(self._log_retention_ms)
         return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=argv)))
 
-    async def check_many(self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]) -> list[Outcome]:
-        """Runs many independent checks in one pipelined round trip."""
-        pipeline = self._client.pipeline(transaction=False)
-        for keys, args in calls:
-            argv = args.argv(self._log_retention_ms)
-            await self._check(keys=keys.all(), args=argv, client=pipeline)
-        replies = await self._bounded(pipeline.execute())
-        return [Outcome.parse(reply) for reply in replies]
+    async def check_many(
+        self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]
+    ) -> list[Outcome | None]:
+        """Runs many independent checks, pipelined in round trips of up to BATCH_CHUNK checks,
+        each bounded by the timeout plus BATCH_BUDGET_PER_CHECK a check. A round trip that fails
+        gives None for its checks and for every later one (Redis is not answering)."""
+        outcomes: list[Outcome | None] = []
+        for start in range(0, len(calls), BATCH_CHUNK):
+            chunk = calls[start : start + BATCH_CHUNK]
+            pipeline = self._client.pipeline(transaction=False)
+            for keys, args in chunk:
+                argv = args.argv(self._log_retention_ms)
+                await self._check(keys=keys.all(), args=argv, client=pipeline)
+            budget = self._timeout + BATCH_BUDGET_PER_CHECK * len(chunk)
+            try:
+                async with asyncio.timeout(budget):
+                    replies = await pipeline.execute()
+            except (TimeoutError, RedisError):
+                return outcomes + [None] * (len(calls) - len(outcomes))
+            outcomes.extend(Outcome.parse(reply) for reply in replies)
+        return outcomes
 
     async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
         """Replaces the customer's contact policy; the next check sees it."""
@@ -242,22 +277,25 @@ class Counters:
             self._put_policy(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS])
         )
 
-    async def rebuild(
+    async def rebuild_many(
         self,
-        keys: CustomerKeys,
-        policy: ContactPolicy,
-        reservations: Sequence[tuple[str, str, int]],
-    ) -> bool:
-        """Restores a customer's policy and reservations (message_id, channel, ms) unless they
-        exist already; returns whether it restored them."""
-        flat = [value for reservation in reservations for value in reservation]
-        restored = await self._bounded(
-            self._rebuild(keys=keys.all()[:3], args=[*policy.as_args(), KEY_TTL_MS, *flat])
-        )
-        return bool(restored)
+        customers: Sequence[
+            tuple[CustomerKeys, ContactPolicy, Sequence[tuple[str, str, int, str]]]
+        ],
+    ) -> None:
+        """Restores customers' policies and reservations (message_id, channel, ms, log entry id),
+        each unless someone did first, in one pipelined round trip."""
+        pipeline = self._client.pipeline(transaction=False)
+        for keys, policy, reservations in customers:
+            flat = [value for reservation in reservations for value in reservation]
+            await self._rebuild(
+                keys=keys.all()[:3], args=[*policy.as_args(), KEY_TTL_MS, *flat], client=pipeline
+            )
+        await self._bounded(pipeline.execute())
 
     async def release(self, keys: CustomerKeys, message_id: str, now: datetime) -> str:
-        """Gives back a reservation; returns the pending log entry id, or "" if there was none."""
+        """Gives back a reservation; returns the log entry id of the reservation, "" when there
+        was none, or REBUILD when Redis does not hold the customer in full."""
         entry = await self._bounded(
             self._release(keys=keys.all(), args=[message_id, ms(now), self._log_retention_ms])
         )

@@ -1,6 +1,8 @@
 """The send-time gate: a check is one atomic step in the counter store, around which this module
 brings the shop's policy, the customer's calendar, recovery from a lost Redis and the log."""
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +31,17 @@ from services.gate.rules import (
     boundaries,
     format_fatigue,
 )
-from services.gate.store import Decided, GateStore, MessageLogRow, Released
+from services.gate.store import Decided, GateStore, LogLine, Released
+from services.runtime.errors import DEPENDENCY_ERRORS, AlreadyExists
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# What a slow or unreachable database raises; the gate answers gate_unavailable.
+DATABASE_OR_TIMEOUT: tuple[type[BaseException], ...] = (TimeoutError, *DEPENDENCY_ERRORS)
+UNDECIDABLE: tuple[type[BaseException], ...] = (CountersUnavailable, *DATABASE_OR_TIMEOUT)
+# Customers rebuilt from the database per query.
+REBUILD_CHUNK = 1000
 UNAVAILABLE = "gate_unavailable"
 
 
@@ -75,7 +85,7 @@ class History:
 
     counts: Counts
     last_contact: dict[str, datetime]
-    log: list[MessageLogRow]
+    log: list[LogLine]
 
 
 def shop_policy_from_document(document: dict[str, Any] | None) -> ShopPolicy:
@@ -122,12 +132,15 @@ class Gate:
         clock: Clock,
         meter: Meter,
         shop_policy_ttl: float = 5.0,
+        database_timeout: float = 1.0,
     ) -> None:
         self._counters = counters
         self._store = store
         self._log = log
         self._clock = clock
         self._shop_policy_ttl = shop_policy_ttl
+        self._database_timeout = database_timeout
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._shop_policies: dict[str, tuple[float, ShopPolicy]] = {}
         # The zones each shop's customers use ("" = none of their own), learnt from contact
         # policies and checks; every check carries the calendar of all of them.
@@ -140,13 +153,33 @@ class Gate:
         )
 
     async def shop_policy(self, shop_id: str) -> ShopPolicy:
-        """The shop's policy, cached for a few seconds (every replica sees a change within)."""
+        """The shop's policy. Once known it is served from memory and refreshed in the background
+        every few seconds (every replica sees a change within that), so a slow database never
+        holds up a check; the first read is bounded by the database timeout."""
         cached = self._shop_policies.get(shop_id)
-        if cached is not None and time.monotonic() - cached[0] < self._shop_policy_ttl:
-            return cached[1]
+        if cached is None:
+            async with asyncio.timeout(self._database_timeout):
+                return await self._load_shop_policy(shop_id)
+        if (
+            time.monotonic() - cached[0] >= self._shop_policy_ttl
+            and shop_id not in self._refreshing
+        ):
+            self._refreshing[shop_id] = asyncio.create_task(self._refresh_shop_policy(shop_id))
+        return cached[1]
+
+    async def _load_shop_policy(self, shop_id: str) -> ShopPolicy:
         policy = shop_policy_from_document(await self._store.shop_policy(shop_id))
         self._shop_policies[shop_id] = (time.monotonic(), policy)
         return policy
+
+    async def _refresh_shop_policy(self, shop_id: str) -> None:
+        try:
+            async with asyncio.timeout(self._database_timeout):
+                await self._load_shop_policy(shop_id)
+        except DATABASE_OR_TIMEOUT as exc:
+            log.warning("shop policy refresh failed", extra={"error": type(exc).__name__})
+        finally:
+            del self._refreshing[shop_id]
 
     async def put_shop_policy(self, shop_id: str, document: dict[str, Any]) -> None:
         """Replaces the shop's policy; this replica applies it at once, others within the TTL."""
@@ -154,7 +187,8 @@ class Gate:
         self._shop_policies.pop(shop_id, None)
 
     async def put_contact_policy(self, shop_id: str, person_id: str, policy: ContactPolicy) -> None:
-        """Stores a customer's policy durably, then in the counters: the next check sees it."""
+        """Stores a customer's policy durably, then in the counters, each unless a newer version
+        is there: the next check sees it. A retried put (same version) completes both."""
         await self._store.put_contact_policy(shop_id, person_id, policy, self._clock())
         try:
             await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
@@ -207,33 +241,73 @@ class Gate:
             calendar=self._calendar(request.shop_id, policy, now, request.channel),
         )
 
-    async def _rebuild(self, shop_id: str, person_id: str, now: datetime) -> None:
-        """Restores a customer Redis does not know (lost, or never seen) from the durable data."""
+    async def _rebuild(self, shop_id: str, person_ids: Sequence[str], now: datetime) -> None:
+        """Restores customers Redis does not hold in full (lost, or never seen) from the durable
+        data, in bulk."""
         await self._log.flush()
-        policy = await self._store.contact_policy(shop_id, person_id) or ContactPolicy()
-        reservations = await self._store.reservations_since(
-            shop_id, person_id, now - FATIGUE_WINDOW
-        )
-        await self._counters.rebuild(
-            CustomerKeys.of(shop_id, person_id),
-            policy,
-            [(message_id, channel, ms(at)) for message_id, channel, at in reservations],
-        )
+        people = list(dict.fromkeys(person_ids))
+        for start in range(0, len(people), REBUILD_CHUNK):
+            chunk = people[start : start + REBUILD_CHUNK]
+            async with asyncio.timeout(self._database_timeout):
+                policies = await self._store.contact_policies(shop_id, chunk)
+                reservations = await self._store.reservations_since(
+                    shop_id, chunk, now - FATIGUE_WINDOW
+                )
+            await self._counters.rebuild_many(
+                [
+                    (
+                        CustomerKeys.of(shop_id, person_id),
+                        policies.get(person_id, ContactPolicy()),
+                        [(m, c, ms(at), e) for m, c, at, e in reservations.get(person_id, [])],
+                    )
+                    for person_id in chunk
+                ]
+            )
 
-    async def _settle(
-        self, request: Request, policy: ShopPolicy, now: datetime, mode: str, outcome: Outcome
-    ) -> Outcome:
-        """Retries a check whose first round trip found a lost customer or another time zone."""
-        keys = CustomerKeys.of(request.shop_id, request.person_id)
+    async def _run_checks(
+        self, requests: Sequence[Request], policy: ShopPolicy, now: datetime, mode: str
+    ) -> list[Outcome | None]:
+        calls = [
+            (CustomerKeys.of(r.shop_id, r.person_id), self._args(r, policy, now, mode))
+            for r in requests
+        ]
+        if len(calls) == 1:
+            try:
+                return [await self._counters.check(*calls[0])]
+            except CountersUnavailable:
+                return [None]
+        return await self._counters.check_many(calls)
+
+    async def _outcomes(
+        self, requests: Sequence[Request], policy: ShopPolicy, now: datetime, mode: str
+    ) -> list[Outcome | None]:
+        """Runs the checks, then settles those that found a customer to rebuild or a zone the
+        calendar lacked: up to three rounds of one bulk rebuild and one pipelined re-check.
+        None stands for a check the gate could not decide (counters or database unavailable)."""
+        outcomes = await self._run_checks(requests, policy, now, mode)
         for _ in range(3):
-            if outcome.status == "REBUILD":
-                await self._rebuild(request.shop_id, request.person_id, now)
-            elif outcome.status == "TZ":
-                self._learn_zone(request.shop_id, outcome.reason)
-            else:
-                return outcome
-            outcome = await self._counters.check(keys, self._args(request, policy, now, mode))
-        raise CountersUnavailable(f"check did not settle: {outcome.status}")
+            pending = [
+                i for i, o in enumerate(outcomes) if o is not None and o.status in ("REBUILD", "TZ")
+            ]
+            if not pending:
+                return outcomes
+            lost = []
+            for i in pending:
+                outcome = outcomes[i]
+                assert outcome is not None
+                if outcome.status == "TZ":
+                    self._learn_zone(requests[i].shop_id, outcome.reason)
+                else:
+                    lost.append(requests[i].person_id)
+            try:
+                if lost:
+                    await self._rebuild(requests[0].shop_id, lost, now)
+                again = await self._run_checks([requests[i] for i in pending], policy, now, mode)
+            except UNDECIDABLE:
+                again = [None] * len(pending)
+            for i, outcome in zip(pending, again, strict=True):
+                outcomes[i] = outcome
+        return [o if o is None or o.status not in ("REBUILD", "TZ") else None for o in outcomes]
 
     def _decision(self, request: Request, now: datetime, outcome: Outcome) -> Decision:
         if outcome.log_entry:
@@ -273,41 +347,38 @@ class Gate:
 
     async def check(self, request: Request) -> Decision:
         """Decides on one message and, when allowed (and not a dry run), reserves it."""
-        mode = "dry" if request.dry_run else "check"
-        try:
-            policy = await self.shop_policy(request.shop_id)
-            now = self._clock()
-            keys = CustomerKeys.of(request.shop_id, request.person_id)
-            outcome = await self._counters.check(keys, self._args(request, policy, now, mode))
-            outcome = await self._settle(request, policy, now, mode, outcome)
-        except CountersUnavailable:
-            self._count(request, UNAVAILABLE)
-            return _unavailable()
-        return self._decision(request, now, outcome)
+        [decision] = await self.check_batch([request])
+        return decision
 
     async def check_batch(self, requests: Sequence[Request]) -> list[Decision]:
-        """Decides on many messages in pipelined round trips; each exactly as `check` would."""
+        """Decides on messages of one shop, each exactly as alone, in pipelined round trips."""
         if not requests:
             return []
-        try:
-            policy = await self.shop_policy(requests[0].shop_id)
-            now = self._clock()
-            mode = "dry" if requests[0].dry_run else "check"
-            outcomes = await self._counters.check_many(
-                [
-                    (CustomerKeys.of(r.shop_id, r.person_id), self._args(r, policy, now, mode))
-                    for r in requests
-                ]
-            )
-            settled = [
-                await self._settle(r, policy, now, mode, o)
-                for r, o in zip(requests, outcomes, strict=True)
-            ]
-        except CountersUnavailable:
-            for request in requests:
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        now = self._clock()
+        if not self._log.saturated:
+            try:
+                policy = await self.shop_policy(requests[0].shop_id)
+            except DATABASE_OR_TIMEOUT:
+                pass
+            else:
+                mode = "dry" if requests[0].dry_run else "check"
+                outcomes = await self._outcomes(requests, policy, now, mode)
+        decisions = []
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if outcome is None:
+                # Redis may still have decided after the gate stopped waiting: have the durable
+                # log read what this customer's log stream holds.
+                self._log.suspect(request.shop_id, request.person_id)
                 self._count(request, UNAVAILABLE)
-            return [_unavailable() for _ in requests]
-        return [self._decision(r, now, o) for r, o in zip(requests, settled, strict=True)]
+                decisions.append(_unavailable())
+            elif outcome.status == "CONFLICT":
+                raise AlreadyExists(
+                    f"message_id {request.message_id!r} is reserved on {outcome.reason}"
+                )
+            else:
+                decisions.append(self._decision(request, now, outcome))
+        return decisions
 
     async def release(self, shop_id: str, person_id: str, message_id: str) -> bool:
         """Gives back the reservation of a message that never left."""
@@ -315,24 +386,23 @@ class Gate:
         keys = CustomerKeys.of(shop_id, person_id)
         try:
             entry = await self._counters.release(keys, message_id, now)
+            if entry == "REBUILD":
+                await self._rebuild(shop_id, [person_id], now)
+                entry = await self._counters.release(keys, message_id, now)
         except CountersUnavailable:
             raise ConnectionError("the gate's counter store is unavailable") from None
-        if not entry:
+        if entry in ("", "REBUILD"):
             return False
-        self._log.record(Released(shop_id, person_id, entry, message_id, now))
+        self._log.record(Released(shop_id, person_id, entry, now))
         return True
 
     async def history(self, shop_id: str, person_id: str, log_limit: int) -> History:
         """Counts (from the counters), last contact per channel and the log (from the database)."""
         request = Request(shop_id, person_id, "email", "")
-        try:
-            policy = await self.shop_policy(shop_id)
-            now = self._clock()
-            keys = CustomerKeys.of(shop_id, person_id)
-            outcome = await self._counters.check(keys, self._args(request, policy, now, "peek"))
-            outcome = await self._settle(request, policy, now, "peek", outcome)
-        except CountersUnavailable:
-            raise ConnectionError("the gate's counter store is unavailable") from None
+        policy = await self.shop_policy(shop_id)
+        [outcome] = await self._outcomes([request], policy, self._clock(), "peek")
+        if outcome is None:
+            raise ConnectionError("the gate's counter store is unavailable")
         await self._log.flush()
         last_contact = await self._store.last_contact(shop_id, person_id)
         log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from services.gate.counters import PREFIX, Counters, from_ms
+from services.gate.counters import PREFIX, Counters, CustomerKeys, from_ms
 from services.gate.store import Decided, GateStore, Released
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def parse_entry(
     """A pending log stream entry as a decision or a release."""
     at = from_ms(int(fields["t"]))
     if fields.get("x") == "release":
-        return Released(shop_id, person_id, entry_id, fields["m"], at)
+        return Released(shop_id, person_id, fields["e"], at)
     return Decided(
         shop_id=shop_id,
         person_id=person_id,
@@ -54,11 +54,14 @@ class MessageLogWriter:
         counters: Counters,
         interval: float,
         batch_size: int,
+        max_buffered: int = 1_000_000,
     ) -> None:
         self._store = store
         self._counters = counters
         self._interval = interval
         self._batch_size = batch_size
+        self._max_buffered = max_buffered
+        self._suspects: set[tuple[str, str]] = set()
         self._buffer: list[Decided | Released] = []
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -70,6 +73,28 @@ class MessageLogWriter:
         self._buffer.append(entry)
         if len(self._buffer) >= self._batch_size:
             self._full.set()
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the database has fallen so far behind that the gate must stop deciding
+        (answering gate_unavailable) rather than hold more decisions in memory."""
+        return len(self._buffer) >= self._max_buffered
+
+    def suspect(self, shop_id: str, person_id: str) -> None:
+        """Marks a customer whose check timed out: Redis may have decided after the gate gave up,
+        so their log stream is read into the durable log at the next write."""
+        self._suspects.add((shop_id, person_id))
+
+    async def _read_suspects(self) -> None:
+        suspects, self._suspects = list(self._suspects), set()
+        for done, (shop_id, person_id) in enumerate(suspects):
+            try:
+                entries = await self._counters.read_log(CustomerKeys.of(shop_id, person_id).log)
+            except Exception:
+                self._suspects.update(suspects[done:])
+                raise
+            for entry_id, fields in entries:
+                self.record(parse_entry(shop_id, person_id, entry_id, fields))
 
     async def flush(self) -> int:
         """Writes everything queued so far; returns how many entries were written. On a database
@@ -120,6 +145,8 @@ class MessageLogWriter:
                 async with asyncio.timeout(self._interval):
                     await self._full.wait()
             try:
+                if self._suspects:
+                    await self._read_suspects()
                 await self.flush()
             except Exception as exc:
                 log.warning(

@@ -109,6 +109,9 @@ def boundaries(now: datetime, time_zone: str, window: Window, channel: str) -> B
         end = time(window.end_minute // 60, window.end_minute % 60)
         end_day = today if minute < window.end_minute else today + timedelta(days=1)
         quiet_end = _local_instant(end_day, end, tz)
+        if quiet_end <= now:
+            # The end falls in an hour the clocks repeat, and its first pass is behind us.
+            quiet_end = datetime.combine(end_day, end, tzinfo=tz).replace(fold=1).astimezone(UTC)
     return Boundaries(now, day_start, next_midnight, quiet, quiet_end)
 
 

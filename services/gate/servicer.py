@@ -1,6 +1,7 @@
 """Gate RPCs: requests validated and turned into the gate's domain calls, answers into protos."""
 
 import re
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -82,6 +83,15 @@ def _zone(value: str, field: str, violations: Violations) -> str:
     return value
 
 
+def _message_class(value: int, violations: Violations) -> bool:
+    """Whether the class is transactional; a violation for an unknown class."""
+    if value not in (gate_pb2.MESSAGE_CLASS_MARKETING, gate_pb2.MESSAGE_CLASS_TRANSACTIONAL):
+        violations.add(
+            "message_class", "must be MESSAGE_CLASS_MARKETING or MESSAGE_CLASS_TRANSACTIONAL"
+        )
+    return value == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
+
+
 def _timestamp(instant: datetime | None) -> Timestamp | None:
     if instant is None:
         return None
@@ -129,6 +139,8 @@ def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, An
     caps: dict[str, int] = {}
     for i, cap in enumerate(request.channel_caps):
         channel = _channel(cap.channel, f"channel_caps[{i}].channel", violations)
+        if channel in caps:
+            violations.add(f"channel_caps[{i}].channel", f"{channel} is capped twice")
         if not 0 <= cap.daily_cap <= MAX_CAP:
             violations.add(f"channel_caps[{i}].daily_cap", f"must be in [0, {MAX_CAP}]")
         caps[channel] = cap.daily_cap
@@ -152,6 +164,8 @@ def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, An
         )
     if regions:
         document["region_quiet_hours"] = regions
+    if request.fail_mode != gate_pb2.FAIL_MODE_CLOSED:
+        violations.add("fail_mode", "must be FAIL_MODE_CLOSED")
     violations.raise_any()
     return document
 
@@ -175,7 +189,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             person_id=_person(request.person_id, "person_id", violations),
             channel=_channel(request.channel, "channel", violations),
             message_id=_message(request.message_id, "message_id", violations),
-            transactional=request.message_class == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL,
+            transactional=_message_class(request.message_class, violations),
             dry_run=request.dry_run,
         )
         violations.raise_any()
@@ -189,7 +203,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         channel = _channel(request.channel, "channel", violations)
         if len(request.items) > MAX_BATCH:
             violations.add("items", f"at most {MAX_BATCH} items")
-        transactional = request.message_class == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
+        transactional = _message_class(request.message_class, violations)
         requests = [
             Request(
                 shop_id,
@@ -222,17 +236,21 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         violations = Violations()
         shop_id = _shop(request.shop_id, violations)
         person_id = _person(request.person_id, "person_id", violations)
-        granted = frozenset(
-            _channel(c.channel, f"consents[{i}].channel", violations)
-            for i, c in enumerate(request.consents)
-            if c.granted
-        )
+        consents: dict[str, bool] = {}
+        for i, consent in enumerate(request.consents):
+            channel = _channel(consent.channel, f"consents[{i}].channel", violations)
+            if consents.get(channel, consent.granted) != consent.granted:
+                violations.add(f"consents[{i}]", f"{channel} is both granted and not granted")
+            consents[channel] = consent.granted
         policy = ContactPolicy(
-            granted=granted,
+            granted=frozenset(channel for channel, granted in consents.items() if granted),
             global_unsubscribe=request.global_unsubscribe,
             time_zone=_zone(request.time_zone, "time_zone", violations),
             suppressed=_channels(request.suppressions, "suppressions", violations),
+            version=request.version or int(time.time() * 1_000_000),
         )
+        if request.version < 0:
+            violations.add("version", "must not be negative")
         violations.raise_any()
         await self._gate.put_contact_policy(shop_id, person_id, policy)
         return gate_pb2.PutContactPolicyResponse()
@@ -270,7 +288,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                     allowed=row.allowed,
                     reason=row.reason,
                     decided_at=_timestamp(row.decided_at),
-                    released=row.released_at is not None,
+                    released=row.released,
                 )
                 for row in history.log
             ],

@@ -16,7 +16,6 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     select,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -48,7 +47,18 @@ class ContactPolicyRow(Base):
     global_unsubscribe: Mapped[bool] = mapped_column(Boolean)
     time_zone: Mapped[str] = mapped_column(String(64))
     suppressed: Mapped[list[str]] = mapped_column(JSON)
+    version: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReleaseRow(Base):
+    """A reservation given back, by the log entry id of the decision that made it."""
+
+    __tablename__ = "message_release"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    entry_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    released_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class MessageLogRow(Base):
@@ -72,7 +82,6 @@ class MessageLogRow(Base):
     allowed: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(String(64))
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,25 @@ class Decided:
 
 @dataclass(frozen=True)
 class Released:
-    """A released reservation on its way to the durable log."""
+    """A released reservation on its way to the durable log; `entry_id` is the reservation's."""
 
     shop_id: str
     person_id: str
     entry_id: str
-    message_id: str
     released_at: datetime
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One decision as the contact history shows it."""
+
+    message_id: str
+    channel: str
+    transactional: bool
+    allowed: bool
+    reason: str
+    decided_at: datetime
+    released: bool
 
 
 def utc(instant: datetime) -> datetime:
@@ -123,82 +144,112 @@ class GateStore:
         async with self._sessions.begin() as session:
             await session.merge(ShopPolicyRow(shop_id=shop_id, policy=policy, updated_at=now))
 
-    async def contact_policy(self, shop_id: str, person_id: str) -> ContactPolicy | None:
-        """The durable contact policy of a customer, or None when none was ever pushed."""
+    async def contact_policies(
+        self, shop_id: str, person_ids: Sequence[str]
+    ) -> dict[str, ContactPolicy]:
+        """The durable contact policies of customers (those that have one)."""
         async with self._sessions() as session:
-            row = await session.get(ContactPolicyRow, (shop_id, person_id))
-            if row is None:
-                return None
-            return ContactPolicy(
-                frozenset(row.granted),
-                row.global_unsubscribe,
-                row.time_zone,
-                frozenset(row.suppressed),
+            rows = await session.scalars(
+                select(ContactPolicyRow).where(
+                    ContactPolicyRow.shop_id == shop_id, ContactPolicyRow.person_id.in_(person_ids)
+                )
             )
+            return {
+                row.person_id: ContactPolicy(
+                    frozenset(row.granted),
+                    row.global_unsubscribe,
+                    row.time_zone,
+                    frozenset(row.suppressed),
+                    row.version,
+                )
+                for row in rows
+            }
 
     async def put_contact_policy(
         self, shop_id: str, person_id: str, policy: ContactPolicy, now: datetime
-    ) -> None:
-        """Replaces a customer's durable contact policy."""
+    ) -> bool:
+        """Stores a customer's contact policy unless a newer one is stored; returns whether it
+        did."""
+        values = {
+            "shop_id": shop_id,
+            "person_id": person_id,
+            "granted": sorted(policy.granted),
+            "global_unsubscribe": policy.global_unsubscribe,
+            "time_zone": policy.time_zone,
+            "suppressed": sorted(policy.suppressed),
+            "version": policy.version,
+            "updated_at": now,
+        }
         async with self._sessions.begin() as session:
-            await session.merge(
-                ContactPolicyRow(
-                    shop_id=shop_id,
-                    person_id=person_id,
-                    granted=sorted(policy.granted),
-                    global_unsubscribe=policy.global_unsubscribe,
-                    time_zone=policy.time_zone,
-                    suppressed=sorted(policy.suppressed),
-                    updated_at=now,
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            insert = dialect.insert(ContactPolicyRow).values(values)
+            result = await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["shop_id", "person_id"],
+                    set_={k: v for k, v in values.items() if k not in ("shop_id", "person_id")},
+                    where=ContactPolicyRow.version < insert.excluded.version,
                 )
             )
+            return bool(getattr(result, "rowcount", 0))
 
     async def append(self, decided: Sequence[Decided], released: Sequence[Released]) -> None:
-        """Writes decisions (idempotently, by entry id) and releases in one transaction."""
+        """Writes decisions and releases idempotently (by log entry id), in one transaction."""
         async with self._sessions.begin() as session:
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
             if decided:
-                dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
                 await session.execute(
                     dialect.insert(MessageLogRow).on_conflict_do_nothing(
                         index_elements=["shop_id", "person_id", "entry_id"]
                     ),
                     [d.__dict__ for d in decided],
                 )
-            for r in released:
+            if released:
                 await session.execute(
-                    update(MessageLogRow)
-                    .where(
-                        MessageLogRow.shop_id == r.shop_id,
-                        MessageLogRow.person_id == r.person_id,
-                        MessageLogRow.message_id == r.message_id,
-                        MessageLogRow.allowed.is_(True),
-                        MessageLogRow.released_at.is_(None),
-                    )
-                    .values(released_at=r.released_at)
+                    dialect.insert(ReleaseRow).on_conflict_do_nothing(),
+                    [r.__dict__ for r in released],
                 )
 
     async def reservations_since(
-        self, shop_id: str, person_id: str, since: datetime
-    ) -> list[tuple[str, str, datetime]]:
-        """Counted messages (allowed, marketing, not released) decided since `since`:
-        (message_id, channel, decided_at), what Redis needs to be rebuilt."""
+        self, shop_id: str, person_ids: Sequence[str], since: datetime
+    ) -> dict[str, list[tuple[str, str, datetime, str]]]:
+        """Counted messages (allowed, marketing, not released) decided since `since`, per
+        customer: (message_id, channel, decided_at, entry_id), what Redis needs to be rebuilt."""
+        released = select(ReleaseRow.entry_id).where(
+            ReleaseRow.shop_id == MessageLogRow.shop_id,
+            ReleaseRow.person_id == MessageLogRow.person_id,
+            ReleaseRow.entry_id == MessageLogRow.entry_id,
+        )
         async with self._sessions() as session:
             rows = await session.execute(
-                select(MessageLogRow.message_id, MessageLogRow.channel, MessageLogRow.decided_at)
+                select(
+                    MessageLogRow.person_id,
+                    MessageLogRow.message_id,
+                    MessageLogRow.channel,
+                    MessageLogRow.decided_at,
+                    MessageLogRow.entry_id,
+                )
                 .where(
                     MessageLogRow.shop_id == shop_id,
-                    MessageLogRow.person_id == person_id,
+                    MessageLogRow.person_id.in_(person_ids),
                     MessageLogRow.decided_at >= since,
                     MessageLogRow.allowed.is_(True),
                     MessageLogRow.transactional.is_(False),
-                    MessageLogRow.released_at.is_(None),
+                    ~released.exists(),
                 )
                 .order_by(MessageLogRow.decided_at)
             )
-            return [(m, c, utc(at)) for m, c, at in rows]
+            found: dict[str, list[tuple[str, str, datetime, str]]] = {}
+            for person_id, message_id, channel, at, entry_id in rows:
+                found.setdefault(person_id, []).append((message_id, channel, utc(at), entry_id))
+            return found
 
     async def last_contact(self, shop_id: str, person_id: str) -> dict[str, datetime]:
         """The last allowed, not released message per channel."""
+        released = select(ReleaseRow.entry_id).where(
+            ReleaseRow.shop_id == MessageLogRow.shop_id,
+            ReleaseRow.person_id == MessageLogRow.person_id,
+            ReleaseRow.entry_id == MessageLogRow.entry_id,
+        )
         async with self._sessions() as session:
             rows = await session.execute(
                 select(MessageLogRow.channel, func.max(MessageLogRow.decided_at))
@@ -206,19 +257,36 @@ class GateStore:
                     MessageLogRow.shop_id == shop_id,
                     MessageLogRow.person_id == person_id,
                     MessageLogRow.allowed.is_(True),
-                    MessageLogRow.released_at.is_(None),
+                    ~released.exists(),
                 )
                 .group_by(MessageLogRow.channel)
             )
             return {channel: utc(at) for channel, at in rows}
 
-    async def log(self, shop_id: str, person_id: str, limit: int) -> list[MessageLogRow]:
+    async def log(self, shop_id: str, person_id: str, limit: int) -> list[LogLine]:
         """The newest decisions about a customer."""
         async with self._sessions() as session:
-            rows = await session.scalars(
-                select(MessageLogRow)
+            rows = await session.execute(
+                select(MessageLogRow, ReleaseRow.entry_id)
+                .outerjoin(
+                    ReleaseRow,
+                    (ReleaseRow.shop_id == MessageLogRow.shop_id)
+                    & (ReleaseRow.person_id == MessageLogRow.person_id)
+                    & (ReleaseRow.entry_id == MessageLogRow.entry_id),
+                )
                 .where(MessageLogRow.shop_id == shop_id, MessageLogRow.person_id == person_id)
                 .order_by(MessageLogRow.decided_at.desc(), MessageLogRow.id.desc())
                 .limit(limit)
             )
-            return list(rows)
+            return [
+                LogLine(
+                    row.message_id,
+                    row.channel,
+                    row.transactional,
+                    row.allowed,
+                    row.reason,
+                    utc(row.decided_at),
+                    released is not None,
+                )
+                for row, released in rows
+            ]

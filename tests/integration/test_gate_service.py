@@ -56,7 +56,12 @@ async def gate_stub(server: Server) -> Any:
 
 
 async def consent(
-    gate: Any, shop: str, person: str, *channels: common_pb2.Channel.ValueType, time_zone: str = ""
+    gate: Any,
+    shop: str,
+    person: str,
+    *channels: common_pb2.Channel.ValueType,
+    time_zone: str = "",
+    version: int = 0,
 ) -> None:
     await gate.PutContactPolicy(
         gate_pb2.PutContactPolicyRequest(
@@ -64,6 +69,7 @@ async def consent(
             person_id=person,
             consents=[gate_pb2.ChannelConsent(channel=c, granted=True) for c in channels],
             time_zone=time_zone,
+            version=version,
         ),
         metadata=bearer(ADMIN_TOKEN),
     )
@@ -127,7 +133,7 @@ async def test_the_redis_key_layout_is_exactly_this(
     start_service: StartService, backing: Backing, redis_db: redis.Redis
 ) -> None:
     gate = await gate_stub(await start_service("gate", redis_url=on_db(backing.redis_url, 9)))
-    await consent(gate, "shop-a", "p1", EMAIL, SMS, time_zone="Europe/Paris")
+    await consent(gate, "shop-a", "p1", EMAIL, SMS, time_zone="Europe/Paris", version=7)
     await gate.Check(check("shop-a", "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
     tag = b"c360:gate:{shop-a:p1}"
     assert sorted(await redis_db.keys("*")) == [
@@ -142,12 +148,13 @@ async def test_the_redis_key_layout_is_exactly_this(
         b"consent": b",email,sms,",
         b"unsub": b"0",
         b"suppressed": b",,",
+        b"ver": b"7",
     }
     sent: Any = await redis_db.zrange(tag + b":sent", 0, -1, withscores=True)
     assert [member for member, _ in sent] == [b"m1"]
-    assert await redis_db.hgetall(tag + b":channels") == {b"m1": b"email"}
     log: Any = await redis_db.xrange(tag + b":log")
-    [(_, entry)] = log
+    [(entry_id, entry)] = log
+    assert await redis_db.hgetall(tag + b":channels") == {b"m1": b"email " + entry_id}
     assert sorted(entry) == [b"a", b"c", b"k", b"m", b"r", b"t"]
     assert (entry[b"m"], entry[b"c"], entry[b"k"], entry[b"a"], entry[b"r"]) == (
         b"m1",
@@ -156,8 +163,9 @@ async def test_the_redis_key_layout_is_exactly_this(
         b"1",
         b"",
     )
-    for key in (b":policy", b":sent", b":channels", b":log"):
-        assert 0 < await redis_db.pttl(tag + key) <= 8 * 24 * 3600 * 1000
+    for key in (b":policy", b":sent", b":channels"):
+        assert 7 * 24 * 3600 * 1000 < await redis_db.pttl(tag + key) <= 8 * 24 * 3600 * 1000
+    assert 0 < await redis_db.pttl(tag + b":log") <= 60_000
 
 
 async def test_two_hundred_concurrent_checks_over_grpc_allow_exactly_three(

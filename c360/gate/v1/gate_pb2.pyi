@@ -149,6 +149,8 @@ Global___ContactCounts: _TypeAlias = ContactCounts  # noqa: Y015
 
 @_typing.final
 class CheckResponse(_message.Message):
+    """A message_id reused for another channel than the one it is reserved on is ALREADY_EXISTS."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ALLOWED_FIELD_NUMBER: _builtins.int
@@ -344,11 +346,17 @@ class PutContactPolicyRequest(_message.Message):
     GLOBAL_UNSUBSCRIBE_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     SUPPRESSIONS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     person_id: _builtins.str
     global_unsubscribe: _builtins.bool
     time_zone: _builtins.str
     """IANA time zone name of the customer, e.g. "Europe/Paris"; empty = the shop's zone."""
+    version: _builtins.int
+    """Orders updates: a put never replaces a policy with a higher version, so concurrent or
+    reordered pushes end with the newest. Use the time of the change in microseconds since the
+    epoch (or any increasing number); 0 = the gate's time of receipt.
+    """
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelConsent]: ...
     @_builtins.property
@@ -364,10 +372,11 @@ class PutContactPolicyRequest(_message.Message):
         global_unsubscribe: _builtins.bool = ...,
         time_zone: _builtins.str = ...,
         suppressions: _abc.Iterable[_common_pb2.Channel.ValueType] | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consents", b"consents", "global_unsubscribe", b"global_unsubscribe", "person_id", b"person_id", "shop_id", b"shop_id", "suppressions", b"suppressions", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consents", b"consents", "global_unsubscribe", b"global_unsubscribe", "person_id", b"person_id", "shop_id", b"shop_id", "suppressions", b"suppressions", "time_zone", b"time_zone", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,8 +481,9 @@ class PutShopPolicyRequest(_message.Message):
     FAIL_MODE_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     global_daily_cap: _builtins.int
-    """Unset fields keep the defaults: global cap 3; email 5, sms 1, whatsapp 2, push 3; fatigue
-    threshold 0.70; quiet hours [21:00, 09:00); the shop's zone UTC.
+    """Replaces the shop's policy. Unset fields take the defaults: global cap 3; email 5, sms 1,
+    whatsapp 2, push 3; fatigue threshold 0.70; quiet hours [21:00, 09:00) (start = end turns
+    them off); the shop's zone UTC.
     """
     fatigue_threshold: _builtins.str
     """Decimal string with two places, e.g. "0.70"."""

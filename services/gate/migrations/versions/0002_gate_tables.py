@@ -1,4 +1,4 @@
-"""The gate's tables: shop policies, contact policies, the message log.
+"""The gate's tables: shop policies, contact policies, the message log and its releases.
 
 Revision ID: 0002
 Revises: 0001
@@ -29,7 +29,15 @@ def upgrade() -> None:
         sa.Column("global_unsubscribe", sa.Boolean, nullable=False),
         sa.Column("time_zone", sa.String(64), nullable=False),
         sa.Column("suppressed", sa.JSON, nullable=False),
+        sa.Column("version", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "message_release",
+        sa.Column("shop_id", sa.String(128), primary_key=True),
+        sa.Column("person_id", sa.String(128), primary_key=True),
+        sa.Column("entry_id", sa.String(40), primary_key=True),
+        sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
         "message_log",
@@ -48,7 +56,6 @@ def upgrade() -> None:
         sa.Column("allowed", sa.Boolean, nullable=False),
         sa.Column("reason", sa.String(64), nullable=False),
         sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("released_at", sa.DateTime(timezone=True), nullable=True),
         sa.UniqueConstraint("shop_id", "person_id", "entry_id", name="message_log_entry"),
     )
     op.create_index("message_log_person", "message_log", ["shop_id", "person_id", "decided_at"])
@@ -57,5 +64,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drops the tables."""
     op.drop_table("message_log")
+    op.drop_table("message_release")
     op.drop_table("contact_policy")
     op.drop_table("shop_policy")
