@@ -58,3 +58,36 @@ class TcpProxy:
                 await writer.drain()
         self._writers.discard(writer)
         writer.transport.abort()
+
+
+class ReadOnlyRedis:
+    """A server speaking Redis's protocol that answers every command as a read-only replica does
+    after a failover."""
+
+    REPLY = b"-READONLY You can't write against a read only replica.\r\n"
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+            while True:
+                header = await reader.readline()
+                if not header:
+                    break
+                for _ in range(int(header[1:])):
+                    length = int((await reader.readline())[1:])
+                    await reader.readexactly(length + 2)
+                writer.write(self.REPLY)
+                await writer.drain()
+        writer.close()

@@ -22,16 +22,20 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def redis_client(settings: GateSettings) -> redis.Redis:
-    """Redis at REDIS_URL, or the embedded in-process store (same scripts, same semantics)."""
+    """Redis at REDIS_URL, or the embedded in-process store (same scripts, same semantics).
+    The pool blocks for a free connection no longer than a check may wait for Redis."""
     if settings.redis_url is None:
         return fakeredis.FakeAsyncRedis()
     timeout = settings.redis_timeout_ms / 1000
-    return redis.from_url(
+    socket_timeout = max(timeout, settings.dependency_timeout_seconds)
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
-        socket_timeout=max(timeout, settings.dependency_timeout_seconds),
-        socket_connect_timeout=max(timeout, settings.dependency_timeout_seconds),
-        max_connections=256,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
@@ -53,6 +57,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         clock=lambda: datetime.now(UTC),
         meter=telemetry.meter_provider.get_meter("c360.gate"),
         shop_policy_ttl=settings.shop_policy_ttl_seconds,
+        database_timeout=settings.dependency_timeout_seconds,
     )
     registration = Registration(
         gate_pb2.DESCRIPTOR.services_by_name["Gate"],

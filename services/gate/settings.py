@@ -19,6 +19,10 @@ class GateSettings(RuntimeSettings):
         50,
         description="How long a check may wait for Redis before answering gate_unavailable.",
     )
+    redis_max_connections: int = Field(
+        256,
+        description="Connections to Redis per replica; a check waits for one at most the timeout.",
+    )
     log_flush_interval_seconds: float = Field(
         0.1, description="How often decisions are copied to the durable message log."
     )

@@ -22,6 +22,7 @@ from services.gate.message_log import MessageLogWriter
 from services.gate.rules import CHANNELS
 from services.gate.store import GateStore
 from services.runtime import db
+from services.runtime.errors import AlreadyExists
 from tests.backing import Backing
 
 MIGRATIONS = Path(__file__).parents[2] / "services" / "gate" / "migrations"
@@ -384,3 +385,68 @@ async def test_decisions_are_counted_by_outcome_and_channel(gut: GateUnderTest) 
         for p in metric.data.data_points
     }
     assert points == {("allowed", "email"): 1, ("no_consent", "sms"): 2}
+
+
+async def test_a_policy_update_after_redis_lost_the_customer_keeps_the_counts(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1", granted={"email"})
+    for i in range(3):
+        assert (await gut.check("p1", "email", f"m{i}")).allowed is True
+    await gut.lose_redis("p1")
+    await gut.consent("p1", granted={"email", "sms"})
+    blocked = await gut.check("p1", "sms", "m3")
+    assert summary(blocked)[:2] == (False, "global_cap_reached:3/3")
+
+
+async def test_releasing_then_reusing_a_message_id_counts_exactly_once_after_a_rebuild(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1", granted={"email"})
+    assert (await gut.check("p1", "email", "m1")).allowed is True
+    assert await gut.gate.release(gut.shop, "p1", "m1") is True
+    for message in ("m1", "m2", "m3"):
+        assert (await gut.check("p1", "email", message)).allowed is True
+    await gut.lose_redis("p1")
+    blocked = await gut.check("p1", "email", "m4")
+    assert (blocked.reason, blocked.counts.today_total) == ("global_cap_reached:3/3", 3)
+
+
+async def test_release_after_redis_lost_the_customer_still_releases(gut: GateUnderTest) -> None:
+    await gut.consent("p1", granted={"email"})
+    assert (await gut.check("p1", "email", "m1")).allowed is True
+    await gut.writer.flush()
+    await gut.lose_redis("p1")
+    assert await gut.gate.release(gut.shop, "p1", "m1") is True
+    assert (await gut.check("p1", "email", "m2")).counts.today_total == 0
+
+
+async def test_an_older_policy_never_replaces_a_newer_one(gut: GateUnderTest) -> None:
+    await gut.consent("p1", global_unsubscribe=True, version=2)
+    await gut.consent("p1", version=1)
+    assert (await gut.check("p1", "email", "m1")).reason == "global_unsubscribe"
+    await gut.lose_redis("p1")
+    assert (await gut.check("p1", "email", "m2")).reason == "global_unsubscribe"
+
+
+async def test_a_message_id_reserved_on_one_channel_cannot_be_checked_on_another(
+    gut: GateUnderTest,
+) -> None:
+    await gut.consent("p1")
+    assert (await gut.check("p1", "email", "m1")).allowed is True
+    with pytest.raises(AlreadyExists, match="'m1' is reserved on email"):
+        await gut.check("p1", "sms", "m1")
+
+
+async def test_a_batch_of_customers_the_gate_never_saw_is_decided_in_bulk(
+    gut: GateUnderTest,
+) -> None:
+    for person in ("p0", "p1"):
+        await gut.consent(person, granted={"sms"})
+    await gut.client.delete(*CustomerKeys.of(gut.shop, "p1").all())
+    people = [f"p{n}" for n in range(3000)]
+    decisions = await gut.gate.check_batch(
+        [Request(gut.shop, person, "sms", f"c-{person}") for person in people]
+    )
+    assert [d.reason for d in decisions[:3]] == ["", "", "no_consent:sms"]
+    assert Counter(d.reason for d in decisions) == {"": 2, "no_consent:sms": 2998}

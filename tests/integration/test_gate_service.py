@@ -18,7 +18,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.runtime.server import Server
 from tests.backing import Backing
 from tests.conftest import ADMIN_TOKEN, StartService
-from tests.faults import TcpProxy
+from tests.faults import ReadOnlyRedis, TcpProxy
 from tests.rpc import bearer, details
 
 EMAIL: common_pb2.Channel.ValueType = common_pb2.CHANNEL_EMAIL
@@ -172,7 +172,8 @@ async def test_two_hundred_concurrent_checks_over_grpc_allow_exactly_three(
     start_service: StartService,
     shop: str,
 ) -> None:
-    gate = await gate_stub(await start_service("gate"))
+    # Two hundred calls at once on two cores: give each its decision, not a shed gate_unavailable.
+    gate = await gate_stub(await start_service("gate", redis_timeout_ms=2000))
     await consent(gate, shop, "p1", EMAIL)
     answers = await asyncio.gather(
         *(gate.Check(check(shop, "p1", f"m{i}"), metadata=bearer(ADMIN_TOKEN)) for i in range(200))
@@ -287,3 +288,93 @@ async def test_a_shop_policy_applies_to_the_next_check(
         datetime.combine(t.date() + timedelta(days=1), time.min, UTC) for t in (before, after)
     }
     assert answer.next_eligible_at.ToDatetime(tzinfo=UTC) in midnights
+
+
+async def test_redis_answering_errors_is_gate_unavailable(
+    start_service: StartService, shop: str
+) -> None:
+    replica = ReadOnlyRedis()
+    await replica.start()
+    try:
+        server = await start_service("gate", redis_url=f"redis://127.0.0.1:{replica.port}/0")
+        gate = await gate_stub(server)
+        answer = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
+        assert (answer.allowed, answer.reason, answer.retryable) == (
+            False,
+            "gate_unavailable",
+            True,
+        )
+    finally:
+        await replica.stop()
+
+
+async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_log(
+    start_service: StartService, backing: Backing, shop: str
+) -> None:
+    parts = urlsplit(backing.redis_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    gate = await gate_stub(await start_service("gate", redis_url=through(backing.redis_url, proxy)))
+    await consent(gate, shop, "p1", EMAIL)
+    assert (await gate.Check(check(shop, "p1", "m0"), metadata=bearer(ADMIN_TOKEN))).allowed
+    proxy.stall()
+    late = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
+    assert late.reason == "gate_unavailable"
+    proxy.resume()
+    history_request = gate_pb2.GetContactHistoryRequest(
+        shop_id=shop, person_id="p1", include_log=True
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        try:
+            history = await gate.GetContactHistory(history_request, metadata=bearer(ADMIN_TOKEN))
+            logged = sorted((e.message_id, e.allowed) for e in history.log)
+        except grpc.aio.AioRpcError:
+            logged = []
+        if logged == [("m0", True), ("m1", True)]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"log holds {logged}"
+        await asyncio.sleep(0.05)
+    again = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
+    assert (again.allowed, again.replayed, again.counts.today_total) == (True, True, 2)
+    await proxy.cut()
+
+
+async def test_every_enum_and_duplicate_is_validated(
+    start_service: StartService, shop: str
+) -> None:
+    gate = await gate_stub(await start_service("gate"))
+    policy = gate_pb2.PutContactPolicyRequest(
+        shop_id=shop,
+        person_id="p1",
+        consents=[
+            gate_pb2.ChannelConsent(channel=common_pb2.CHANNEL_UNSPECIFIED, granted=False),
+            gate_pb2.ChannelConsent(channel=SMS, granted=True),
+            gate_pb2.ChannelConsent(channel=SMS, granted=False),
+        ],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await gate.PutContactPolicy(policy, metadata=bearer(ADMIN_TOKEN))
+    assert [v.field for v in details(failure.value)[0].field_violations] == [
+        "consents[0].channel",
+        "consents[2]",
+    ]
+    shop_policy = gate_pb2.PutShopPolicyRequest(
+        shop_id=shop,
+        channel_caps=[
+            gate_pb2.ChannelCap(channel=SMS, daily_cap=1),
+            gate_pb2.ChannelCap(channel=SMS, daily_cap=2),
+        ],
+        fail_mode=9,  # type: ignore[arg-type]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await gate.PutShopPolicy(shop_policy, metadata=bearer(ADMIN_TOKEN))
+    assert [v.field for v in details(failure.value)[0].field_violations] == [
+        "channel_caps[1].channel",
+        "fail_mode",
+    ]
+    request = check(shop, "p1", "m1")
+    request.message_class = 7  # type: ignore[assignment]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await gate.Check(request, metadata=bearer(ADMIN_TOKEN))
+    assert [v.field for v in details(failure.value)[0].field_violations] == ["message_class"]
