@@ -30,7 +30,7 @@ import redis.asyncio as redis
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
-from services.gate.counters import KEY_TTL_MS, PUT_POLICY, ContactPolicy, CustomerKeys
+from services.gate.counters import ContactPolicy, Counters, CustomerKeys
 from services.gate.settings import GateSettings
 from services.runtime import db
 
@@ -160,18 +160,23 @@ def drive(address: str, concurrency: int, seconds: float, customers: int) -> dic
 
 
 async def seed(redis_url: str, customers: int) -> None:
-    """Contact policies for `customers` people, written as the gate writes them."""
+    """`customers` people the gate knows, with their contact policies, as the gate stores them
+    after PutContactPolicy."""
     client = redis.from_url(redis_url)
-    script = client.register_script(PUT_POLICY)
+    counters = Counters(client, timeout=30.0)
     granted = frozenset({"email", "sms", "whatsapp", "push"})
     zones = ["", "Europe/Paris", "America/New_York", "Asia/Tokyo"]
     for start in range(0, customers, 5000):
-        pipeline = client.pipeline(transaction=False)
-        for n in range(start, min(start + 5000, customers)):
-            policy = ContactPolicy(granted, time_zone=zones[n % len(zones)])
-            keys = CustomerKeys.of(SHOP, f"p{n}")
-            await script(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS], client=pipeline)
-        await pipeline.execute()
+        await counters.rebuild_many(
+            [
+                (
+                    CustomerKeys.of(SHOP, f"p{n}"),
+                    ContactPolicy(granted, time_zone=zones[n % len(zones)], version=1),
+                    [],
+                )
+                for n in range(start, min(start + 5000, customers))
+            ]
+        )
     await client.aclose()
 
 

@@ -189,9 +189,13 @@ class Gate:
     async def put_contact_policy(self, shop_id: str, person_id: str, policy: ContactPolicy) -> None:
         """Stores a customer's policy durably, then in the counters, each unless a newer version
         is there: the next check sees it. A retried put (same version) completes both."""
-        await self._store.put_contact_policy(shop_id, person_id, policy, self._clock())
+        now = self._clock()
+        await self._store.put_contact_policy(shop_id, person_id, policy, now)
         try:
             await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
+            # Brings the customer's counters into Redis now (a no-op when they are there), so
+            # that their next check is one round trip.
+            await self._rebuild(shop_id, [person_id], now)
         except CountersUnavailable:
             raise ConnectionError("the gate's counter store is unavailable") from None
         self._learn_zone(shop_id, policy.time_zone)
