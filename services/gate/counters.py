@@ -16,7 +16,8 @@ from services.gate.rules import FATIGUE_WINDOW
 
 PREFIX = "c360:gate"
 # Counters, reservations and the pending log of a customer live this long after their last use.
-KEY_TTL_MS = int(FATIGUE_WINDOW.total_seconds() * 1000) + 24 * 3600 * 1000
+FATIGUE_WINDOW_MS = int(FATIGUE_WINDOW.total_seconds() * 1000)
+KEY_TTL_MS = FATIGUE_WINDOW_MS + 24 * 3600 * 1000
 
 CHECK = resources.files(__package__).joinpath("check.lua").read_text()
 
@@ -132,22 +133,24 @@ class CalendarRow:
     quiet: bool
     quiet_end_ms: int
 
-    def argv(self) -> list[str | int]:
+    def encoded(self) -> str:
         """The row as check.lua reads it."""
-        return [
-            self.zone,
-            self.day_start_ms,
-            self.next_midnight_ms,
-            int(self.quiet),
-            self.quiet_end_ms,
-        ]
+        return (
+            f"{self.zone},{self.day_start_ms},{self.next_midnight_ms},{int(self.quiet)},"
+            f"{self.quiet_end_ms}"
+        )
+
+
+def encode_calendar(rows: Sequence[CalendarRow]) -> str:
+    """The calendar argument of check.lua: its rows, separated by semicolons."""
+    return ";".join(row.encoded() for row in rows)
 
 
 @dataclass(frozen=True)
 class CheckArgs:
-    """One check as the script takes it; `calendar` has a row for every zone the shop's
-    customers use (the zone "" stands for customers without one), so that the customer's own
-    zone is found in the same round trip."""
+    """One check as the script takes it; `calendar` (see encode_calendar) has a row for every
+    zone the shop's customers use (the zone "" stands for customers without one), so that the
+    customer's own zone is found in the same round trip."""
 
     mode: str
     now_ms: int
@@ -157,26 +160,15 @@ class CheckArgs:
     global_cap: int
     channel_cap: int
     fatigue_threshold: int
-    calendar: Sequence[CalendarRow]
+    calendar: str
 
-    def argv(self, log_retention_ms: int) -> list[str | int]:
-        """ARGV of check.lua."""
-        args: list[str | int] = [
-            self.mode,
-            self.now_ms,
-            self.channel,
-            self.message_id,
-            int(self.transactional),
-            self.global_cap,
-            self.channel_cap,
-            self.fatigue_threshold,
-            int(FATIGUE_WINDOW.total_seconds() * 1000),
-            KEY_TTL_MS,
-            log_retention_ms,
-        ]
-        for row in self.calendar:
-            args.extend(row.argv())
-        return args
+    def argv(self, log_retention_ms: int) -> list[str]:
+        """ARGV of check.lua: few arguments, since packing each one costs the client time."""
+        numbers = (
+            f"{self.now_ms},{int(self.transactional)},{self.global_cap},{self.channel_cap},"
+            f"{self.fatigue_threshold},{FATIGUE_WINDOW_MS},{KEY_TTL_MS},{log_retention_ms}"
+        )
+        return [self.mode, self.message_id, self.channel, numbers, self.calendar]
 
 
 @dataclass(frozen=True)

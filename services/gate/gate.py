@@ -19,6 +19,7 @@ from services.gate.counters import (
     CountersUnavailable,
     CustomerKeys,
     Outcome,
+    encode_calendar,
     from_ms,
     ms,
 )
@@ -145,7 +146,7 @@ class Gate:
         # The zones each shop's customers use ("" = none of their own), learnt from contact
         # policies and checks; every check carries the calendar of all of them.
         self._zones: dict[str, list[str]] = {}
-        self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, list[CalendarRow]]] = {}
+        self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, str]] = {}
         self._decisions = meter.create_counter(
             "c360.gate.decisions",
             unit="{decision}",
@@ -205,9 +206,7 @@ class Gate:
         if zone not in zones:
             zones.append(zone)
 
-    def _calendar(
-        self, shop_id: str, policy: ShopPolicy, now: datetime, channel: str
-    ) -> list[CalendarRow]:
+    def _calendar(self, shop_id: str, policy: ShopPolicy, now: datetime, channel: str) -> str:
         """Each known zone's local day and quiet hours now. Days and windows start on whole
         minutes, so the rows hold for the whole minute and are computed once a minute per shop."""
         exempt = channel in QUIET_HOURS_EXEMPT
@@ -229,8 +228,9 @@ class Gate:
                     ms(day.quiet_end) if day.quiet_end else 0,
                 )
             )
-        self._calendars[(shop_id, exempt)] = (minute, policy, len(zones), rows)
-        return rows
+        calendar = encode_calendar(rows)
+        self._calendars[(shop_id, exempt)] = (minute, policy, len(zones), calendar)
+        return calendar
 
     def _args(self, request: Request, policy: ShopPolicy, now: datetime, mode: str) -> CheckArgs:
         return CheckArgs(
