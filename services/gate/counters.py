@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from services.gate.rules import FATIGUE_WINDOW
 
@@ -250,18 +250,29 @@ class Counters:
         outcomes: list[Outcome | None] = []
         for start in range(0, len(calls), BATCH_CHUNK):
             chunk = calls[start : start + BATCH_CHUNK]
-            pipeline = self._client.pipeline(transaction=False)
-            for keys, args in chunk:
-                argv = args.argv(self._log_retention_ms)
-                await self._check(keys=keys.all(), args=argv, client=pipeline)
             budget = self._timeout + BATCH_BUDGET_PER_CHECK * len(chunk)
             try:
                 async with asyncio.timeout(budget):
-                    replies = await pipeline.execute()
+                    replies = await self._pipelined_checks(chunk)
             except (TimeoutError, RedisError):
                 return outcomes + [None] * (len(calls) - len(outcomes))
             outcomes.extend(Outcome.parse(reply) for reply in replies)
         return outcomes
+
+    async def _pipelined_checks(self, chunk: Sequence[tuple[CustomerKeys, CheckArgs]]) -> Any:
+        # EVALSHA queued straight on the pipeline (the script wrapper costs more per call than
+        # the check itself); a Redis that lost its scripts gets them loaded and the chunk again.
+        def pipeline() -> Any:
+            queued = self._client.pipeline(transaction=False)
+            for keys, args in chunk:
+                queued.evalsha(self._check.sha, 4, *keys.all(), *args.argv(self._log_retention_ms))
+            return queued
+
+        try:
+            return await pipeline().execute()
+        except NoScriptError:
+            await self._client.script_load(CHECK)
+            return await pipeline().execute()
 
     async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
         """Replaces the customer's contact policy; the next check sees it."""

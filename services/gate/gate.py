@@ -4,6 +4,7 @@ brings the shop's policy, the customer's calendar, recovery from a lost Redis an
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -329,7 +330,6 @@ class Gate:
                 ),
             )
         retry_at = from_ms(outcome.retry_at_ms) if outcome.retry_at_ms else None
-        self._count(request, outcome.reason)
         return Decision(
             allowed=outcome.allowed,
             reason=outcome.reason,
@@ -339,15 +339,20 @@ class Gate:
             replayed=outcome.status == "REPLAY",
         )
 
-    def _count(self, request: Request, reason: str) -> None:
-        self._decisions.add(
-            1,
-            {
-                "channel": request.channel,
-                "outcome": reason.split(":", 1)[0] if reason else "allowed",
-                "message_class": "transactional" if request.transactional else "marketing",
-            },
+    def _count(self, requests: Sequence[Request], decisions: Sequence[Decision]) -> None:
+        """Adds the decisions to the metrics, once per (channel, outcome, class)."""
+        groups = Counter(
+            (
+                request.channel,
+                decision.reason.split(":", 1)[0] if decision.reason else "allowed",
+                "transactional" if request.transactional else "marketing",
+            )
+            for request, decision in zip(requests, decisions, strict=True)
         )
+        for (channel, outcome, message_class), count in groups.items():
+            self._decisions.add(
+                count, {"channel": channel, "outcome": outcome, "message_class": message_class}
+            )
 
     async def check(self, request: Request) -> Decision:
         """Decides on one message and, when allowed (and not a dry run), reserves it."""
@@ -374,7 +379,6 @@ class Gate:
                 # Redis may still have decided after the gate stopped waiting: have the durable
                 # log read what this customer's log stream holds.
                 self._log.suspect(request.shop_id, request.person_id)
-                self._count(request, UNAVAILABLE)
                 decisions.append(_unavailable())
             elif outcome.status == "CONFLICT":
                 raise AlreadyExists(
@@ -382,6 +386,7 @@ class Gate:
                 )
             else:
                 decisions.append(self._decision(request, now, outcome))
+        self._count(requests, decisions)
         return decisions
 
     async def release(self, shop_id: str, person_id: str, message_id: str) -> bool:

@@ -346,13 +346,29 @@ async def test_counters_lost_by_redis_are_rebuilt_before_the_next_answer(
 
 async def test_two_hundred_concurrent_checks_allow_exactly_the_cap(gut: GateUnderTest) -> None:
     await gut.consent("p1")
-    channels = ["email", "push", "whatsapp", "sms"]
-    decisions = await asyncio.gather(
-        *(gut.check("p1", channels[i % 4], f"m{i}") for i in range(200))
-    )
+    decisions = await asyncio.gather(*(gut.check("p1", "email", f"m{i}") for i in range(200)))
     assert Counter((d.allowed, d.reason) for d in decisions) == {
         (True, ""): 3,
         (False, "global_cap_reached:3/3"): 197,
+    }
+
+
+async def test_concurrent_checks_on_every_channel_never_exceed_any_cap(
+    gut: GateUnderTest,
+) -> None:
+    await gut.gate.put_shop_policy(gut.shop, {"global_daily_cap": 6})
+    await gut.consent("p1")
+    decisions = await asyncio.gather(
+        *(gut.check("p1", CHANNELS[i % 4], f"m{i}") for i in range(200))
+    )
+    allowed = Counter(CHANNELS[i % 4] for i, d in enumerate(decisions) if d.allowed)
+    assert sum(allowed.values()) == 6
+    assert all(
+        allowed[c] <= cap for c, cap in {"email": 5, "sms": 1, "whatsapp": 2, "push": 3}.items()
+    )
+    assert {d.reason.split(":")[0] for d in decisions if not d.allowed} <= {
+        "global_cap_reached",
+        "channel_cap_reached",
     }
 
 
@@ -450,3 +466,12 @@ async def test_a_batch_of_customers_the_gate_never_saw_is_decided_in_bulk(
     )
     assert [d.reason for d in decisions[:3]] == ["", "", "no_consent:sms"]
     assert Counter(d.reason for d in decisions) == {"": 2, "no_consent:sms": 2998}
+
+
+async def test_a_batch_works_after_redis_forgot_its_scripts(gut: GateUnderTest) -> None:
+    await gut.consent("p1", granted={"sms"})
+    await gut.client.script_flush()
+    decisions = await gut.gate.check_batch(
+        [Request(gut.shop, "p1", "sms", "m1"), Request(gut.shop, "p2", "sms", "m2")]
+    )
+    assert [d.reason for d in decisions] == ["", "no_consent:sms"]
