@@ -69,9 +69,17 @@ class GateUnderTest:
 
 @pytest.fixture(params=["redis", "embedded"])
 async def gut(
-    request: pytest.FixtureRequest, backing: Backing, settings_for: Callable[..., Any]
+    request: pytest.FixtureRequest,
+    backing: Backing,
+    settings_for: Callable[..., Any],
+    tmp_path: Path,
 ) -> AsyncIterator[GateUnderTest]:
-    settings = settings_for("gate")
+    """The gate on PostgreSQL and Redis, or on its embedded defaults: SQLite and in-process
+    counters, as `make run` runs it."""
+    if request.param == "redis":
+        settings = settings_for("gate")
+    else:
+        settings = settings_for("gate", database_url=f"sqlite+aiosqlite:///{tmp_path}/gate.db")
     await asyncio.to_thread(db.migrate, settings, MIGRATIONS)
     engine = db.create_engine(settings)
     store = GateStore(db.session_factory(engine))
