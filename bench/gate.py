@@ -1,9 +1,11 @@
 """Benchmark of Gate.Check (make bench-gate), against a baseline measured in the same run.
 
 The baseline is a bare grpc.aio server whose Check handler does one EVALSHA of a trivial script
-on the same Redis and replies. Both run as one server process each, are driven by the same load
-generator (a separate process) at concurrency 1, 16 and 64, and are reported as ratios, because
-this machine is shared and noisy. Also measured: Redis commands per check (INFO commandstats)
+on the same Redis and replies; a second baseline serves the same handler through the runtime
+every c360 service runs (tracing, auth, tenancy, errors, request log), which splits the gap into
+what the shared runtime costs and what the gate's own work costs. Each runs as one server
+process, all are driven by the same load generator (a separate process) at concurrency 1, 16 and
+64, and reported as ratios, because this machine is shared and noisy. Also measured: Redis commands per check (INFO commandstats)
 and CheckBatch of 50,000 people against a client-side pipeline of 50,000 trivial EVALSHAs.
 
 Usage: python bench/gate.py [--seconds S] [--customers N]; results in bench/results/gate.json.
@@ -27,12 +29,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import redis.asyncio as redis
+from pydantic import SecretStr
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy, Counters, CustomerKeys
 from services.gate.settings import GateSettings
 from services.runtime import db
+from services.runtime.auth import TokenRegistry
+from services.runtime.server import Registration, start_server
+from services.runtime.settings import TokenConfig
+from services.runtime.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gate.json"
@@ -72,14 +79,32 @@ class BaselineGate(gate_pb2_grpc.GateServicer):
         return gate_pb2.CheckResponse(allowed=True)
 
 
-async def serve_baseline(port: int, redis_url: str) -> None:
+async def serve_baseline(port: int, redis_url: str, stack: bool) -> None:
+    """The bare baseline, or (stack) the same handler behind the runtime every c360 service
+    runs: OpenTelemetry, authentication, tenancy, error mapping, the request log."""
     client = redis.from_url(redis_url, max_connections=256)
-    server = grpc.aio.server()
-    gate_pb2_grpc.add_GateServicer_to_server(BaselineGate(client), server)  # type: ignore[abstract]
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    servicer = BaselineGate(client)  # type: ignore[abstract]  # Check only
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if stack:
+        tokens = TokenRegistry.from_settings_tokens(
+            [TokenConfig(name="bench", token=SecretStr(TOKEN), shops=["*"], roles=["admin"])]
+        )
+        registration = Registration(
+            gate_pb2.DESCRIPTOR.services_by_name["Gate"],
+            servicer,
+            gate_pb2_grpc.add_GateServicer_to_server,
+        )
+        runtime = await start_server(
+            f"127.0.0.1:{port}", [registration], tokens=tokens, telemetry=Telemetry()
+        )
+        await stop.wait()
+        await runtime.stop(1)
+        return
+    server = grpc.aio.server()
+    gate_pb2_grpc.add_GateServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
     await stop.wait()
     await server.stop(1)
 
@@ -255,7 +280,7 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
     await flush.aclose()
     await seed(redis_url, customers)
 
-    gate_port, baseline_port = free_port(), free_port()
+    gate_port, baseline_port, stack_port = free_port(), free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))},
         "DATABASE_URL": database_url,
@@ -275,11 +300,16 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
         subprocess.Popen(
             [sys.executable, __file__, "baseline", str(baseline_port), redis_url], cwd=ROOT
         ),
+        subprocess.Popen(
+            [sys.executable, __file__, "baseline-stack", str(stack_port), redis_url], cwd=ROOT
+        ),
     ]
     try:
         gate, baseline = f"127.0.0.1:{gate_port}", f"127.0.0.1:{baseline_port}"
+        stack = f"127.0.0.1:{stack_port}"
         await wait_serving(gate)
-        await asyncio.sleep(1)  # the baseline has no health service; give it a moment
+        await wait_serving(stack)
+        await asyncio.sleep(1)  # the bare baseline has no health service; give it a moment
         async with grpc.aio.insecure_channel(gate) as channel:
             await gate_pb2_grpc.GateStub(channel).PutShopPolicy(
                 gate_pb2.PutShopPolicyRequest(  # quiet hours off: the run may be at night
@@ -290,6 +320,7 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
         levels = {}
         for concurrency in (1, 16, 64):
             base = drive(baseline, concurrency, seconds, customers)
+            stacked = drive(stack, concurrency, seconds, customers)
             before = await commandstats(redis_url)
             checked = drive(gate, concurrency, seconds, customers)
             after = await commandstats(redis_url)
@@ -297,10 +328,14 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
             checks = checked["checks"] + checked["errors"] + 1
             levels[str(concurrency)] = {
                 "baseline": base,
+                "baseline_through_runtime": stacked,
                 "gate": checked,
                 "throughput_ratio": checked["per_second"] / base["per_second"],
                 "p50_ratio": checked["p50_ms"] / base["p50_ms"],
                 "p99_ratio": checked["p99_ms"] / base["p99_ms"],
+                "runtime_throughput_ratio": stacked["per_second"] / base["per_second"],
+                "gate_vs_runtime_throughput_ratio": checked["per_second"] / stacked["per_second"],
+                "gate_vs_runtime_p99_ratio": checked["p99_ms"] / stacked["p99_ms"],
                 "redis_evalsha_per_check": calls.get("evalsha", 0) / checks,
                 "redis_top_level_commands_per_check": (
                     calls.get("evalsha", 0) + calls.get("eval", 0) + calls.get("ping", 0)
@@ -333,6 +368,13 @@ def report(results: dict[str, Any]) -> str:
             f"{r['gate']['p99_ms']:>8.2f}m {r['p99_ratio']:>9.2f} "
             f"{r['redis_evalsha_per_check']:>13.2f}"
         )
+        lines.append(
+            f"     same handler through the runtime: "
+            f"{r['baseline_through_runtime']['per_second']:.0f}/s "
+            f"(x{r['runtime_throughput_ratio']:.2f} of bare); gate vs it: "
+            f"x{r['gate_vs_runtime_throughput_ratio']:.2f} throughput, "
+            f"x{r['gate_vs_runtime_p99_ratio']:.2f} p99"
+        )
         lines.append(f"     gate answers: {r['gate']['answers']}, errors {r['gate']['errors']}")
     b = results["batch"]
     lines.append(
@@ -344,8 +386,8 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "baseline":
-        asyncio.run(serve_baseline(int(sys.argv[2]), sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("baseline", "baseline-stack"):
+        asyncio.run(serve_baseline(int(sys.argv[2]), sys.argv[3], sys.argv[1] == "baseline-stack"))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "load":
         address, concurrency, seconds, customers = sys.argv[2:6]
