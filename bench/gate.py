@@ -5,8 +5,9 @@ on the same Redis and replies; a second baseline serves the same handler through
 every c360 service runs (tracing, auth, tenancy, errors, request log), which splits the gap into
 what the shared runtime costs and what the gate's own work costs. Each runs as one server
 process, all are driven by the same load generator (a separate process) at concurrency 1, 16 and
-64, and reported as ratios, because this machine is shared and noisy. Also measured: Redis commands per check (INFO commandstats)
-and CheckBatch of 50,000 people against a client-side pipeline of 50,000 trivial EVALSHAs.
+64, and reported as ratios, because this machine is shared and noisy. Also measured: Redis
+commands per check (INFO commandstats) and CheckBatch of 50,000 people against a client-side
+pipeline of 50,000 trivial EVALSHAs.
 
 Usage: python bench/gate.py [--seconds S] [--customers N]; results in bench/results/gate.json.
 """
