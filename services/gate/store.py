@@ -127,6 +127,15 @@ def utc(instant: datetime) -> datetime:
     return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
 
 
+def _released() -> Any:
+    """The releases of the message log row in the enclosing query."""
+    return select(ReleaseRow.entry_id).where(
+        ReleaseRow.shop_id == MessageLogRow.shop_id,
+        ReleaseRow.person_id == MessageLogRow.person_id,
+        ReleaseRow.entry_id == MessageLogRow.entry_id,
+    )
+
+
 class GateStore:
     """Queries of the gate's tables."""
 
@@ -214,11 +223,6 @@ class GateStore:
     ) -> dict[str, list[tuple[str, str, datetime, str]]]:
         """Counted messages (allowed, marketing, not released) decided since `since`, per
         customer: (message_id, channel, decided_at, entry_id), what Redis needs to be rebuilt."""
-        released = select(ReleaseRow.entry_id).where(
-            ReleaseRow.shop_id == MessageLogRow.shop_id,
-            ReleaseRow.person_id == MessageLogRow.person_id,
-            ReleaseRow.entry_id == MessageLogRow.entry_id,
-        )
         async with self._sessions() as session:
             rows = await session.execute(
                 select(
@@ -234,7 +238,7 @@ class GateStore:
                     MessageLogRow.decided_at >= since,
                     MessageLogRow.allowed.is_(True),
                     MessageLogRow.transactional.is_(False),
-                    ~released.exists(),
+                    ~_released().exists(),
                 )
                 .order_by(MessageLogRow.decided_at)
             )
@@ -245,11 +249,6 @@ class GateStore:
 
     async def last_contact(self, shop_id: str, person_id: str) -> dict[str, datetime]:
         """The last allowed, not released message per channel."""
-        released = select(ReleaseRow.entry_id).where(
-            ReleaseRow.shop_id == MessageLogRow.shop_id,
-            ReleaseRow.person_id == MessageLogRow.person_id,
-            ReleaseRow.entry_id == MessageLogRow.entry_id,
-        )
         async with self._sessions() as session:
             rows = await session.execute(
                 select(MessageLogRow.channel, func.max(MessageLogRow.decided_at))
@@ -257,7 +256,7 @@ class GateStore:
                     MessageLogRow.shop_id == shop_id,
                     MessageLogRow.person_id == person_id,
                     MessageLogRow.allowed.is_(True),
-                    ~released.exists(),
+                    ~_released().exists(),
                 )
                 .group_by(MessageLogRow.channel)
             )

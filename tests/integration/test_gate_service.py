@@ -35,6 +35,17 @@ def through(url: str, proxy: TcpProxy) -> str:
 
 
 @pytest.fixture
+async def redis_proxy(backing: Backing) -> AsyncIterator[TcpProxy]:
+    """The real Redis behind a proxy the test can cut or stall."""
+    parts = urlsplit(backing.redis_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    yield proxy
+    proxy.resume()
+    await proxy.cut()
+
+
+@pytest.fixture
 def shop() -> str:
     """A shop of the test's own: Redis outlives test runs, so no two tests share a customer."""
     return f"shop-{secrets.token_hex(4)}"
@@ -185,18 +196,17 @@ async def test_two_hundred_concurrent_checks_over_grpc_allow_exactly_three(
 
 
 async def test_redis_cut_mid_run_answers_gate_unavailable(
-    start_service: StartService, backing: Backing, shop: str
+    start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
-    parts = urlsplit(backing.redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
-    gate = await gate_stub(await start_service("gate", redis_url=through(backing.redis_url, proxy)))
+    gate = await gate_stub(
+        await start_service("gate", redis_url=through(backing.redis_url, redis_proxy))
+    )
     await consent(gate, shop, "p1", EMAIL)
     assert (await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))).allowed
-    await proxy.cut()
+    await redis_proxy.cut()
     answer = await gate.Check(check(shop, "p1", "m2"), metadata=bearer(ADMIN_TOKEN))
     assert (answer.allowed, answer.reason, answer.retryable) == (False, "gate_unavailable", True)
-    await proxy.start()
+    await redis_proxy.start()
     deadline = asyncio.get_running_loop().time() + 10
     while True:
         answer = await gate.Check(check(shop, "p1", "m3"), metadata=bearer(ADMIN_TOKEN))
@@ -204,26 +214,22 @@ async def test_redis_cut_mid_run_answers_gate_unavailable(
             break
         await asyncio.sleep(0.05)
     assert (answer.allowed, answer.counts.today_total) == (True, 1)
-    await proxy.cut()
 
 
 async def test_a_redis_that_stops_answering_is_gate_unavailable_not_a_hang(
-    start_service: StartService, backing: Backing, shop: str
+    start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
-    parts = urlsplit(backing.redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
     # Socket timeouts of five seconds: only the gate's own 50 ms budget can answer within the
     # caller's one-second deadline.
     gate = await gate_stub(
         await start_service(
             "gate",
-            redis_url=through(backing.redis_url, proxy),
+            redis_url=through(backing.redis_url, redis_proxy),
             dependency_timeout_seconds=5.0,
         )
     )
     await consent(gate, shop, "p1", EMAIL)
-    proxy.stall()
+    redis_proxy.stall()
     answer = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN), timeout=1.0)
     assert (answer.allowed, answer.reason, answer.retryable) == (False, "gate_unavailable", True)
     batch = await gate.CheckBatch(
@@ -236,8 +242,7 @@ async def test_a_redis_that_stops_answering_is_gate_unavailable_not_a_hang(
         timeout=1.0,
     )
     assert [r.reason for r in batch.results] == ["gate_unavailable"]
-    proxy.resume()
-    await proxy.cut()
+    redis_proxy.resume()
 
 
 async def test_redis_flushed_counts_are_rebuilt_from_the_log_and_caps_hold(
@@ -316,18 +321,17 @@ async def test_redis_answering_errors_is_gate_unavailable(
 
 
 async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_log(
-    start_service: StartService, backing: Backing, shop: str
+    start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
-    parts = urlsplit(backing.redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
-    gate = await gate_stub(await start_service("gate", redis_url=through(backing.redis_url, proxy)))
+    gate = await gate_stub(
+        await start_service("gate", redis_url=through(backing.redis_url, redis_proxy))
+    )
     await consent(gate, shop, "p1", EMAIL)
     assert (await gate.Check(check(shop, "p1", "m0"), metadata=bearer(ADMIN_TOKEN))).allowed
-    proxy.stall()
+    redis_proxy.stall()
     late = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
     assert late.reason == "gate_unavailable"
-    proxy.resume()
+    redis_proxy.resume()
     history_request = gate_pb2.GetContactHistoryRequest(
         shop_id=shop, person_id="p1", include_log=True
     )
@@ -344,7 +348,6 @@ async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_lo
         await asyncio.sleep(0.05)
     again = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
     assert (again.allowed, again.replayed, again.counts.today_total) == (True, True, 2)
-    await proxy.cut()
 
 
 async def test_every_enum_and_duplicate_is_validated(
