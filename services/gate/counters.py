@@ -80,7 +80,7 @@ class CountersUnavailable(Exception):
     replica after a failover, out of memory, busy script)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CustomerKeys:
     """The Redis keys of one customer; all in one hash slot."""
 
@@ -146,7 +146,7 @@ def encode_calendar(rows: Sequence[CalendarRow]) -> str:
     return ";".join(row.encoded() for row in rows)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckArgs:
     """One check as the script takes it; `calendar` (see encode_calendar) has a row for every
     zone the shop's customers use (the zone "" stands for customers without one), so that the
@@ -171,7 +171,7 @@ class CheckArgs:
         return [self.mode, self.message_id, self.channel, numbers, self.calendar]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What the script answered."""
 

@@ -47,7 +47,7 @@ REBUILD_CHUNK = 1000
 UNAVAILABLE = "gate_unavailable"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Counts:
     """A customer's counts as the gate saw them when deciding."""
 
@@ -57,7 +57,7 @@ class Counts:
     fatigue: str = "0.00"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """The gate's answer for one message."""
 
@@ -69,7 +69,7 @@ class Decision:
     replayed: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     """One message to decide on."""
 

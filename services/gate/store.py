@@ -84,7 +84,7 @@ class MessageLogRow(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decided:
     """A decision on its way to the durable log."""
 
@@ -98,8 +98,22 @@ class Decided:
     reason: str
     decided_at: datetime
 
+    def as_row(self) -> dict[str, Any]:
+        """The decision as a message_log row."""
+        return {
+            "shop_id": self.shop_id,
+            "person_id": self.person_id,
+            "entry_id": self.entry_id,
+            "message_id": self.message_id,
+            "channel": self.channel,
+            "transactional": self.transactional,
+            "allowed": self.allowed,
+            "reason": self.reason,
+            "decided_at": self.decided_at,
+        }
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class Released:
     """A released reservation on its way to the durable log; `entry_id` is the reservation's."""
 
@@ -107,6 +121,15 @@ class Released:
     person_id: str
     entry_id: str
     released_at: datetime
+
+    def as_row(self) -> dict[str, Any]:
+        """The release as a message_release row."""
+        return {
+            "shop_id": self.shop_id,
+            "person_id": self.person_id,
+            "entry_id": self.entry_id,
+            "released_at": self.released_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -202,20 +225,22 @@ class GateStore:
             return bool(getattr(result, "rowcount", 0))
 
     async def append(self, decided: Sequence[Decided], released: Sequence[Released]) -> None:
-        """Writes decisions and releases idempotently (by log entry id), in one transaction."""
+        """Writes decisions and releases idempotently (by log entry id), in one transaction.
+        Core statements on the connection: this runs beside the gate's hot path."""
         async with self._sessions.begin() as session:
-            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            connection = await session.connection()
+            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
             if decided:
-                await session.execute(
-                    dialect.insert(MessageLogRow).on_conflict_do_nothing(
+                await connection.execute(
+                    dialect.insert(MessageLogRow.__table__).on_conflict_do_nothing(
                         index_elements=["shop_id", "person_id", "entry_id"]
                     ),
-                    [d.__dict__ for d in decided],
+                    [d.as_row() for d in decided],
                 )
             if released:
-                await session.execute(
-                    dialect.insert(ReleaseRow).on_conflict_do_nothing(),
-                    [r.__dict__ for r in released],
+                await connection.execute(
+                    dialect.insert(ReleaseRow.__table__).on_conflict_do_nothing(),
+                    [r.as_row() for r in released],
                 )
 
     async def reservations_since(
