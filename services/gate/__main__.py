@@ -7,7 +7,7 @@ import fakeredis
 import redis.asyncio as redis
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
-from services.gate.counters import Counters
+from services.gate.counters import Counters, HiredisPackedConnection
 from services.gate.gate import Gate
 from services.gate.message_log import MessageLogWriter
 from services.gate.servicer import GateServicer
@@ -30,6 +30,7 @@ def redis_client(settings: GateSettings) -> redis.Redis:
     socket_timeout = max(timeout, settings.dependency_timeout_seconds)
     pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        connection_class=HiredisPackedConnection,
         max_connections=settings.redis_max_connections,
         timeout=timeout,
         socket_timeout=socket_timeout,
