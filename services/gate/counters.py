@@ -81,11 +81,19 @@ class HiredisPackedConnection(Connection):
     does; its asyncio client packs in Python, which was the largest client cost of a check."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        packed: bytes = hiredis.pack_command(args)
-        return [packed]
+        return [_pack(args)]
 
     def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join(hiredis.pack_command(tuple(command)) for command in commands)]
+        return [b"".join(_pack(tuple(command)) for command in commands)]
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
+    # Like redis-py, a command name of several words ("SCRIPT LOAD") goes as several arguments.
+    name = args[0]
+    if isinstance(name, str | bytes) and (" " in name if isinstance(name, str) else b" " in name):
+        args = (*name.split(), *args[1:])
+    packed: bytes = hiredis.pack_command(args)
+    return packed
 
 
 class CountersUnavailable(Exception):

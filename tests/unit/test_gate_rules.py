@@ -3,8 +3,9 @@
 from datetime import UTC, datetime
 
 import pytest
+from redis.asyncio import Connection
 
-from services.gate.counters import CustomerKeys
+from services.gate.counters import CustomerKeys, HiredisPackedConnection
 from services.gate.rules import Window, boundaries, format_fatigue, parse_fatigue
 
 
@@ -60,3 +61,18 @@ def test_fatigue_thresholds_parse_to_hundredths(text: str, hundredths: int) -> N
 def test_bad_fatigue_thresholds_are_rejected(text: str) -> None:
     with pytest.raises(ValueError, match=r"not"):
         parse_fatigue(text)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "abc", 4, "k1", "k2", "k3", "k4", "check", "m-é", "email", "1,0", ",1,2,0,0"),
+        ("SCRIPT LOAD", "return 1"),
+        ("CLIENT SETINFO", "LIB-NAME", "redis-py"),
+        ("XRANGE", b"c360:gate:{s:p}:log", "-", "+"),
+        ("PEXPIRE", "key", 691200000),
+    ],
+)
+def test_hiredis_packing_sends_the_bytes_redis_py_would(command: tuple[object, ...]) -> None:
+    python_packed = b"".join(Connection().pack_command(*command))
+    assert HiredisPackedConnection().pack_command(*command) == [python_packed]
