@@ -73,6 +73,8 @@ def test_bad_fatigue_thresholds_are_rejected(text: str) -> None:
         ("PEXPIRE", "key", 691200000),
     ],
 )
-def test_hiredis_packing_sends_the_bytes_redis_py_would(command: tuple[object, ...]) -> None:
+def test_hiredis_packing_sends_the_bytes_redis_py_would(
+    command: tuple[str | bytes | int, ...],
+) -> None:
     python_packed = b"".join(Connection().pack_command(*command))
     assert HiredisPackedConnection().pack_command(*command) == [python_packed]
