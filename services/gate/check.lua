@@ -3,11 +3,11 @@
 -- KEYS[1] policy (hash; its field v marks counters Redis holds in full)  KEYS[2] sent (zset
 --   message_id -> ms)  KEYS[3] channels (hash message_id -> "<channel> <log entry id>")
 --   KEYS[4] log (stream: decisions kept for the durable log)
--- ARGV: 1 mode (check|dry|peek)  2 message_id  3 channel  4 numbers, comma-separated: now ms,
---   transactional (0|1), global cap, channel cap, fatigue threshold (hundredths), fatigue window
---   ms, key ttl ms, log retention ms  5 the calendar: one "zone,day start ms,next midnight ms,
---   quiet now (0|1),quiet end ms" row per time zone the shop's customers use, rows separated by
---   ";" (zone "" = customers without a zone of their own).
+-- ARGV: 1 mode (check|dry|peek)  2 message_id  3 channel  4 now ms  5 transactional (0|1)
+--   6 global cap  7 channel cap  8 fatigue threshold (hundredths)  9 fatigue window ms
+--   10 key ttl ms  11 log retention ms, then the calendar: five arguments per time zone the
+--   shop's customers use (zone "" = customers without one of their own): zone, local day start
+--   ms, next local midnight ms, quiet hours now (0|1), quiet hours end ms.
 -- Returns {status, allowed, reason, retry_at_ms, today_total, last_window, fatigue,
 --   log_entry_id, channel1, count1, ...}; status OK, REPLAY, CONFLICT (the message_id is
 --   reserved on another channel; reason holds it), REBUILD (Redis does not hold the customer in
@@ -15,10 +15,9 @@
 --   are as before this message.
 local policy, sent, channels, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, message_id, channel = ARGV[1], ARGV[2], ARGV[3]
-local n = {}
-for value in string.gmatch(ARGV[4], '[^,]+') do n[#n + 1] = tonumber(value) end
-local now, transactional, global_cap, channel_cap = n[1], n[2] == 1, n[3], n[4]
-local threshold, window, ttl, retention = n[5], n[6], n[7], n[8]
+local now, transactional = tonumber(ARGV[4]), ARGV[5] == '1'
+local global_cap, channel_cap, threshold = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local window, ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 
 local fields = redis.call('HMGET', policy, 'v', 'tz', 'consent', 'unsub', 'suppressed')
 if not fields[1] then
@@ -26,11 +25,10 @@ if not fields[1] then
 end
 local tz = fields[2] or ''
 local day_start, next_midnight, quiet, quiet_end
-for zone, start, midnight, quiet_now, quiet_until in
-    string.gmatch(ARGV[5], '([^,;]*),(%d+),(%d+),(%d),(%d+)') do
-  if zone == tz then
-    day_start, next_midnight = tonumber(start), tonumber(midnight)
-    quiet, quiet_end = quiet_now == '1', tonumber(quiet_until)
+for i = 12, #ARGV, 5 do
+  if ARGV[i] == tz then
+    day_start, next_midnight = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    quiet, quiet_end = ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
     break
   end
 end
@@ -129,11 +127,13 @@ end
 local entry = redis.call('XADD', log, 'MINID', '~', now - retention, '*', 'm', message_id,
   'c', channel, 'k', transactional and 't' or 'm', 'a', allowed, 'r', reason, 't', now)
 redis.call('PEXPIRE', log, retention)
+-- Counters live a key ttl past the last message they count; the policy a key ttl past its last
+-- use by a decision (then it is rebuilt from the database).
+redis.call('PEXPIRE', policy, ttl)
 if allowed == 1 and not transactional then
   redis.call('ZADD', sent, now, message_id)
   redis.call('HSET', channels, message_id, channel .. ' ' .. entry)
-end
-for _, key in ipairs({policy, sent, channels}) do
-  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', sent, ttl)
+  redis.call('PEXPIRE', channels, ttl)
 end
 return answer('OK', allowed, reason, retry_at, entry)

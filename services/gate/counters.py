@@ -155,17 +155,20 @@ class CalendarRow:
     quiet: bool
     quiet_end_ms: int
 
-    def encoded(self) -> str:
+    def argv(self) -> list[str | int]:
         """The row as check.lua reads it."""
-        return (
-            f"{self.zone},{self.day_start_ms},{self.next_midnight_ms},{int(self.quiet)},"
-            f"{self.quiet_end_ms}"
-        )
+        return [
+            self.zone,
+            self.day_start_ms,
+            self.next_midnight_ms,
+            int(self.quiet),
+            self.quiet_end_ms,
+        ]
 
 
-def encode_calendar(rows: Sequence[CalendarRow]) -> str:
-    """The calendar argument of check.lua: its rows, separated by semicolons."""
-    return ";".join(row.encoded() for row in rows)
+def encode_calendar(rows: Sequence[CalendarRow]) -> list[str | int]:
+    """The calendar arguments of check.lua: its rows, flattened."""
+    return [value for row in rows for value in row.argv()]
 
 
 @dataclass(slots=True)
@@ -182,15 +185,24 @@ class CheckArgs:
     global_cap: int
     channel_cap: int
     fatigue_threshold: int
-    calendar: str
+    calendar: Sequence[str | int]
 
-    def argv(self, log_retention_ms: int) -> list[str]:
-        """ARGV of check.lua: few arguments, since packing each one costs the client time."""
-        numbers = (
-            f"{self.now_ms},{int(self.transactional)},{self.global_cap},{self.channel_cap},"
-            f"{self.fatigue_threshold},{FATIGUE_WINDOW_MS},{KEY_TTL_MS},{log_retention_ms}"
-        )
-        return [self.mode, self.message_id, self.channel, numbers, self.calendar]
+    def argv(self, log_retention_ms: int) -> list[str | int]:
+        """ARGV of check.lua, the calendar's rows flattened at its end."""
+        return [
+            self.mode,
+            self.message_id,
+            self.channel,
+            self.now_ms,
+            int(self.transactional),
+            self.global_cap,
+            self.channel_cap,
+            self.fatigue_threshold,
+            FATIGUE_WINDOW_MS,
+            KEY_TTL_MS,
+            log_retention_ms,
+            *self.calendar,
+        ]
 
 
 @dataclass(slots=True)

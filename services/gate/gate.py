@@ -147,7 +147,7 @@ class Gate:
         # The zones each shop's customers use ("" = none of their own), learnt from contact
         # policies and checks; every check carries the calendar of all of them.
         self._zones: dict[str, list[str]] = {}
-        self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, str]] = {}
+        self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, list[str | int]]] = {}
         self._decisions = meter.create_counter(
             "c360.gate.decisions",
             unit="{decision}",
@@ -207,7 +207,9 @@ class Gate:
         if zone not in zones:
             zones.append(zone)
 
-    def _calendar(self, shop_id: str, policy: ShopPolicy, now: datetime, channel: str) -> str:
+    def _calendar(
+        self, shop_id: str, policy: ShopPolicy, now: datetime, channel: str
+    ) -> list[str | int]:
         """Each known zone's local day and quiet hours now. Days and windows start on whole
         minutes, so the rows hold for the whole minute and are computed once a minute per shop."""
         exempt = channel in QUIET_HOURS_EXEMPT
