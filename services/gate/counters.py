@@ -97,9 +97,10 @@ def _pack(args: tuple[Any, ...]) -> bytes:
     return packed
 
 
-class CountersUnavailable(Exception):
+class CountersUnavailable(ConnectionError):
     """Redis did not answer within the gate's timeout, or answered with an error (read-only
-    replica after a failover, out of memory, busy script)."""
+    replica after a failover, out of memory, busy script). A ConnectionError, so that outside a
+    check the shared runtime answers UNAVAILABLE with a retry delay."""
 
 
 @dataclass(slots=True)

@@ -39,9 +39,9 @@ from services.runtime.errors import DEPENDENCY_ERRORS, AlreadyExists
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-# What a slow or unreachable database raises; the gate answers gate_unavailable.
-DATABASE_OR_TIMEOUT: tuple[type[BaseException], ...] = (TimeoutError, *DEPENDENCY_ERRORS)
-UNDECIDABLE: tuple[type[BaseException], ...] = (CountersUnavailable, *DATABASE_OR_TIMEOUT)
+# What slow or unreachable counters or database raise (CountersUnavailable is a
+# ConnectionError): a check answers gate_unavailable; other RPCs UNAVAILABLE.
+UNDECIDABLE: tuple[type[BaseException], ...] = (TimeoutError, *DEPENDENCY_ERRORS)
 # Customers rebuilt from the database per query.
 REBUILD_CHUNK = 1000
 UNAVAILABLE = "gate_unavailable"
@@ -178,7 +178,7 @@ class Gate:
         try:
             async with asyncio.timeout(self._database_timeout):
                 await self._load_shop_policy(shop_id)
-        except DATABASE_OR_TIMEOUT as exc:
+        except UNDECIDABLE as exc:
             log.warning("shop policy refresh failed", extra={"error": type(exc).__name__})
         finally:
             del self._refreshing[shop_id]
@@ -193,13 +193,10 @@ class Gate:
         is there: the next check sees it. A retried put (same version) completes both."""
         now = self._clock()
         await self._store.put_contact_policy(shop_id, person_id, policy, now)
-        try:
-            await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
-            # Brings the customer's counters into Redis now (a no-op when they are there), so
-            # that their next check is one round trip.
-            await self._rebuild(shop_id, [person_id], now)
-        except CountersUnavailable:
-            raise ConnectionError("the gate's counter store is unavailable") from None
+        await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
+        # Brings the customer's counters into Redis now (a no-op when they are there), so that
+        # their next check is one round trip.
+        await self._rebuild(shop_id, [person_id], now)
         self._learn_zone(shop_id, policy.time_zone)
 
     def _learn_zone(self, shop_id: str, zone: str) -> None:
@@ -370,7 +367,7 @@ class Gate:
         if not self._log.saturated:
             try:
                 policy = await self.shop_policy(requests[0].shop_id)
-            except DATABASE_OR_TIMEOUT:
+            except UNDECIDABLE:
                 pass
             else:
                 mode = "dry" if requests[0].dry_run else "check"
@@ -395,13 +392,10 @@ class Gate:
         """Gives back the reservation of a message that never left."""
         now = self._clock()
         keys = CustomerKeys.of(shop_id, person_id)
-        try:
+        entry = await self._counters.release(keys, message_id, now)
+        if entry == "REBUILD":
+            await self._rebuild(shop_id, [person_id], now)
             entry = await self._counters.release(keys, message_id, now)
-            if entry == "REBUILD":
-                await self._rebuild(shop_id, [person_id], now)
-                entry = await self._counters.release(keys, message_id, now)
-        except CountersUnavailable:
-            raise ConnectionError("the gate's counter store is unavailable") from None
         if entry in ("", "REBUILD"):
             return False
         self._log.record(Released(shop_id, person_id, entry, now))
@@ -413,7 +407,7 @@ class Gate:
         policy = await self.shop_policy(shop_id)
         [outcome] = await self._outcomes([request], policy, self._clock(), "peek")
         if outcome is None:
-            raise ConnectionError("the gate's counter store is unavailable")
+            raise CountersUnavailable("the counters did not answer")
         await self._log.flush()
         last_contact = await self._store.last_contact(shop_id, person_id)
         log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []

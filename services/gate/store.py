@@ -1,7 +1,7 @@
 """The gate's durable data in its database: shop policies, contact policies, the message log."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,20 +98,6 @@ class Decided:
     reason: str
     decided_at: datetime
 
-    def as_row(self) -> dict[str, Any]:
-        """The decision as a message_log row."""
-        return {
-            "shop_id": self.shop_id,
-            "person_id": self.person_id,
-            "entry_id": self.entry_id,
-            "message_id": self.message_id,
-            "channel": self.channel,
-            "transactional": self.transactional,
-            "allowed": self.allowed,
-            "reason": self.reason,
-            "decided_at": self.decided_at,
-        }
-
 
 @dataclass(slots=True)
 class Released:
@@ -121,15 +107,6 @@ class Released:
     person_id: str
     entry_id: str
     released_at: datetime
-
-    def as_row(self) -> dict[str, Any]:
-        """The release as a message_release row."""
-        return {
-            "shop_id": self.shop_id,
-            "person_id": self.person_id,
-            "entry_id": self.entry_id,
-            "released_at": self.released_at,
-        }
 
 
 @dataclass(frozen=True)
@@ -143,6 +120,11 @@ class LogLine:
     reason: str
     decided_at: datetime
     released: bool
+
+
+def row(entry: "Decided | Released") -> dict[str, Any]:
+    """A log entry as the row of its table: its fields by name."""
+    return {field.name: getattr(entry, field.name) for field in fields(entry)}
 
 
 def utc(instant: datetime) -> datetime:
@@ -235,12 +217,12 @@ class GateStore:
                     dialect.insert(MessageLogRow.__table__).on_conflict_do_nothing(
                         index_elements=["shop_id", "person_id", "entry_id"]
                     ),
-                    [d.as_row() for d in decided],
+                    [row(d) for d in decided],
                 )
             if released:
                 await connection.execute(
                     dialect.insert(ReleaseRow.__table__).on_conflict_do_nothing(),
-                    [r.as_row() for r in released],
+                    [row(r) for r in released],
                 )
 
     async def reservations_since(
