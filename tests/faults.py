@@ -3,6 +3,7 @@ database or Redis become unreachable exactly as in a network failure."""
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -24,6 +25,21 @@ class TcpProxy:
     def resume(self) -> None:
         """Forwards again."""
         self._flowing.set()
+
+    @classmethod
+    async def before(cls, url: str) -> "TcpProxy":
+        """A started proxy in front of the server of a database or Redis URL."""
+        parts = urlsplit(url)
+        proxy = cls(parts.hostname or "127.0.0.1", parts.port or 0)
+        await proxy.start()
+        return proxy
+
+    def url_through(self, url: str) -> str:
+        """The URL with the proxy in place of the server (credentials and path kept)."""
+        parts = urlsplit(url)
+        credentials, _, _ = parts.netloc.rpartition("@")
+        host = f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=f"{credentials}@{host}" if credentials else host))
 
     async def start(self) -> None:
         """Listens (on the same port again after a cut)."""

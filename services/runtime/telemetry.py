@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import (
+    aio_client_interceptors,
+    aio_server_interceptor,
+    filters,
+)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -34,8 +38,12 @@ class Telemetry:
     meter_provider: MeterProvider = field(default_factory=MeterProvider)
 
     def server_interceptor(self) -> Any:
-        """The OpenTelemetry gRPC server interceptor: a span per call, parent from metadata."""
-        return aio_server_interceptor(tracer_provider=self.tracer_provider)  # type: ignore[no-untyped-call]
+        """The OpenTelemetry gRPC server interceptor: a span per c360 call, parent from metadata.
+        Health and reflection are left alone: probes would flood traces, and the interceptor
+        breaks Health/Watch (it expects every streaming handler to be an async generator)."""
+        return aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider, filter_=filters.service_prefix("c360.")
+        )
 
     def client_interceptors(self) -> list[Any]:
         """OpenTelemetry gRPC client interceptors: a span per call, W3C context into metadata."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
@@ -22,6 +22,7 @@ from services.gate.store import GateStore
 from services.runtime import db
 from tests.backing import Backing, free_port
 from tests.conftest import ADMIN_TOKEN, TOKENS
+from tests.polling import eventually, health_becomes
 from tests.rpc import bearer
 
 MIGRATIONS = Path(__file__).parents[2] / "services" / "gate" / "migrations"
@@ -48,19 +49,17 @@ class GateProcesses:
         )
         self.processes.append(process)
         address = f"127.0.0.1:{port}"
-        deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
-        async with grpc.aio.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert process.returncode is None, "the gate process exited"
-                assert asyncio.get_running_loop().time() < deadline, "never SERVING"
-                try:
-                    status = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
-                        return address
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.05)
+        serving = asyncio.ensure_future(
+            health_becomes(address, health_pb2.HealthCheckResponse.SERVING, DEADLINE_SECONDS)
+        )
+        exited = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait({serving, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited in done:
+            serving.cancel()
+            raise AssertionError(f"the gate process exited with {process.returncode}")
+        exited.cancel()
+        await serving
+        return address
 
     async def stop_all(self) -> None:
         for process in self.processes:
@@ -157,10 +156,9 @@ async def test_decisions_answered_before_a_kill_reach_the_log_when_a_gate_starts
     try:
         assert await store.log(shop, "p1", 10) == []
         await gates.start()
-        deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
-        while len(rows := await store.log(shop, "p1", 10)) < 5:
-            assert asyncio.get_running_loop().time() < deadline, f"only {len(rows)} recovered"
-            await asyncio.sleep(0.05)
+        rows = await eventually(
+            lambda: store.log(shop, "p1", 10), lambda rows: len(rows) == 5, "decisions recovered"
+        )
     finally:
         await engine.dispose()
     assert sorted((r.message_id, r.allowed, r.reason) for r in rows) == [

@@ -19,6 +19,7 @@ from services.runtime.server import Server
 from tests.backing import Backing
 from tests.conftest import ADMIN_TOKEN, StartService
 from tests.faults import ReadOnlyRedis, TcpProxy
+from tests.polling import eventually
 from tests.rpc import bearer, details
 
 EMAIL: common_pb2.Channel.ValueType = common_pb2.CHANNEL_EMAIL
@@ -30,16 +31,10 @@ def on_db(url: str, index: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{index}"))
 
 
-def through(url: str, proxy: TcpProxy) -> str:
-    return urlunsplit(urlsplit(url)._replace(netloc=f"127.0.0.1:{proxy.port}"))
-
-
 @pytest.fixture
 async def redis_proxy(backing: Backing) -> AsyncIterator[TcpProxy]:
     """The real Redis behind a proxy the test can cut or stall."""
-    parts = urlsplit(backing.redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
+    proxy = await TcpProxy.before(backing.redis_url)
     yield proxy
     proxy.resume()
     await proxy.cut()
@@ -199,7 +194,7 @@ async def test_redis_cut_mid_run_answers_gate_unavailable(
     start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
     gate = await gate_stub(
-        await start_service("gate", redis_url=through(backing.redis_url, redis_proxy))
+        await start_service("gate", redis_url=redis_proxy.url_through(backing.redis_url))
     )
     await consent(gate, shop, "p1", EMAIL)
     assert (await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))).allowed
@@ -207,12 +202,11 @@ async def test_redis_cut_mid_run_answers_gate_unavailable(
     answer = await gate.Check(check(shop, "p1", "m2"), metadata=bearer(ADMIN_TOKEN))
     assert (answer.allowed, answer.reason, answer.retryable) == (False, "gate_unavailable", True)
     await redis_proxy.start()
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        answer = await gate.Check(check(shop, "p1", "m3"), metadata=bearer(ADMIN_TOKEN))
-        if answer.reason != "gate_unavailable" or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    answer = await eventually(
+        lambda: gate.Check(check(shop, "p1", "m3"), metadata=bearer(ADMIN_TOKEN)),
+        lambda answer: answer.reason != "gate_unavailable",
+        "a decision once Redis is back",
+    )
     assert (answer.allowed, answer.counts.today_total) == (True, 1)
 
 
@@ -224,7 +218,7 @@ async def test_a_redis_that_stops_answering_is_gate_unavailable_not_a_hang(
     gate = await gate_stub(
         await start_service(
             "gate",
-            redis_url=through(backing.redis_url, redis_proxy),
+            redis_url=redis_proxy.url_through(backing.redis_url),
             dependency_timeout_seconds=5.0,
         )
     )
@@ -324,7 +318,7 @@ async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_lo
     start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
     gate = await gate_stub(
-        await start_service("gate", redis_url=through(backing.redis_url, redis_proxy))
+        await start_service("gate", redis_url=redis_proxy.url_through(backing.redis_url))
     )
     await consent(gate, shop, "p1", EMAIL)
     assert (await gate.Check(check(shop, "p1", "m0"), metadata=bearer(ADMIN_TOKEN))).allowed
@@ -335,17 +329,17 @@ async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_lo
     history_request = gate_pb2.GetContactHistoryRequest(
         shop_id=shop, person_id="p1", include_log=True
     )
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
+
+    async def logged() -> list[tuple[str, bool]]:
         try:
             history = await gate.GetContactHistory(history_request, metadata=bearer(ADMIN_TOKEN))
-            logged = sorted((e.message_id, e.allowed) for e in history.log)
         except grpc.aio.AioRpcError:
-            logged = []
-        if logged == [("m0", True), ("m1", True)]:
-            break
-        assert asyncio.get_running_loop().time() < deadline, f"log holds {logged}"
-        await asyncio.sleep(0.05)
+            return []
+        return sorted((e.message_id, e.allowed) for e in history.log)
+
+    assert await eventually(
+        logged, lambda log: log == [("m0", True), ("m1", True)], "the late decision logged"
+    ) == [("m0", True), ("m1", True)]
     again = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
     assert (again.allowed, again.replayed, again.counts.today_total) == (True, True, 2)
 
