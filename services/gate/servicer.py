@@ -1,23 +1,16 @@
 """Gate RPCs: requests validated and turned into the gate's domain calls, answers into protos."""
 
-import re
 import time
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy
 from services.gate.gate import Counts, Decision, Gate, Request
 from services.gate.rules import MINUTES_PER_DAY, parse_fatigue, zone
-from services.runtime.errors import InvalidArgument
+from services.runtime.validation import Violations, person, shop, timestamp
 
-# Shop and person ids go inside the customer's Redis hash tag: no braces, and no colon in shops.
-SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_MESSAGE_ID = 256
 MAX_BATCH = 100_000
 MAX_CAP = 1000
@@ -30,32 +23,6 @@ CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
     common_pb2.CHANNEL_PUSH: "push",
 }
 CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
-
-
-class Violations:
-    """Collects every field violation of a request, then raises them together."""
-
-    def __init__(self) -> None:
-        self.found: list[tuple[str, str]] = []
-
-    def add(self, field: str, why: str) -> None:
-        self.found.append((field, why))
-
-    def raise_any(self) -> None:
-        if self.found:
-            raise InvalidArgument(self.found)
-
-
-def _shop(value: str, violations: Violations) -> str:
-    if not SHOP_ID.fullmatch(value):
-        violations.add("shop_id", "must be 1-128 letters, digits, '.', '_' or '-'")
-    return value
-
-
-def _person(value: str, field: str, violations: Violations) -> str:
-    if not PERSON_ID.fullmatch(value):
-        violations.add(field, "must be 1-128 letters, digits, '.', '_', ':' or '-'")
-    return value
 
 
 def _message(value: str, field: str, violations: Violations) -> str:
@@ -92,14 +59,6 @@ def _message_class(value: int, violations: Violations) -> bool:
     return value == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
 
 
-def _timestamp(instant: datetime | None) -> Timestamp | None:
-    if instant is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(instant)
-    return stamp
-
-
 def _counts(counts: Counts) -> gate_pb2.ContactCounts:
     return gate_pb2.ContactCounts(
         today_by_channel=counts.today_by_channel,
@@ -114,7 +73,7 @@ def _response(decision: Decision) -> gate_pb2.CheckResponse:
         allowed=decision.allowed,
         reason=decision.reason,
         retryable=decision.retryable,
-        next_eligible_at=_timestamp(decision.next_eligible_at),
+        next_eligible_at=timestamp(decision.next_eligible_at),
         counts=_counts(decision.counts),
         replayed=decision.replayed,
     )
@@ -130,7 +89,7 @@ def _window(window: gate_pb2.QuietHours, field: str, violations: Violations) -> 
 def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, Any]:
     """The stored form of a shop policy; only what the request sets (the rest stays default)."""
     violations = Violations()
-    _shop(request.shop_id, violations)
+    shop(request.shop_id, violations)
     document: dict[str, Any] = {}
     if request.HasField("global_daily_cap"):
         if not 0 <= request.global_daily_cap <= MAX_CAP:
@@ -185,8 +144,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
     async def Check(self, request: gate_pb2.CheckRequest, context: Any) -> gate_pb2.CheckResponse:
         violations = Violations()
         decision_request = Request(
-            shop_id=_shop(request.shop_id, violations),
-            person_id=_person(request.person_id, "person_id", violations),
+            shop_id=shop(request.shop_id, violations),
+            person_id=person(request.person_id, "person_id", violations),
             channel=_channel(request.channel, "channel", violations),
             message_id=_message(request.message_id, "message_id", violations),
             transactional=_message_class(request.message_class, violations),
@@ -199,7 +158,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         self, request: gate_pb2.CheckBatchRequest, context: Any
     ) -> gate_pb2.CheckBatchResponse:
         violations = Violations()
-        shop_id = _shop(request.shop_id, violations)
+        shop_id = shop(request.shop_id, violations)
         channel = _channel(request.channel, "channel", violations)
         if len(request.items) > MAX_BATCH:
             violations.add("items", f"at most {MAX_BATCH} items")
@@ -207,7 +166,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         requests = [
             Request(
                 shop_id,
-                _person(item.person_id, f"items[{i}].person_id", violations),
+                person(item.person_id, f"items[{i}].person_id", violations),
                 channel,
                 _message(item.message_id, f"items[{i}].message_id", violations),
                 transactional,
@@ -223,8 +182,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         self, request: gate_pb2.ReleaseRequest, context: Any
     ) -> gate_pb2.ReleaseResponse:
         violations = Violations()
-        shop_id = _shop(request.shop_id, violations)
-        person_id = _person(request.person_id, "person_id", violations)
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
         message_id = _message(request.message_id, "message_id", violations)
         violations.raise_any()
         released = await self._gate.release(shop_id, person_id, message_id)
@@ -234,8 +193,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         self, request: gate_pb2.PutContactPolicyRequest, context: Any
     ) -> gate_pb2.PutContactPolicyResponse:
         violations = Violations()
-        shop_id = _shop(request.shop_id, violations)
-        person_id = _person(request.person_id, "person_id", violations)
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
         consents: dict[str, bool] = {}
         for i, consent in enumerate(request.consents):
             channel = _channel(consent.channel, f"consents[{i}].channel", violations)
@@ -265,8 +224,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         self, request: gate_pb2.GetContactHistoryRequest, context: Any
     ) -> gate_pb2.GetContactHistoryResponse:
         violations = Violations()
-        shop_id = _shop(request.shop_id, violations)
-        person_id = _person(request.person_id, "person_id", violations)
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
         if not 0 <= request.log_limit <= MAX_LOG:
             violations.add("log_limit", f"must be in [0, {MAX_LOG}]")
         violations.raise_any()
@@ -275,7 +234,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         return gate_pb2.GetContactHistoryResponse(
             counts=_counts(history.counts),
             last_contact=[
-                gate_pb2.LastContact(channel=CHANNEL_ENUMS[c], at=_timestamp(at))
+                gate_pb2.LastContact(channel=CHANNEL_ENUMS[c], at=timestamp(at))
                 for c, at in sorted(history.last_contact.items())
             ],
             log=[
@@ -287,7 +246,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                     else gate_pb2.MESSAGE_CLASS_MARKETING,
                     allowed=row.allowed,
                     reason=row.reason,
-                    decided_at=_timestamp(row.decided_at),
+                    decided_at=timestamp(row.decided_at),
                     released=row.released,
                 )
                 for row in history.log

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -17,11 +17,11 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.gate.counters import ContactPolicy
+from services.runtime.db import dialect_of, utc
 
 
 class Base(DeclarativeBase):
@@ -127,11 +127,6 @@ def row(entry: "Decided | Released") -> dict[str, Any]:
     return {field.name: getattr(entry, field.name) for field in fields(entry)}
 
 
-def utc(instant: datetime) -> datetime:
-    """The instant as an aware UTC datetime (SQLite hands back naive ones)."""
-    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
-
-
 def _released() -> Any:
     """The releases of the message log row in the enclosing query."""
     return select(ReleaseRow.entry_id).where(
@@ -195,8 +190,7 @@ class GateStore:
             "updated_at": now,
         }
         async with self._sessions.begin() as session:
-            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-            insert = dialect.insert(ContactPolicyRow).values(values)
+            insert = dialect_of(session).insert(ContactPolicyRow).values(values)
             result = await session.execute(
                 insert.on_conflict_do_update(
                     index_elements=["shop_id", "person_id"],
@@ -211,7 +205,7 @@ class GateStore:
         Core statements on the connection: this runs beside the gate's hot path."""
         async with self._sessions.begin() as session:
             connection = await session.connection()
-            dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+            dialect = dialect_of(session)
             if decided:
                 await connection.execute(
                     dialect.insert(MessageLogRow.__table__).on_conflict_do_nothing(

@@ -1,9 +1,14 @@
 """Runs the identity service: `python -m services.identity [serve|migrate]`."""
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.identity.graph import IdentityGraph
+from services.identity.servicer import IdentityServicer
 from services.identity.settings import IdentitySettings
+from services.identity.store import IdentityStore
 from services.runtime import db
 from services.runtime.process import run, start_service
 from services.runtime.server import Registration, Server
@@ -12,13 +17,19 @@ from services.runtime.telemetry import Telemetry
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-async def build(settings: IdentitySettings, telemetry: Telemetry) -> Server:
-    """Wires the service: settings -> engine -> servicer -> server. Every RPC answers
-    UNIMPLEMENTED until its issue (#4) lands."""
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def build(
+    settings: IdentitySettings, telemetry: Telemetry, clock: Callable[[], datetime] = now
+) -> Server:
+    """Wires the service: settings -> engine -> identity graph -> servicer -> server."""
     engine = db.create_engine(settings)
+    graph = IdentityGraph(IdentityStore(db.session_factory(engine)), clock)
     registration = Registration(
         identity_pb2.DESCRIPTOR.services_by_name["Identity"],
-        identity_pb2_grpc.IdentityServicer(),  # type: ignore[abstract]  # the generated base
+        IdentityServicer(graph),
         identity_pb2_grpc.add_IdentityServicer_to_server,
     )
     return await start_service(settings, telemetry, [registration], engine)

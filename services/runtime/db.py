@@ -1,11 +1,14 @@
 """SQLAlchemy 2 async engines (PostgreSQL via asyncpg, SQLite via aiosqlite) and migrations."""
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 from alembic import command, context
 from alembic.config import Config
 from sqlalchemy import Connection, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -46,6 +49,16 @@ async def ping(engine: AsyncEngine) -> None:
     """Raises unless the database answers a trivial query."""
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
+
+
+def utc(instant: datetime) -> datetime:
+    """The instant as an aware UTC datetime (SQLite hands back naive ones)."""
+    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
+
+
+def dialect_of(session: AsyncSession) -> ModuleType:
+    """The SQLAlchemy dialect module of a session's database, for its INSERT … ON CONFLICT."""
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
 
 
 def version_table(settings: RuntimeSettings) -> str:

@@ -24,22 +24,10 @@ from services.gate.store import GateStore
 from services.runtime import db
 from services.runtime.errors import AlreadyExists
 from tests.backing import Backing
+from tests.clock import Clock
 
 MIGRATIONS = Path(__file__).parents[2] / "services" / "gate" / "migrations"
 NOON = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-class Clock:
-    """Time as the test says."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def set(self, now: datetime) -> None:
-        self.now = now
 
 
 @dataclass

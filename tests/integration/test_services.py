@@ -42,6 +42,19 @@ async def test_reflection_lists_the_service_health_and_reflection(
 
 # RPCs built so far; every other one must answer UNIMPLEMENTED rather than a made-up result.
 BUILT = {
+    "c360.identity.v1.Identity": {
+        "Resolve",
+        "Lookup",
+        "GetPerson",
+        "ListMergeCandidates",
+        "Merge",
+        "DismissCandidate",
+        "Unmerge",
+        "Forget",
+        "PutShopPolicy",
+        "GetShopPolicy",
+        "ListChanges",
+    },
     "c360.gate.v1.Gate": {
         "Check",
         "CheckBatch",
@@ -73,7 +86,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
 
 
 LATEST_REVISION: dict[ServiceName, str] = {
-    "identity": "0001",
+    "identity": "0002",
     "profile": "0001",
     "enrichment": "0001",
     "gate": "0002",

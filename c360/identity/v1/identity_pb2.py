@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from c360.common.v1 import common_pb2 as c360_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x33\x36\x30/identity/v1/identity.proto\x12\x10\x63\x33\x36\x30.identity.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x0eResolveRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12/\n\x0bidentifiers\x18\x02 \x03(\x0b\x32\x1a.c360.common.v1.Identifier\x12\x0e\n\x06source\x18\x03 \x01(\t\x12,\n\x08strength\x18\x04 \x01(\x0e\x32\x1a.c360.identity.v1.Strength\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x0fResolveResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .c360.identity.v1.ResolveOutcome\x12\x14\n\x0c\x63\x61ndidate_id\x18\x03 \x01(\t\"P\n\rLookupRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12.\n\nidentifier\x18\x02 \x01(\x0b\x32\x1a.c360.common.v1.Identifier\"#\n\x0eLookupResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\"6\n\x10GetPersonRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"\x93\x01\n\x10StoredIdentifier\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\traw_value\x18\x02 \x01(\t\x12\x18\n\x10normalized_value\x18\x03 \x01(\t\x12\x11\n\tmatch_key\x18\x04 \x01(\t\x12\x31\n\rfirst_seen_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x02\n\x0bMergeRecord\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x18\n\x10merged_person_id\x18\x03 \x01(\t\x12\x11\n\tmerged_by\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12-\n\tmerged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bunmerged_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10unmerge_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd4\x01\n\x06Person\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x37\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\".c360.identity.v1.StoredIdentifier\x12-\n\x06merges\x18\x04 \x03(\x0b\x32\x1d.c360.identity.v1.MergeRecord\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65rased\x18\x06 \x01(\x08\"\xbc\x01\n\x08\x45vidence\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12,\n\x08strength\x18\x03 \x01(\x0e\x32\x1a.c360.identity.v1.Strength\x12/\n\x0bidentifiers\x18\x04 \x03(\x0b\x32\x1a.c360.common.v1.Identifier\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x0eMergeCandidate\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x13\n\x0bperson_a_id\x18\x02 \x01(\t\x12\x13\n\x0bperson_b_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x08\x65vidence\x18\x05 \x03(\x0b\x32\x1a.c360.identity.v1.Evidence\x12-\n\traised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x1aListMergeCandidatesRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1bListMergeCandidatesResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .c360.identity.v1.MergeCandidate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x0cMergeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12\x13\n\x0bperson_a_id\x18\x03 \x01(\t\x12\x13\n\x0bperson_b_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"=\n\rMergeResponse\x12,\n\x05merge\x18\x01 \x01(\x0b\x32\x1d.c360.identity.v1.MergeRecord\"P\n\x17\x44ismissCandidateRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1a\n\x18\x44ismissCandidateResponse\"C\n\x0eUnmergeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x10\n\x08merge_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0fUnmergeResponse\x12,\n\x05merge\x18\x01 \x01(\x0b\x32\x1d.c360.identity.v1.MergeRecord\"3\n\rForgetRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"G\n\x0e\x46orgetResponse\x12\x1b\n\x13identifiers_deleted\x18\x01 \x01(\x03\x12\x18\n\x10\x65vidence_deleted\x18\x02 \x01(\x03*W\n\x08Strength\x12\x18\n\x14STRENGTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRENGTH_AUTHORITATIVE\x10\x01\x12\x15\n\x11STRENGTH_ASSERTED\x10\x02*\xcb\x01\n\x0eResolveOutcome\x12\x1f\n\x1bRESOLVE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESOLVE_OUTCOME_CREATED\x10\x01\x12\x1a\n\x16RESOLVE_OUTCOME_LINKED\x10\x02\x12\x1a\n\x16RESOLVE_OUTCOME_MERGED\x10\x03\x12$\n RESOLVE_OUTCOME_CANDIDATE_RAISED\x10\x04\x12\x1d\n\x19RESOLVE_OUTCOME_UNCHANGED\x10\x05\x32\xe8\x05\n\x08Identity\x12T\n\x07Resolve\x12 .c360.identity.v1.ResolveRequest\x1a!.c360.identity.v1.ResolveResponse\"\x04\x88\xb5\x18\x02\x12Q\n\x06Lookup\x12\x1f.c360.identity.v1.LookupRequest\x1a .c360.identity.v1.LookupResponse\"\x04\x88\xb5\x18\x01\x12O\n\tGetPerson\x12\".c360.identity.v1.GetPersonRequest\x1a\x18.c360.identity.v1.Person\"\x04\x88\xb5\x18\x01\x12x\n\x13ListMergeCandidates\x12,.c360.identity.v1.ListMergeCandidatesRequest\x1a-.c360.identity.v1.ListMergeCandidatesResponse\"\x04\x88\xb5\x18\x01\x12N\n\x05Merge\x12\x1e.c360.identity.v1.MergeRequest\x1a\x1f.c360.identity.v1.MergeResponse\"\x04\x88\xb5\x18\x02\x12o\n\x10\x44ismissCandidate\x12).c360.identity.v1.DismissCandidateRequest\x1a*.c360.identity.v1.DismissCandidateResponse\"\x04\x88\xb5\x18\x02\x12T\n\x07Unmerge\x12 .c360.identity.v1.UnmergeRequest\x1a!.c360.identity.v1.UnmergeResponse\"\x04\x88\xb5\x18\x02\x12Q\n\x06\x46orget\x12\x1f.c360.identity.v1.ForgetRequest\x1a .c360.identity.v1.ForgetResponse\"\x04\x88\xb5\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x33\x36\x30/identity/v1/identity.proto\x12\x10\x63\x33\x36\x30.identity.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x01\n\x0eResolveRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12/\n\x0bidentifiers\x18\x02 \x03(\x0b\x32\x1a.c360.common.v1.Identifier\x12\x0e\n\x06source\x18\x03 \x01(\t\x12,\n\x08strength\x18\x04 \x01(\x0e\x32\x1a.c360.identity.v1.Strength\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x0fResolveResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .c360.identity.v1.ResolveOutcome\x12\x14\n\x0c\x63\x61ndidate_id\x18\x03 \x01(\t\x12*\n\x06\x61nchor\x18\x04 \x01(\x0b\x32\x1a.c360.common.v1.Identifier\"P\n\rLookupRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12.\n\nidentifier\x18\x02 \x01(\x0b\x32\x1a.c360.common.v1.Identifier\"#\n\x0eLookupResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\"6\n\x10GetPersonRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"\x93\x01\n\x10StoredIdentifier\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\traw_value\x18\x02 \x01(\t\x12\x18\n\x10normalized_value\x18\x03 \x01(\t\x12\x11\n\tmatch_key\x18\x04 \x01(\t\x12\x31\n\rfirst_seen_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x02\n\x0bMergeRecord\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x1b\n\x13surviving_person_id\x18\x02 \x01(\t\x12\x18\n\x10merged_person_id\x18\x03 \x01(\t\x12\x11\n\tmerged_by\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12-\n\tmerged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bunmerged_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10unmerge_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x01\n\x06Person\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x37\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\".c360.identity.v1.StoredIdentifier\x12-\n\x06merges\x18\x04 \x03(\x0b\x32\x1d.c360.identity.v1.MergeRecord\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65rased\x18\x06 \x01(\x08\x12\x19\n\x11member_person_ids\x18\x07 \x03(\t\"\xbc\x01\n\x08\x45vidence\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12,\n\x08strength\x18\x03 \x01(\x0e\x32\x1a.c360.identity.v1.Strength\x12/\n\x0bidentifiers\x18\x04 \x03(\x0b\x32\x1a.c360.common.v1.Identifier\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x0eMergeCandidate\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x13\n\x0bperson_a_id\x18\x02 \x01(\t\x12\x13\n\x0bperson_b_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12,\n\x08\x65vidence\x18\x05 \x03(\x0b\x32\x1a.c360.identity.v1.Evidence\x12-\n\traised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x1aListMergeCandidatesRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1bListMergeCandidatesResponse\x12\x34\n\ncandidates\x18\x01 \x03(\x0b\x32 .c360.identity.v1.MergeCandidate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x0cMergeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12\x13\n\x0bperson_a_id\x18\x03 \x01(\t\x12\x13\n\x0bperson_b_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"=\n\rMergeResponse\x12,\n\x05merge\x18\x01 \x01(\x0b\x32\x1d.c360.identity.v1.MergeRecord\"P\n\x17\x44ismissCandidateRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61ndidate_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1a\n\x18\x44ismissCandidateResponse\"C\n\x0eUnmergeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x10\n\x08merge_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0fUnmergeResponse\x12,\n\x05merge\x18\x01 \x01(\x0b\x32\x1d.c360.identity.v1.MergeRecord\"3\n\rForgetRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\"G\n\x0e\x46orgetResponse\x12\x1b\n\x13identifiers_deleted\x18\x01 \x01(\x03\x12\x18\n\x10\x65vidence_deleted\x18\x02 \x01(\x03\"\xb2\x01\n\nShopPolicy\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x31\n\x0eunmerge_window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x64\x65\x66\x61ult_country\x18\x03 \x01(\t\x12\x13\n\x0bown_domains\x18\x04 \x03(\t\x12\x32\n\x0e\x62locked_values\x18\x05 \x03(\x0b\x32\x1a.c360.common.v1.Identifier\"\'\n\x14GetShopPolicyRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"\xac\x01\n\x06\x43hange\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.c360.identity.v1.ChangeKind\x12\x11\n\tperson_id\x18\x03 \x01(\t\x12\x17\n\x0fother_person_id\x18\x04 \x01(\t\x12\x10\n\x08merge_id\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12ListChangesRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\"@\n\x13ListChangesResponse\x12)\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x18.c360.identity.v1.Change*W\n\x08Strength\x12\x18\n\x14STRENGTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRENGTH_AUTHORITATIVE\x10\x01\x12\x15\n\x11STRENGTH_ASSERTED\x10\x02*\x86\x02\n\x0eResolveOutcome\x12\x1f\n\x1bRESOLVE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESOLVE_OUTCOME_CREATED\x10\x01\x12\x1a\n\x16RESOLVE_OUTCOME_LINKED\x10\x02\x12\x1a\n\x16RESOLVE_OUTCOME_MERGED\x10\x03\x12$\n RESOLVE_OUTCOME_CANDIDATE_RAISED\x10\x04\x12\x1d\n\x19RESOLVE_OUTCOME_UNCHANGED\x10\x05\x12\x1d\n\x19RESOLVE_OUTCOME_ANONYMOUS\x10\x06\x12\x1a\n\x16RESOLVE_OUTCOME_ERASED\x10\x07*\x99\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANGE_KIND_MERGED\x10\x01\x12\x18\n\x14\x43HANGE_KIND_UNMERGED\x10\x02\x12!\n\x1d\x43HANGE_KIND_SESSION_REPOINTED\x10\x03\x12\x19\n\x15\x43HANGE_KIND_FORGOTTEN\x10\x04\x32\xfa\x07\n\x08Identity\x12T\n\x07Resolve\x12 .c360.identity.v1.ResolveRequest\x1a!.c360.identity.v1.ResolveResponse\"\x04\x88\xb5\x18\x02\x12Q\n\x06Lookup\x12\x1f.c360.identity.v1.LookupRequest\x1a .c360.identity.v1.LookupResponse\"\x04\x88\xb5\x18\x01\x12O\n\tGetPerson\x12\".c360.identity.v1.GetPersonRequest\x1a\x18.c360.identity.v1.Person\"\x04\x88\xb5\x18\x01\x12x\n\x13ListMergeCandidates\x12,.c360.identity.v1.ListMergeCandidatesRequest\x1a-.c360.identity.v1.ListMergeCandidatesResponse\"\x04\x88\xb5\x18\x01\x12N\n\x05Merge\x12\x1e.c360.identity.v1.MergeRequest\x1a\x1f.c360.identity.v1.MergeResponse\"\x04\x88\xb5\x18\x02\x12o\n\x10\x44ismissCandidate\x12).c360.identity.v1.DismissCandidateRequest\x1a*.c360.identity.v1.DismissCandidateResponse\"\x04\x88\xb5\x18\x02\x12T\n\x07Unmerge\x12 .c360.identity.v1.UnmergeRequest\x1a!.c360.identity.v1.UnmergeResponse\"\x04\x88\xb5\x18\x02\x12Q\n\x06\x46orget\x12\x1f.c360.identity.v1.ForgetRequest\x1a .c360.identity.v1.ForgetResponse\"\x04\x88\xb5\x18\x03\x12Q\n\rPutShopPolicy\x12\x1c.c360.identity.v1.ShopPolicy\x1a\x1c.c360.identity.v1.ShopPolicy\"\x04\x88\xb5\x18\x04\x12[\n\rGetShopPolicy\x12&.c360.identity.v1.GetShopPolicyRequest\x1a\x1c.c360.identity.v1.ShopPolicy\"\x04\x88\xb5\x18\x01\x12`\n\x0bListChanges\x12$.c360.identity.v1.ListChangesRequest\x1a%.c360.identity.v1.ListChangesResponse\"\x04\x88\xb5\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,50 +50,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTITY'].methods_by_name['Unmerge']._serialized_options = b'\210\265\030\002'
   _globals['_IDENTITY'].methods_by_name['Forget']._loaded_options = None
   _globals['_IDENTITY'].methods_by_name['Forget']._serialized_options = b'\210\265\030\003'
-  _globals['_STRENGTH']._serialized_start=2396
-  _globals['_STRENGTH']._serialized_end=2483
-  _globals['_RESOLVEOUTCOME']._serialized_start=2486
-  _globals['_RESOLVEOUTCOME']._serialized_end=2689
-  _globals['_RESOLVEREQUEST']._serialized_start=116
-  _globals['_RESOLVEREQUEST']._serialized_end=344
-  _globals['_RESOLVERESPONSE']._serialized_start=346
-  _globals['_RESOLVERESPONSE']._serialized_end=455
-  _globals['_LOOKUPREQUEST']._serialized_start=457
-  _globals['_LOOKUPREQUEST']._serialized_end=537
-  _globals['_LOOKUPRESPONSE']._serialized_start=539
-  _globals['_LOOKUPRESPONSE']._serialized_end=574
-  _globals['_GETPERSONREQUEST']._serialized_start=576
-  _globals['_GETPERSONREQUEST']._serialized_end=630
-  _globals['_STOREDIDENTIFIER']._serialized_start=633
-  _globals['_STOREDIDENTIFIER']._serialized_end=780
-  _globals['_MERGERECORD']._serialized_start=783
-  _globals['_MERGERECORD']._serialized_end=1054
-  _globals['_PERSON']._serialized_start=1057
-  _globals['_PERSON']._serialized_end=1269
-  _globals['_EVIDENCE']._serialized_start=1272
-  _globals['_EVIDENCE']._serialized_end=1460
-  _globals['_MERGECANDIDATE']._serialized_start=1463
-  _globals['_MERGECANDIDATE']._serialized_end=1652
-  _globals['_LISTMERGECANDIDATESREQUEST']._serialized_start=1654
-  _globals['_LISTMERGECANDIDATESREQUEST']._serialized_end=1738
-  _globals['_LISTMERGECANDIDATESRESPONSE']._serialized_start=1740
-  _globals['_LISTMERGECANDIDATESRESPONSE']._serialized_end=1848
-  _globals['_MERGEREQUEST']._serialized_start=1850
-  _globals['_MERGEREQUEST']._serialized_end=1961
-  _globals['_MERGERESPONSE']._serialized_start=1963
-  _globals['_MERGERESPONSE']._serialized_end=2024
-  _globals['_DISMISSCANDIDATEREQUEST']._serialized_start=2026
-  _globals['_DISMISSCANDIDATEREQUEST']._serialized_end=2106
-  _globals['_DISMISSCANDIDATERESPONSE']._serialized_start=2108
-  _globals['_DISMISSCANDIDATERESPONSE']._serialized_end=2134
-  _globals['_UNMERGEREQUEST']._serialized_start=2136
-  _globals['_UNMERGEREQUEST']._serialized_end=2203
-  _globals['_UNMERGERESPONSE']._serialized_start=2205
-  _globals['_UNMERGERESPONSE']._serialized_end=2268
-  _globals['_FORGETREQUEST']._serialized_start=2270
-  _globals['_FORGETREQUEST']._serialized_end=2321
-  _globals['_FORGETRESPONSE']._serialized_start=2323
-  _globals['_FORGETRESPONSE']._serialized_end=2394
-  _globals['_IDENTITY']._serialized_start=2692
-  _globals['_IDENTITY']._serialized_end=3436
+  _globals['_IDENTITY'].methods_by_name['PutShopPolicy']._loaded_options = None
+  _globals['_IDENTITY'].methods_by_name['PutShopPolicy']._serialized_options = b'\210\265\030\004'
+  _globals['_IDENTITY'].methods_by_name['GetShopPolicy']._loaded_options = None
+  _globals['_IDENTITY'].methods_by_name['GetShopPolicy']._serialized_options = b'\210\265\030\001'
+  _globals['_IDENTITY'].methods_by_name['ListChanges']._loaded_options = None
+  _globals['_IDENTITY'].methods_by_name['ListChanges']._serialized_options = b'\210\265\030\001'
+  _globals['_STRENGTH']._serialized_start=3041
+  _globals['_STRENGTH']._serialized_end=3128
+  _globals['_RESOLVEOUTCOME']._serialized_start=3131
+  _globals['_RESOLVEOUTCOME']._serialized_end=3393
+  _globals['_CHANGEKIND']._serialized_start=3396
+  _globals['_CHANGEKIND']._serialized_end=3549
+  _globals['_RESOLVEREQUEST']._serialized_start=148
+  _globals['_RESOLVEREQUEST']._serialized_end=376
+  _globals['_RESOLVERESPONSE']._serialized_start=379
+  _globals['_RESOLVERESPONSE']._serialized_end=532
+  _globals['_LOOKUPREQUEST']._serialized_start=534
+  _globals['_LOOKUPREQUEST']._serialized_end=614
+  _globals['_LOOKUPRESPONSE']._serialized_start=616
+  _globals['_LOOKUPRESPONSE']._serialized_end=651
+  _globals['_GETPERSONREQUEST']._serialized_start=653
+  _globals['_GETPERSONREQUEST']._serialized_end=707
+  _globals['_STOREDIDENTIFIER']._serialized_start=710
+  _globals['_STOREDIDENTIFIER']._serialized_end=857
+  _globals['_MERGERECORD']._serialized_start=860
+  _globals['_MERGERECORD']._serialized_end=1131
+  _globals['_PERSON']._serialized_start=1134
+  _globals['_PERSON']._serialized_end=1373
+  _globals['_EVIDENCE']._serialized_start=1376
+  _globals['_EVIDENCE']._serialized_end=1564
+  _globals['_MERGECANDIDATE']._serialized_start=1567
+  _globals['_MERGECANDIDATE']._serialized_end=1756
+  _globals['_LISTMERGECANDIDATESREQUEST']._serialized_start=1758
+  _globals['_LISTMERGECANDIDATESREQUEST']._serialized_end=1842
+  _globals['_LISTMERGECANDIDATESRESPONSE']._serialized_start=1844
+  _globals['_LISTMERGECANDIDATESRESPONSE']._serialized_end=1952
+  _globals['_MERGEREQUEST']._serialized_start=1954
+  _globals['_MERGEREQUEST']._serialized_end=2065
+  _globals['_MERGERESPONSE']._serialized_start=2067
+  _globals['_MERGERESPONSE']._serialized_end=2128
+  _globals['_DISMISSCANDIDATEREQUEST']._serialized_start=2130
+  _globals['_DISMISSCANDIDATEREQUEST']._serialized_end=2210
+  _globals['_DISMISSCANDIDATERESPONSE']._serialized_start=2212
+  _globals['_DISMISSCANDIDATERESPONSE']._serialized_end=2238
+  _globals['_UNMERGEREQUEST']._serialized_start=2240
+  _globals['_UNMERGEREQUEST']._serialized_end=2307
+  _globals['_UNMERGERESPONSE']._serialized_start=2309
+  _globals['_UNMERGERESPONSE']._serialized_end=2372
+  _globals['_FORGETREQUEST']._serialized_start=2374
+  _globals['_FORGETREQUEST']._serialized_end=2425
+  _globals['_FORGETRESPONSE']._serialized_start=2427
+  _globals['_FORGETRESPONSE']._serialized_end=2498
+  _globals['_SHOPPOLICY']._serialized_start=2501
+  _globals['_SHOPPOLICY']._serialized_end=2679
+  _globals['_GETSHOPPOLICYREQUEST']._serialized_start=2681
+  _globals['_GETSHOPPOLICYREQUEST']._serialized_end=2720
+  _globals['_CHANGE']._serialized_start=2723
+  _globals['_CHANGE']._serialized_end=2895
+  _globals['_LISTCHANGESREQUEST']._serialized_start=2897
+  _globals['_LISTCHANGESREQUEST']._serialized_end=2973
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=2975
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=3039
+  _globals['_IDENTITY']._serialized_start=3552
+  _globals['_IDENTITY']._serialized_end=4570
 # @@protoc_insertion_point(module_scope)

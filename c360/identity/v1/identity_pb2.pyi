@@ -6,6 +6,7 @@ Identity resolution: identifiers, the evidence linking them, persons and merges 
 from c360.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -55,6 +56,12 @@ class _ResolveOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Resolv
     RESOLVE_OUTCOME_CANDIDATE_RAISED: _ResolveOutcome.ValueType  # 4
     RESOLVE_OUTCOME_UNCHANGED: _ResolveOutcome.ValueType  # 5
     """Nothing new: the event was already applied, or every identifier was already linked."""
+    RESOLVE_OUTCOME_ANONYMOUS: _ResolveOutcome.ValueType  # 6
+    """No identifier can identify a person (junk, role or placeholder values only): nothing linked,
+    person_id empty.
+    """
+    RESOLVE_OUTCOME_ERASED: _ResolveOutcome.ValueType  # 7
+    """An identifier belongs to an erased person: nothing stored, person_id is the tombstone's."""
 
 class ResolveOutcome(_ResolveOutcome, metaclass=_ResolveOutcomeEnumTypeWrapper): ...
 
@@ -65,7 +72,42 @@ RESOLVE_OUTCOME_MERGED: ResolveOutcome.ValueType  # 3
 RESOLVE_OUTCOME_CANDIDATE_RAISED: ResolveOutcome.ValueType  # 4
 RESOLVE_OUTCOME_UNCHANGED: ResolveOutcome.ValueType  # 5
 """Nothing new: the event was already applied, or every identifier was already linked."""
+RESOLVE_OUTCOME_ANONYMOUS: ResolveOutcome.ValueType  # 6
+"""No identifier can identify a person (junk, role or placeholder values only): nothing linked,
+person_id empty.
+"""
+RESOLVE_OUTCOME_ERASED: ResolveOutcome.ValueType  # 7
+"""An identifier belongs to an erased person: nothing stored, person_id is the tombstone's."""
 Global___ResolveOutcome: _TypeAlias = ResolveOutcome  # noqa: Y015
+
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    CHANGE_KIND_MERGED: _ChangeKind.ValueType  # 1
+    """other_person_id was merged into person_id."""
+    CHANGE_KIND_UNMERGED: _ChangeKind.ValueType  # 2
+    """other_person_id was split back out of person_id."""
+    CHANGE_KIND_SESSION_REPOINTED: _ChangeKind.ValueType  # 3
+    """A session (cookie) moved from other_person_id to person_id."""
+    CHANGE_KIND_FORGOTTEN: _ChangeKind.ValueType  # 4
+    """person_id was forgotten (GDPR): only its tombstone remains."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper): ...
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+CHANGE_KIND_MERGED: ChangeKind.ValueType  # 1
+"""other_person_id was merged into person_id."""
+CHANGE_KIND_UNMERGED: ChangeKind.ValueType  # 2
+"""other_person_id was split back out of person_id."""
+CHANGE_KIND_SESSION_REPOINTED: ChangeKind.ValueType  # 3
+"""A session (cookie) moved from other_person_id to person_id."""
+CHANGE_KIND_FORGOTTEN: ChangeKind.ValueType  # 4
+"""person_id was forgotten (GDPR): only its tombstone remains."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final
 class ResolveRequest(_message.Message):
@@ -118,20 +160,28 @@ class ResolveResponse(_message.Message):
     PERSON_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     CANDIDATE_ID_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
     outcome: Global___ResolveOutcome.ValueType
     candidate_id: _builtins.str
     """Set when outcome is RESOLVE_OUTCOME_CANDIDATE_RAISED."""
+    @_builtins.property
+    def anchor(self) -> _common_pb2.Identifier:
+        """The record's strongest identifier, normalised: the record belongs to whoever holds it, now
+        and after any later merge or unmerge.
+        """
+
     def __init__(
         self,
         *,
         person_id: _builtins.str = ...,
         outcome: Global___ResolveOutcome.ValueType = ...,
         candidate_id: _builtins.str = ...,
+        anchor: _common_pb2.Identifier | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_id", b"candidate_id", "outcome", b"outcome", "person_id", b"person_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "candidate_id", b"candidate_id", "outcome", b"outcome", "person_id", b"person_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,6 +341,7 @@ class Person(_message.Message):
     MERGES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ERASED_FIELD_NUMBER: _builtins.int
+    MEMBER_PERSON_IDS_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     person_id: _builtins.str
     erased: _builtins.bool
@@ -301,6 +352,10 @@ class Person(_message.Message):
     def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___MergeRecord]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def member_person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Persons merged into this one (directly or not) whose merges still stand."""
+
     def __init__(
         self,
         *,
@@ -310,10 +365,11 @@ class Person(_message.Message):
         merges: _abc.Iterable[Global___MergeRecord] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         erased: _builtins.bool = ...,
+        member_person_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "erased", b"erased", "identifiers", b"identifiers", "merges", b"merges", "person_id", b"person_id", "shop_id", b"shop_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "erased", b"erased", "identifiers", b"identifiers", "member_person_ids", b"member_person_ids", "merges", b"merges", "person_id", b"person_id", "shop_id", b"shop_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,3 +676,146 @@ class ForgetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForgetResponse: _TypeAlias = ForgetResponse  # noqa: Y015
+
+@_typing.final
+class ShopPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    UNMERGE_WINDOW_FIELD_NUMBER: _builtins.int
+    DEFAULT_COUNTRY_FIELD_NUMBER: _builtins.int
+    OWN_DOMAINS_FIELD_NUMBER: _builtins.int
+    BLOCKED_VALUES_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    default_country: _builtins.str
+    """ISO 3166-1 alpha-2 country for national phone numbers when a record names none."""
+    @_builtins.property
+    def unmerge_window(self) -> _duration_pb2.Duration:
+        """How long a merge can be undone: 24 h to 90 days, 7 days when unset."""
+
+    @_builtins.property
+    def own_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The shop's own email domains: addresses there (orders@, the shop's staff) never link people."""
+
+    @_builtins.property
+    def blocked_values(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]:
+        """Values that never link two people, e.g. the POS placeholder customer's id."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        unmerge_window: _duration_pb2.Duration | None = ...,
+        default_country: _builtins.str = ...,
+        own_domains: _abc.Iterable[_builtins.str] | None = ...,
+        blocked_values: _abc.Iterable[_common_pb2.Identifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unmerge_window", b"unmerge_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_values", b"blocked_values", "default_country", b"default_country", "own_domains", b"own_domains", "shop_id", b"shop_id", "unmerge_window", b"unmerge_window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShopPolicy: _TypeAlias = ShopPolicy  # noqa: Y015
+
+@_typing.final
+class GetShopPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShopPolicyRequest: _TypeAlias = GetShopPolicyRequest  # noqa: Y015
+
+@_typing.final
+class Change(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    OTHER_PERSON_ID_FIELD_NUMBER: _builtins.int
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    person_id: _builtins.str
+    other_person_id: _builtins.str
+    merge_id: _builtins.str
+    """Set for merges and unmerges."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: Global___ChangeKind.ValueType = ...,
+        person_id: _builtins.str = ...,
+        other_person_id: _builtins.str = ...,
+        merge_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "kind", b"kind", "merge_id", b"merge_id", "other_person_id", b"other_person_id", "person_id", b"person_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Change: _TypeAlias = Change  # noqa: Y015
+
+@_typing.final
+class ListChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    after_sequence: _builtins.int
+    """The sequence of the last change already seen; 0 from the start."""
+    limit: _builtins.int
+    """At most this many changes (default 100, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "limit", b"limit", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChangesRequest: _TypeAlias = ListChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Change]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___Change] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChangesResponse: _TypeAlias = ListChangesResponse  # noqa: Y015

@@ -75,6 +75,21 @@ class IdentityStub:
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.PutShopPolicy = channel.unary_unary(
+                '/c360.identity.v1.Identity/PutShopPolicy',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.FromString,
+                _registered_method=True)
+        self.GetShopPolicy = channel.unary_unary(
+                '/c360.identity.v1.Identity/GetShopPolicy',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetShopPolicyRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.FromString,
+                _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/c360.identity.v1.Identity/ListChanges',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServicer:
@@ -141,6 +156,29 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutShopPolicy(self, request, context):
+        """Sets a shop's identity policy: unmerge window, default country, own domains, blocked values.
+        Fields left unset keep the defaults (7 days, no country, no domains, no values).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShopPolicy(self, request, context):
+        """A shop's identity policy, defaults included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChanges(self, request, context):
+        """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
+        happened, after a cursor: what other services follow to regroup their facts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +221,21 @@ def add_IdentityServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ForgetRequest.FromString,
                     response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ForgetResponse.SerializeToString,
+            ),
+            'PutShopPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutShopPolicy,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.SerializeToString,
+            ),
+            'GetShopPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShopPolicy,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetShopPolicyRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +455,87 @@ class Identity:
             '/c360.identity.v1.Identity/Forget',
             c360_dot_identity_dot_v1_dot_identity__pb2.ForgetRequest.SerializeToString,
             c360_dot_identity_dot_v1_dot_identity__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutShopPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/PutShopPolicy',
+            c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShopPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/GetShopPolicy',
+            c360_dot_identity_dot_v1_dot_identity__pb2.GetShopPolicyRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.ShopPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/ListChanges',
+            c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,16 @@ class IdentityStub:
     """GDPR: deletes a person's identifiers and links, keeping a non-PII tombstone so that a
     re-delivered record cannot resurrect them.
     """
+    PutShopPolicy: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ShopPolicy, _identity_pb2.ShopPolicy]
+    """Sets a shop's identity policy: unmerge window, default country, own domains, blocked values.
+    Fields left unset keep the defaults (7 days, no country, no domains, no values).
+    """
+    GetShopPolicy: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetShopPolicyRequest, _identity_pb2.ShopPolicy]
+    """A shop's identity policy, defaults included."""
+    ListChanges: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListChangesRequest, _identity_pb2.ListChangesResponse]
+    """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
+    happened, after a cursor: what other services follow to regroup their facts.
+    """
 
 @_typing.type_check_only
 class IdentityAsyncStub(IdentityStub):
@@ -84,6 +94,16 @@ class IdentityAsyncStub(IdentityStub):
     Forget: _aio.UnaryUnaryMultiCallable[_identity_pb2.ForgetRequest, _identity_pb2.ForgetResponse]  # type: ignore[assignment]
     """GDPR: deletes a person's identifiers and links, keeping a non-PII tombstone so that a
     re-delivered record cannot resurrect them.
+    """
+    PutShopPolicy: _aio.UnaryUnaryMultiCallable[_identity_pb2.ShopPolicy, _identity_pb2.ShopPolicy]  # type: ignore[assignment]
+    """Sets a shop's identity policy: unmerge window, default country, own domains, blocked values.
+    Fields left unset keep the defaults (7 days, no country, no domains, no values).
+    """
+    GetShopPolicy: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetShopPolicyRequest, _identity_pb2.ShopPolicy]  # type: ignore[assignment]
+    """A shop's identity policy, defaults included."""
+    ListChanges: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListChangesRequest, _identity_pb2.ListChangesResponse]  # type: ignore[assignment]
+    """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
+    happened, after a cursor: what other services follow to regroup their facts.
     """
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +178,34 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_pb2.ForgetResponse, _abc.Awaitable[_identity_pb2.ForgetResponse]]:
         """GDPR: deletes a person's identifiers and links, keeping a non-PII tombstone so that a
         re-delivered record cannot resurrect them.
+        """
+
+    @_abc_1.abstractmethod
+    def PutShopPolicy(
+        self,
+        request: _identity_pb2.ShopPolicy,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.ShopPolicy, _abc.Awaitable[_identity_pb2.ShopPolicy]]:
+        """Sets a shop's identity policy: unmerge window, default country, own domains, blocked values.
+        Fields left unset keep the defaults (7 days, no country, no domains, no values).
+        """
+
+    @_abc_1.abstractmethod
+    def GetShopPolicy(
+        self,
+        request: _identity_pb2.GetShopPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.ShopPolicy, _abc.Awaitable[_identity_pb2.ShopPolicy]]:
+        """A shop's identity policy, defaults included."""
+
+    @_abc_1.abstractmethod
+    def ListChanges(
+        self,
+        request: _identity_pb2.ListChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.ListChangesResponse, _abc.Awaitable[_identity_pb2.ListChangesResponse]]:
+        """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
+        happened, after a cursor: what other services follow to regroup their facts.
         """
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

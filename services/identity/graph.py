@@ -1,0 +1,648 @@
+"""The identity graph: resolving records to persons, merges and unmerges, lookups, forgetting.
+
+Every change runs in one transaction that first locks what it reads: the identifiers of the
+record (advisory locks, always in the same order), then the persons they belong to (row locks,
+sorted). Two resolves racing on overlapping identifiers therefore run one after the other on
+what they share, and end in the grouping that running them one by one would give. A deadlock
+between wider transactions is retried.
+"""
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from services.identity.identifiers import (
+    InvalidIdentifier,
+    Normalized,
+    ShopRules,
+    normalize,
+)
+from services.identity.linking import Party, conflict
+from services.identity.store import (
+    CandidateRow,
+    ChangeRow,
+    DecisionRow,
+    EvidenceIdentifierRow,
+    EvidenceRow,
+    IdentifierRow,
+    IdentityStore,
+    MergeRow,
+    ShopPolicyRow,
+    Tx,
+)
+from services.runtime.db import utc
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+DEFAULT_UNMERGE_WINDOW = timedelta(days=7)
+MIN_UNMERGE_WINDOW = timedelta(hours=24)
+MAX_UNMERGE_WINDOW = timedelta(days=90)
+# A value that was the link of this many conflicts (a household landline, a shared tablet's
+# session) is promiscuous: it links nobody any more.
+PROMISCUOUS_AFTER = 3
+# A candidate keeps the ids of the first events that raised it, for its evidence.
+MAX_CANDIDATE_EVIDENCE = 20
+MAX_IDENTIFIERS = 50
+RETRIES = 10
+T = TypeVar("T")
+RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Identifiers seen together on one record, and where and when they were seen."""
+
+    shop_id: str
+    identifiers: Sequence[tuple[str, str]]
+    source: str
+    asserted: bool
+    event_id: str
+    country: str = ""
+    observed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a record resolved to: the person holding its anchor, and what was done."""
+
+    person_id: str
+    outcome: str
+    anchor: tuple[str, str] | None
+    candidate_id: str = ""
+
+
+@dataclass(frozen=True)
+class PersonView:
+    """A person as GetPerson shows it: the root of its group, with every member's identifiers
+    and the merges that touched it."""
+
+    person_id: str
+    created_at: datetime
+    erased: bool
+    identifiers: list[IdentifierRow]
+    merges: list[MergeRow]
+    members: list[str]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A shop's identity policy with its defaults."""
+
+    shop_id: str
+    unmerge_window: timedelta = DEFAULT_UNMERGE_WINDOW
+    country: str = ""
+    own_domains: tuple[str, ...] = ()
+    blocked: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def rules(self) -> ShopRules:
+        return ShopRules(self.country, frozenset(self.own_domains), frozenset(self.blocked))
+
+
+@dataclass
+class _Run:
+    """The state of one resolve while it decides."""
+
+    tx: Tx
+    observation: Observation
+    now: datetime
+    window: timedelta
+    stored: dict[tuple[str, str], str] = field(default_factory=dict)  # key -> home person
+    outcomes: set[str] = field(default_factory=set)
+    candidate_id: str = ""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code in RETRYABLE_SQLSTATES
+
+
+class IdentityGraph:
+    """Identity resolution for every shop, on the identity store."""
+
+    def __init__(self, store: IdentityStore, clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def _retrying(self, shop_id: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        for attempt in range(RETRIES):
+            try:
+                async with self._store.transaction(shop_id) as tx:
+                    return await work(tx)
+            except DBAPIError as exc:
+                if not _retryable(exc) or attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # --- policy ---------------------------------------------------------------------------------
+
+    async def policy(self, shop_id: str) -> Policy:
+        """The shop's policy, defaults for a shop that set none."""
+        row = await self._store.shop_policy(shop_id)
+        if row is None:
+            return Policy(shop_id)
+        return Policy(
+            shop_id,
+            timedelta(seconds=row.unmerge_window_seconds),
+            row.default_country,
+            tuple(row.own_domains),
+            tuple((t, k) for t, k in row.blocked_values),
+        )
+
+    async def put_policy(
+        self,
+        shop_id: str,
+        window: timedelta | None,
+        country: str,
+        own_domains: Sequence[str],
+        blocked: Sequence[tuple[str, str]],
+    ) -> Policy:
+        """Validates and stores a shop's policy; INVALID_ARGUMENT names each bad field."""
+        violations: list[tuple[str, str]] = []
+        window = DEFAULT_UNMERGE_WINDOW if window is None else window
+        if not MIN_UNMERGE_WINDOW <= window <= MAX_UNMERGE_WINDOW:
+            violations.append(("unmerge_window", "must be between 24 hours and 90 days"))
+        if country and not (len(country) == 2 and country.isalpha()):
+            violations.append(("default_country", "must be an ISO 3166-1 alpha-2 code"))
+        domains = tuple(sorted({d.strip().lower() for d in own_domains}))
+        for i, domain in enumerate(domains):
+            if not domain or "@" in domain or "." not in domain:
+                violations.append((f"own_domains[{i}]", "must be a domain such as shop.example"))
+        keys = []
+        for i, (type_, value) in enumerate(blocked):
+            try:
+                found = normalize(type_, value, ShopRules(country.upper()))
+            except InvalidIdentifier as exc:
+                violations.append((f"blocked_values[{i}]", str(exc)))
+            else:
+                keys.append(list(found.key))
+        if violations:
+            raise InvalidArgument(violations)
+        await self._store.put_shop_policy(
+            ShopPolicyRow(
+                shop_id=shop_id,
+                unmerge_window_seconds=int(window.total_seconds()),
+                default_country=country.upper(),
+                own_domains=list(domains),
+                blocked_values=keys,
+                updated_at=self._clock(),
+            )
+        )
+        return await self.policy(shop_id)
+
+    # --- resolve --------------------------------------------------------------------------------
+
+    def _normalize(self, observation: Observation, rules: ShopRules) -> list[Normalized]:
+        violations: list[tuple[str, str]] = []
+        if not observation.identifiers:
+            violations.append(("identifiers", "at least one identifier is required"))
+        if len(observation.identifiers) > MAX_IDENTIFIERS:
+            violations.append(("identifiers", f"at most {MAX_IDENTIFIERS} identifiers"))
+        found: dict[tuple[str, str], Normalized] = {}
+        for i, (type_, value) in enumerate(observation.identifiers):
+            try:
+                n = normalize(type_, value, rules, observation.country)
+            except InvalidIdentifier as exc:
+                field = "type" if "identifier type" in str(exc) else "value"
+                violations.append((f"identifiers[{i}].{field}", str(exc)))
+            else:
+                found.setdefault(n.key, n)
+        if violations:
+            raise InvalidArgument(violations)
+        # Strongest first; the sort is stable, so equal ranks keep the record's order.
+        return sorted(found.values(), key=lambda n: n.rank)
+
+    async def resolve(self, observation: Observation) -> Resolution:
+        """Records the observation and returns the person it belongs to (see linking.py for
+        when identifiers join and when they raise a merge candidate instead)."""
+        policy = await self.policy(observation.shop_id)
+        normalized = self._normalize(observation, policy.rules)
+        return await self._retrying(
+            observation.shop_id,
+            lambda tx: self._resolve(tx, observation, normalized, policy.unmerge_window),
+        )
+
+    async def _resolve(
+        self, tx: Tx, observation: Observation, normalized: list[Normalized], window: timedelta
+    ) -> Resolution:
+        linkable = [n for n in normalized if not n.blocked]
+        keys = [n.key for n in linkable]
+        await tx.lock_identifiers(keys)
+        prior = await tx.evidence(observation.event_id)
+        if prior is not None:
+            return await self._replay(tx, prior)
+        now = self._clock()
+        run = _Run(tx, observation, now, window)
+        if not linkable:
+            await self._record(run, normalized, None, None, "anonymous")
+            return Resolution("", "anonymous", None)
+        tombstone = await tx.erased(keys)
+        if tombstone is not None:
+            return Resolution(tombstone, "erased", None)
+        found = await tx.identifiers(keys)
+        while True:
+            roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
+            locked = await tx.lock_persons(roots)
+            if all(p.root_id == p.person_id for p in locked.values()):
+                break
+            found = await tx.identifiers(keys)  # merged meanwhile: read the new roots
+        run.stored = {k: s.home_id for k, s in found.items()}
+        held = await tx.held(sorted(roots))
+        parties: dict[str | None, Party] = {}
+        promiscuous: list[Normalized] = []
+        for n in linkable:
+            stored = found.get(n.key)
+            if stored is not None and stored.conflicts >= PROMISCUOUS_AFTER:
+                promiscuous.append(n)
+                continue
+            person_id = None if stored is None else stored.root_id
+            if person_id not in parties:
+                parties[person_id] = Party(person_id, held[person_id] if person_id else {})
+            party = parties[person_id]
+            party.links.append(n)
+            if person_id is None:
+                party.held.setdefault(n.type, set()).add(n.match_key)
+        if not parties:  # only promiscuous values: they identify nobody
+            await self._record(run, normalized, None, None, "anonymous")
+            return Resolution("", "anonymous", None)
+        ordered = list(parties.values())
+        anchor = ordered[0].links[0]
+        await self._join(run, ordered)
+        anchor_root = await self._root(tx, run.stored[anchor.key])
+        for n in promiscuous:
+            root = found[n.key].root_id
+            if anchor_root is not None and root != anchor_root:
+                await self._candidate(run, anchor_root, root, "blocked_value")
+        home = run.stored.get(anchor.key)
+        person_id = await self._root(tx, home) or ""
+        outcome = next(
+            (o for o in ("candidate_raised", "merged", "created", "linked") if o in run.outcomes),
+            "unchanged",
+        )
+        await self._record(run, normalized, home, anchor, outcome)
+        return Resolution(person_id, outcome, (anchor.type, anchor.value), run.candidate_id)
+
+    async def _join(self, run: _Run, parties: list[Party]) -> None:
+        """Joins the parties into the first (the holder of the record's strongest identifier)
+        wherever nothing conflicts."""
+        group = parties[0]
+        for other in parties[1:]:
+            not_same = (
+                group.person_id is not None
+                and other.person_id is not None
+                and await run.tx.not_same_person(group.person_id, other.person_id)
+            )
+            reason = conflict(group, other, run.observation.asserted, not_same)
+            if reason is not None:
+                await self._keep_apart(run, group, other, reason)
+            elif other.person_id is None:
+                await self._attach(run, other, self._home(run, group))
+                group.absorb(other)
+            elif group.person_id is None:
+                await self._attach(run, group, self._home(run, other))
+                other.absorb(group)
+                other.links[:0] = group.links
+                group = other
+            else:
+                survivor, merged = group, other
+                if not group.known and other.known:
+                    survivor, merged = other, group
+                await self._merge(run, survivor.person_id, merged.person_id, other.links)
+                survivor.absorb(merged)
+                survivor.links.extend(merged.links)
+                group = survivor
+        for party in parties:
+            if party.person_id is None and not any(n.key in run.stored for n in party.links):
+                await self._create(run, party)
+
+    def _home(self, run: _Run, party: Party) -> str:
+        """The person a party's new companions are tied to: the home of its strongest link."""
+        return run.stored[party.links[0].key]
+
+    async def _attach(self, run: _Run, new: Party, home: str) -> None:
+        await run.tx.add_identifiers(new.links, home, run.now)
+        run.stored.update({n.key: home for n in new.links})
+        run.outcomes.add("linked")
+
+    async def _create(self, run: _Run, new: Party) -> str:
+        person_id = new_id("p")
+        run.tx.add_person(person_id, run.now)
+        await run.tx.session.flush()
+        await run.tx.add_identifiers(new.links, person_id, run.now)
+        run.stored.update({n.key: person_id for n in new.links})
+        new.person_id = person_id
+        run.outcomes.add("created")
+        return person_id
+
+    async def _keep_apart(self, run: _Run, group: Party, other: Party, reason: str) -> None:
+        """A conflict: both stay apart (the new identifiers as a person of their own) and a
+        candidate is raised; a session bridging two known people moves to the newest one."""
+        if group.person_id is None:
+            await self._create(run, group)
+        if other.person_id is None:
+            await self._create(run, other)
+        assert group.person_id is not None
+        assert other.person_id is not None
+        await run.tx.count_conflicts([n.key for n in other.links if n.key in run.stored])
+        await self._candidate(run, group.person_id, other.person_id, reason)
+        if reason == "cookie_bridge":
+            home = self._home(run, group)
+            for n in other.links:
+                await run.tx.rehome(n.key, home)
+                run.stored[n.key] = home
+            run.tx.add_change("session_repointed", group.person_id, other.person_id, None, run.now)
+            run.outcomes.add("linked")
+
+    async def _candidate(self, run: _Run, a: str, b: str, reason: str) -> None:
+        event_id = run.observation.event_id
+        existing = await run.tx.open_candidate(a, b)
+        if existing is None:
+            existing = CandidateRow(
+                candidate_id=new_id("c"),
+                shop_id=run.tx.shop_id,
+                person_a_id=a,
+                person_b_id=b,
+                reason=reason,
+                event_ids=[event_id],
+                raised_at=run.now,
+                state="open",
+            )
+            run.tx.session.add(existing)
+        elif (
+            event_id not in existing.event_ids and len(existing.event_ids) < MAX_CANDIDATE_EVIDENCE
+        ):
+            existing.event_ids = [*existing.event_ids, event_id]
+        await run.tx.session.flush()
+        run.candidate_id = run.candidate_id or existing.candidate_id
+        run.outcomes.add("candidate_raised")
+
+    async def _merge(
+        self, run: _Run, survivor: str | None, merged: str | None, links: Sequence[Normalized]
+    ) -> None:
+        assert survivor is not None
+        assert merged is not None
+        await self._do_merge(
+            run.tx,
+            survivor,
+            merged,
+            by=f"resolve:{run.observation.source}",
+            reason="linked by " + ",".join(sorted({n.type for n in links})),
+            now=run.now,
+            window=run.window,
+            event_id=run.observation.event_id,
+            candidate_id=None,
+        )
+        run.outcomes.add("merged")
+
+    async def _do_merge(
+        self,
+        tx: Tx,
+        survivor: str,
+        merged: str,
+        *,
+        by: str,
+        reason: str,
+        now: datetime,
+        window: timedelta,
+        event_id: str | None,
+        candidate_id: str | None,
+    ) -> MergeRow:
+        await tx.close_candidates(survivor, merged, "merged", by, reason, now)
+        row = MergeRow(
+            merge_id=new_id("m"),
+            shop_id=tx.shop_id,
+            survivor_id=survivor,
+            merged_id=merged,
+            merged_by=by,
+            reason=reason,
+            event_id=event_id,
+            candidate_id=candidate_id,
+            merged_at=now,
+            unmerge_deadline=now + window,
+            unmerged_at=None,
+        )
+        tx.session.add(row)
+        await tx.session.flush()
+        await tx.set_parent(merged, survivor)
+        tx.add_change("merged", survivor, merged, row.merge_id, now)
+        return row
+
+    async def _root(self, tx: Tx, person_id: str | None) -> str | None:
+        if person_id is None:
+            return None
+        person = await tx.person(person_id)
+        return None if person is None else person.root_id
+
+    async def _record(
+        self,
+        run: _Run,
+        normalized: list[Normalized],
+        home: str | None,
+        anchor: Normalized | None,
+        outcome: str,
+    ) -> None:
+        observation = run.observation
+        await run.tx.add_evidence(
+            EvidenceRow(
+                shop_id=run.tx.shop_id,
+                event_id=observation.event_id,
+                source=observation.source,
+                strength="asserted" if observation.asserted else "authoritative",
+                observed_at=observation.observed_at or run.now,
+                recorded_at=run.now,
+                person_id=home,
+                anchor_type=None if anchor is None else anchor.type,
+                anchor_value=None if anchor is None else anchor.value,
+                outcome=outcome,
+                candidate_id=run.candidate_id or None,
+            ),
+            normalized,
+        )
+
+    async def _replay(self, tx: Tx, prior: EvidenceRow) -> Resolution:
+        anchor = None
+        if prior.anchor_type is not None and prior.anchor_value is not None:
+            anchor = (prior.anchor_type, prior.anchor_value)
+        root = await self._root(tx, prior.person_id)
+        outcome = "anonymous" if prior.outcome == "anonymous" else "unchanged"
+        return Resolution(root or "", outcome, anchor, prior.candidate_id or "")
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    async def lookup(self, shop_id: str, type_: str, value: str) -> str:
+        """The person holding an identifier; NOT_FOUND when nobody does. Creates nothing."""
+        policy = await self.policy(shop_id)
+        try:
+            n = normalize(type_, value, policy.rules)
+        except InvalidIdentifier as exc:
+            field = "type" if "identifier type" in str(exc) else "value"
+            raise InvalidArgument([(f"identifier.{field}", str(exc))]) from None
+        async with self._store.transaction(shop_id) as tx:
+            found = (await tx.identifiers([n.key])).get(n.key)
+        if found is None or n.blocked:
+            raise NotFound("identifier", type_)
+        return found.root_id
+
+    async def person(self, shop_id: str, person_id: str) -> PersonView:
+        """The group a person belongs to, seen from its root."""
+        async with self._store.transaction(shop_id) as tx:
+            person = await tx.person(person_id)
+            if person is None:
+                raise NotFound("person", person_id)
+            members = await tx.members(person.root_id)
+            ids = [m.person_id for m in members]
+            return PersonView(
+                person_id=members[0].person_id,
+                created_at=utc(members[0].created_at),
+                erased=members[0].erased_at is not None,
+                identifiers=await tx.identifiers_of(ids),
+                merges=await tx.merges_of(ids),
+                members=ids[1:],
+            )
+
+    async def candidates(
+        self, shop_id: str, after: int, limit: int
+    ) -> list[tuple[CandidateRow, list[tuple[EvidenceRow, list[EvidenceIdentifierRow]]]]]:
+        return await self._store.candidates(shop_id, after, limit)
+
+    async def changes(self, shop_id: str, after: int, limit: int) -> list[ChangeRow]:
+        return await self._store.changes(shop_id, after, limit)
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    async def _open_candidate(self, tx: Tx, candidate_id: str) -> CandidateRow:
+        candidate = await tx.candidate(candidate_id)
+        if candidate is None:
+            raise NotFound("merge_candidate", candidate_id)
+        if candidate.state != "open":
+            raise FailedPrecondition(
+                "CANDIDATE_CLOSED", candidate_id, f"the candidate is already {candidate.state}"
+            )
+        return candidate
+
+    async def merge(
+        self,
+        shop_id: str,
+        candidate_id: str,
+        person_ids: tuple[str, str],
+        reason: str,
+        by: str,
+    ) -> MergeRow:
+        """Merges two persons by hand (or accepts a candidate): the first absorbs the second."""
+        window = (await self.policy(shop_id)).unmerge_window
+
+        async def work(tx: Tx) -> MergeRow:
+            a, b = person_ids
+            if candidate_id:
+                candidate = await self._open_candidate(tx, candidate_id)
+                a, b = candidate.person_a_id, candidate.person_b_id
+            roots = []
+            for field_name, person_id in (("person_a_id", a), ("person_b_id", b)):
+                person = await tx.person(person_id)
+                if person is None:
+                    raise NotFound("person", person_id)
+                if person.erased_at is not None:
+                    raise FailedPrecondition("PERSON_ERASED", person_id, f"{field_name} is erased")
+                roots.append(person.root_id)
+            locked = await tx.lock_persons(roots)
+            if any(locked[r].root_id != r for r in roots):
+                raise FailedPrecondition("CONCURRENT_MERGE", a, "a merge is under way; retry")
+            if roots[0] == roots[1]:
+                raise FailedPrecondition("ALREADY_MERGED", b, "the two are already one person")
+            return await self._do_merge(
+                tx,
+                roots[0],
+                roots[1],
+                by=by,
+                reason=reason or "merged by hand",
+                now=self._clock(),
+                window=window,
+                event_id=None,
+                candidate_id=candidate_id or None,
+            )
+
+        return await self._retrying(shop_id, work)
+
+    async def dismiss(self, shop_id: str, candidate_id: str, reason: str, by: str) -> None:
+        """Closes a candidate and records that the two are not the same person."""
+
+        async def work(tx: Tx) -> None:
+            candidate = await self._open_candidate(tx, candidate_id)
+            now = self._clock()
+            candidate.state, candidate.decided_at, candidate.decided_by = "dismissed", now, by
+            candidate.decision_reason = reason
+            tx.session.add(
+                DecisionRow(
+                    shop_id=shop_id,
+                    person_a_id=candidate.person_a_id,
+                    person_b_id=candidate.person_b_id,
+                    decided_by=by,
+                    reason=reason or "dismissed",
+                    decided_at=now,
+                )
+            )
+
+        await self._retrying(shop_id, work)
+
+    async def unmerge(self, shop_id: str, merge_id: str, reason: str, by: str) -> MergeRow:
+        """Undoes a merge within its window: the merged person stands alone again with every
+        identifier its evidence ties to it, and the two are recorded as not the same person."""
+
+        async def work(tx: Tx) -> MergeRow:
+            merge = await tx.merge(merge_id)
+            if merge is None:
+                raise NotFound("merge", merge_id)
+            if merge.unmerged_at is not None:
+                raise FailedPrecondition("ALREADY_UNMERGED", merge_id, "already unmerged")
+            now = self._clock()
+            if now > utc(merge.unmerge_deadline):
+                raise FailedPrecondition(
+                    "UNMERGE_WINDOW_PASSED",
+                    merge_id,
+                    f"the unmerge window ended at {utc(merge.unmerge_deadline).isoformat()}",
+                )
+            survivor = await tx.person(merge.survivor_id)
+            assert survivor is not None
+            await tx.lock_persons([survivor.root_id, merge.merged_id])
+            await tx.set_parent(merge.merged_id, None)
+            merge.unmerged_at, merge.unmerged_by = now, by
+            merge.unmerge_reason = reason or "unmerged"
+            tx.session.add(
+                DecisionRow(
+                    shop_id=shop_id,
+                    person_a_id=merge.survivor_id,
+                    person_b_id=merge.merged_id,
+                    decided_by=by,
+                    reason=merge.unmerge_reason,
+                    decided_at=now,
+                )
+            )
+            tx.add_change("unmerged", merge.survivor_id, merge.merged_id, merge_id, now)
+            await tx.session.flush()
+            return merge
+
+        return await self._retrying(shop_id, work)
+
+    async def forget(self, shop_id: str, person_id: str) -> tuple[int, int]:
+        """Deletes the identifiers and evidence of a person's whole group, keeping a tombstone."""
+
+        async def work(tx: Tx) -> tuple[int, int]:
+            person = await tx.person(person_id)
+            if person is None:
+                raise NotFound("person", person_id)
+            await tx.lock_persons([person.root_id])
+            members = await tx.members(person.root_id)
+            counts = await tx.forget(members, self._clock())
+            tx.add_change("forgotten", person.root_id, None, None, self._clock())
+            return counts
+
+        return await self._retrying(shop_id, work)

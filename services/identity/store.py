@@ -1,0 +1,715 @@
+"""The identity service's tables and the queries the identity graph runs inside one transaction.
+
+A person is a grouping: every identifier has a home person (the one its evidence tied it to), and
+every person either stands alone (its own root) or was merged into another (`parent_id`), so an
+identifier belongs to the root of its home. Merges and unmerges change `parent_id` (and the
+cached `root_id` of the persons under it); they never move identifiers or rewrite facts.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.identity.identifiers import NORMALIZER_VERSION, Normalized
+from services.runtime.db import dialect_of, utc
+
+BIGINT = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Base(DeclarativeBase):
+    """Tables of the identity service."""
+
+
+class ShopPolicyRow(Base):
+    """A shop's identity policy (PutShopPolicy)."""
+
+    __tablename__ = "shop_policy"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    unmerge_window_seconds: Mapped[int] = mapped_column(Integer)
+    default_country: Mapped[str] = mapped_column(String(2))
+    own_domains: Mapped[list[str]] = mapped_column(JSON)
+    # [type, match key] of each blocked value.
+    blocked_values: Mapped[list[list[str]]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PersonRow(Base):
+    """A person: a grouping of identifiers, merged into `parent_id` while a merge stands."""
+
+    __tablename__ = "person"
+    __table_args__ = (
+        Index("person_root", "shop_id", "root_id"),
+        Index("person_parent", "shop_id", "parent_id"),
+    )
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    root_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdentifierRow(Base):
+    """An identifier: raw, normalised, match key, and its home person."""
+
+    __tablename__ = "identifier"
+    __table_args__ = (
+        UniqueConstraint("shop_id", "type", "match_key", name="identifier_key"),
+        Index("identifier_person", "shop_id", "person_id"),
+    )
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    match_key: Mapped[str] = mapped_column(String(320))
+    value: Mapped[str] = mapped_column(String(320))
+    raw_value: Mapped[str] = mapped_column(String(320))
+    person_id: Mapped[str] = mapped_column(String(64))
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    normalizer_version: Mapped[int] = mapped_column(Integer)
+    # Conflicts this value was the link of; past a threshold it is promiscuous and links nobody.
+    conflicts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EvidenceRow(Base):
+    """One observation "these identifiers were seen together", append-only."""
+
+    __tablename__ = "evidence"
+    __table_args__ = (
+        UniqueConstraint("shop_id", "event_id", name="evidence_event"),
+        Index("evidence_person", "shop_id", "person_id"),
+    )
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(64))
+    strength: Mapped[str] = mapped_column(String(16))
+    observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # What the record resolved to: the home person of its anchor, and what was done.
+    person_id: Mapped[str | None] = mapped_column(String(64))
+    anchor_type: Mapped[str | None] = mapped_column(String(32))
+    anchor_value: Mapped[str | None] = mapped_column(String(320))
+    outcome: Mapped[str] = mapped_column(String(16))
+    candidate_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class EvidenceIdentifierRow(Base):
+    """An identifier as one piece of evidence carried it (junk and blocked values included)."""
+
+    __tablename__ = "evidence_identifier"
+    __table_args__ = (Index("evidence_identifier_key", "shop_id", "type", "match_key"),)
+    evidence_id: Mapped[int] = mapped_column(BIGINT, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    raw_value: Mapped[str] = mapped_column(String(320))
+    match_key: Mapped[str] = mapped_column(String(320))
+
+
+class MergeRow(Base):
+    """A merge and, once undone, its unmerge: the audit of both (who, when, why, evidence)."""
+
+    __tablename__ = "merge"
+    merge_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shop_id: Mapped[str] = mapped_column(String(128), index=True)
+    survivor_id: Mapped[str] = mapped_column(String(64))
+    merged_id: Mapped[str] = mapped_column(String(64))
+    merged_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(256))
+    event_id: Mapped[str | None] = mapped_column(String(256))
+    candidate_id: Mapped[str | None] = mapped_column(String(64))
+    merged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    unmerge_deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    unmerged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    unmerged_by: Mapped[str | None] = mapped_column(String(128))
+    unmerge_reason: Mapped[str | None] = mapped_column(String(256))
+
+
+class CandidateRow(Base):
+    """A merge candidate (the Duplicates list): two persons kept apart, with why."""
+
+    __tablename__ = "merge_candidate"
+    __table_args__ = (Index("merge_candidate_open", "shop_id", "state", "seq"),)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    candidate_id: Mapped[str] = mapped_column(String(64), unique=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    person_a_id: Mapped[str] = mapped_column(String(64))
+    person_b_id: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    # The events that raised it (the first ones, at most MAX_CANDIDATE_EVIDENCE).
+    event_ids: Mapped[list[str]] = mapped_column(JSON)
+    raised_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(String(16))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decision_reason: Mapped[str | None] = mapped_column(String(256))
+
+
+class DecisionRow(Base):
+    """A "not the same person" decision (a dismissed candidate, an unmerge)."""
+
+    __tablename__ = "not_same_person"
+    __table_args__ = (
+        Index("not_same_person_a", "shop_id", "person_a_id"),
+        Index("not_same_person_b", "shop_id", "person_b_id"),
+    )
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    person_a_id: Mapped[str] = mapped_column(String(64))
+    person_b_id: Mapped[str] = mapped_column(String(64))
+    decided_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(256))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ChangeRow(Base):
+    """The outbox other services follow: merges, unmerges, re-pointed sessions, forgotten."""
+
+    __tablename__ = "change"
+    __table_args__ = (Index("change_shop", "shop_id", "seq"),)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    person_id: Mapped[str] = mapped_column(String(64))
+    other_person_id: Mapped[str | None] = mapped_column(String(64))
+    merge_id: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ErasedIdentifierRow(Base):
+    """The tombstone of a forgotten identifier: a hash, never the value, and its person."""
+
+    __tablename__ = "erased_identifier"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64))
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def erased_hash(shop_id: str, type_: str, match_key: str) -> str:
+    """The tombstone hash of an identifier (SHA-256 over shop, type and match key)."""
+    return hashlib.sha256(f"{shop_id}\0{type_}\0{match_key}".encode()).hexdigest()
+
+
+def lock_key(shop_id: str, type_: str, match_key: str) -> int:
+    """The 64-bit advisory lock of an identifier: whoever links it holds it first."""
+    digest = hashlib.blake2b(f"{shop_id}\0{type_}\0{match_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An identifier as stored, with the root person it belongs to now."""
+
+    type: str
+    match_key: str
+    value: str
+    raw_value: str
+    home_id: str
+    root_id: str
+    first_seen_at: datetime
+    conflicts: int
+
+
+class Tx:
+    """The queries of one identity transaction."""
+
+    def __init__(self, session: AsyncSession, shop_id: str) -> None:
+        self.session = session
+        self.shop_id = shop_id
+        self.postgres = session.get_bind().dialect.name == "postgresql"
+
+    async def lock_identifiers(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Takes the advisory locks of the identifiers, in one order for every transaction
+        (PostgreSQL; SQLite runs one writer at a time anyway)."""
+        if not self.postgres:
+            return
+        locks = sorted({lock_key(self.shop_id, t, k) for t, k in keys})
+        await self.session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k) FROM "
+                "(SELECT unnest(CAST(:keys AS bigint[])) AS k ORDER BY 1) AS sorted"
+            ),
+            {"keys": locks},
+        )
+
+    async def evidence(self, event_id: str) -> EvidenceRow | None:
+        return (
+            await self.session.scalars(
+                select(EvidenceRow).where(
+                    EvidenceRow.shop_id == self.shop_id, EvidenceRow.event_id == event_id
+                )
+            )
+        ).one_or_none()
+
+    async def erased(self, keys: Sequence[tuple[str, str]]) -> str | None:
+        """The tombstone person of the first of these identifiers that was forgotten, if any."""
+        hashes = [erased_hash(self.shop_id, t, k) for t, k in keys]
+        return (
+            await self.session.scalars(
+                select(ErasedIdentifierRow.person_id)
+                .where(
+                    ErasedIdentifierRow.shop_id == self.shop_id,
+                    ErasedIdentifierRow.key_hash.in_(hashes),
+                )
+                .limit(1)
+            )
+        ).one_or_none()
+
+    async def identifiers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
+        """The stored identifiers among these (type, match key) pairs, with their roots."""
+        if not keys:
+            return {}
+        rows = await self.session.execute(
+            select(IdentifierRow, PersonRow.root_id)
+            .join(
+                PersonRow,
+                (PersonRow.shop_id == IdentifierRow.shop_id)
+                & (PersonRow.person_id == IdentifierRow.person_id),
+            )
+            .where(
+                IdentifierRow.shop_id == self.shop_id,
+                tuple_(IdentifierRow.type, IdentifierRow.match_key).in_(keys),
+            )
+        )
+        return {(row.type, row.match_key): _stored(row, root) for row, root in rows}
+
+    async def lock_persons(self, person_ids: Iterable[str]) -> dict[str, PersonRow]:
+        """Locks persons (sorted, so two transactions take them in the same order)."""
+        ids = sorted(set(person_ids))
+        if not ids:
+            return {}
+        rows = await self.session.scalars(
+            select(PersonRow)
+            .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id.in_(ids))
+            .order_by(PersonRow.person_id)
+            .with_for_update()
+        )
+        return {row.person_id: row for row in rows}
+
+    async def person(self, person_id: str) -> PersonRow | None:
+        return await self.session.get(PersonRow, (self.shop_id, person_id))
+
+    async def held(self, root_ids: Sequence[str]) -> dict[str, dict[str, set[str]]]:
+        """Every identifier (type -> match keys) of the persons grouped under each root."""
+        held: dict[str, dict[str, set[str]]] = {root: {} for root in root_ids}
+        if not root_ids:
+            return held
+        rows = await self.session.execute(
+            select(PersonRow.root_id, IdentifierRow.type, IdentifierRow.match_key)
+            .join(
+                IdentifierRow,
+                (IdentifierRow.shop_id == PersonRow.shop_id)
+                & (IdentifierRow.person_id == PersonRow.person_id),
+            )
+            .where(PersonRow.shop_id == self.shop_id, PersonRow.root_id.in_(root_ids))
+        )
+        for root, type_, key in rows:
+            held[root].setdefault(type_, set()).add(key)
+        return held
+
+    async def members(self, root_id: str) -> list[PersonRow]:
+        """The persons grouped under a root, the root first."""
+        rows = await self.session.scalars(
+            select(PersonRow).where(PersonRow.shop_id == self.shop_id, PersonRow.root_id == root_id)
+        )
+        return sorted(rows, key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
+
+    async def not_same_person(self, root_a: str, root_b: str) -> bool:
+        """Whether a decision says someone under one root is not someone under the other."""
+        a, b = PersonRow.__table__.alias("a"), PersonRow.__table__.alias("b")
+        found = await self.session.scalar(
+            select(func.count())
+            .select_from(DecisionRow)
+            .join(
+                a, (a.c.shop_id == DecisionRow.shop_id) & (a.c.person_id == DecisionRow.person_a_id)
+            )
+            .join(
+                b, (b.c.shop_id == DecisionRow.shop_id) & (b.c.person_id == DecisionRow.person_b_id)
+            )
+            .where(
+                DecisionRow.shop_id == self.shop_id,
+                or_(
+                    (a.c.root_id == root_a) & (b.c.root_id == root_b),
+                    (a.c.root_id == root_b) & (b.c.root_id == root_a),
+                ),
+            )
+        )
+        return bool(found)
+
+    def add_person(self, person_id: str, now: datetime) -> None:
+        self.session.add(
+            PersonRow(
+                shop_id=self.shop_id,
+                person_id=person_id,
+                parent_id=None,
+                root_id=person_id,
+                created_at=now,
+                erased_at=None,
+            )
+        )
+
+    async def add_identifiers(
+        self, identifiers: Sequence[Normalized], home_id: str, now: datetime
+    ) -> None:
+        if not identifiers:
+            return
+        await self.session.execute(
+            insert(IdentifierRow),
+            [
+                {
+                    "shop_id": self.shop_id,
+                    "type": n.type,
+                    "match_key": n.match_key,
+                    "value": n.value,
+                    "raw_value": n.raw,
+                    "person_id": home_id,
+                    "first_seen_at": now,
+                    "normalizer_version": NORMALIZER_VERSION,
+                    "conflicts": 0,
+                }
+                for n in identifiers
+            ],
+        )
+
+    async def rehome(self, key: tuple[str, str], home_id: str) -> None:
+        """Moves one identifier to another home person (a re-pointed session)."""
+        await self.session.execute(
+            update(IdentifierRow)
+            .where(
+                IdentifierRow.shop_id == self.shop_id,
+                IdentifierRow.type == key[0],
+                IdentifierRow.match_key == key[1],
+            )
+            .values(person_id=home_id)
+        )
+
+    async def count_conflicts(self, keys: Sequence[tuple[str, str]]) -> None:
+        if keys:
+            await self.session.execute(
+                update(IdentifierRow)
+                .where(
+                    IdentifierRow.shop_id == self.shop_id,
+                    tuple_(IdentifierRow.type, IdentifierRow.match_key).in_(keys),
+                )
+                .values(conflicts=IdentifierRow.conflicts + 1)
+            )
+
+    async def add_evidence(self, evidence: EvidenceRow, identifiers: Sequence[Normalized]) -> None:
+        self.session.add(evidence)
+        await self.session.flush()
+        if identifiers:
+            await self.session.execute(
+                insert(EvidenceIdentifierRow),
+                [
+                    {
+                        "evidence_id": evidence.id,
+                        "position": position,
+                        "shop_id": self.shop_id,
+                        "type": n.type,
+                        "raw_value": n.raw,
+                        "match_key": n.match_key,
+                    }
+                    for position, n in enumerate(identifiers)
+                ],
+            )
+
+    async def set_parent(self, person_id: str, parent_id: str | None) -> None:
+        """Merges a root under another (or, with None, stands it alone again), and re-roots every
+        person under it."""
+        await self.session.execute(
+            update(PersonRow)
+            .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id == person_id)
+            .values(parent_id=parent_id)
+        )
+        root = person_id
+        if parent_id is not None:
+            root = (await self.session.get_one(PersonRow, (self.shop_id, parent_id))).root_id
+        frontier = [person_id]
+        while frontier:
+            await self.session.execute(
+                update(PersonRow)
+                .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id.in_(frontier))
+                .values(root_id=root)
+            )
+            frontier = list(
+                await self.session.scalars(
+                    select(PersonRow.person_id).where(
+                        PersonRow.shop_id == self.shop_id, PersonRow.parent_id.in_(frontier)
+                    )
+                )
+            )
+        for loaded in list(self.session.identity_map.values()):
+            if isinstance(loaded, PersonRow):
+                self.session.expire(loaded)  # roots changed underneath
+
+    async def open_candidate(self, root_a: str, root_b: str) -> CandidateRow | None:
+        """The open candidate between two groups, if one was raised already."""
+        a, b = PersonRow.__table__.alias("a"), PersonRow.__table__.alias("b")
+        return (
+            await self.session.scalars(
+                select(CandidateRow)
+                .join(
+                    a,
+                    (a.c.shop_id == CandidateRow.shop_id)
+                    & (a.c.person_id == CandidateRow.person_a_id),
+                )
+                .join(
+                    b,
+                    (b.c.shop_id == CandidateRow.shop_id)
+                    & (b.c.person_id == CandidateRow.person_b_id),
+                )
+                .where(
+                    CandidateRow.shop_id == self.shop_id,
+                    CandidateRow.state == "open",
+                    or_(
+                        (a.c.root_id == root_a) & (b.c.root_id == root_b),
+                        (a.c.root_id == root_b) & (b.c.root_id == root_a),
+                    ),
+                )
+                .limit(1)
+            )
+        ).one_or_none()
+
+    async def candidate(self, candidate_id: str) -> CandidateRow | None:
+        return (
+            await self.session.scalars(
+                select(CandidateRow).where(
+                    CandidateRow.shop_id == self.shop_id,
+                    CandidateRow.candidate_id == candidate_id,
+                )
+            )
+        ).one_or_none()
+
+    async def close_candidates(
+        self, root_a: str, root_b: str, state: str, by: str, reason: str, now: datetime
+    ) -> None:
+        """Closes every open candidate between two groups."""
+        while (found := await self.open_candidate(root_a, root_b)) is not None:
+            found.state, found.decided_at, found.decided_by = state, now, by
+            found.decision_reason = reason
+            await self.session.flush()
+
+    def add_change(
+        self,
+        kind: str,
+        person_id: str,
+        other_person_id: str | None,
+        merge_id: str | None,
+        now: datetime,
+    ) -> None:
+        self.session.add(
+            ChangeRow(
+                shop_id=self.shop_id,
+                kind=kind,
+                person_id=person_id,
+                other_person_id=other_person_id,
+                merge_id=merge_id,
+                at=now,
+            )
+        )
+
+    async def merge(self, merge_id: str) -> MergeRow | None:
+        row = await self.session.get(MergeRow, merge_id, with_for_update=self.postgres)
+        return row if row is not None and row.shop_id == self.shop_id else None
+
+    async def merges_of(self, person_ids: Sequence[str]) -> list[MergeRow]:
+        """Every merge that involved one of these persons, oldest first."""
+        rows = await self.session.scalars(
+            select(MergeRow)
+            .where(
+                MergeRow.shop_id == self.shop_id,
+                or_(MergeRow.survivor_id.in_(person_ids), MergeRow.merged_id.in_(person_ids)),
+            )
+            .order_by(MergeRow.merged_at, MergeRow.merge_id)
+        )
+        return list(rows)
+
+    async def identifiers_of(self, person_ids: Sequence[str]) -> list[IdentifierRow]:
+        rows = await self.session.scalars(
+            select(IdentifierRow)
+            .where(IdentifierRow.shop_id == self.shop_id, IdentifierRow.person_id.in_(person_ids))
+            .order_by(IdentifierRow.type, IdentifierRow.match_key)
+        )
+        return list(rows)
+
+    async def forget(self, persons: Sequence[PersonRow], now: datetime) -> tuple[int, int]:
+        """Deletes the persons' identifiers and evidence, keeps tombstones; returns how many
+        identifier and evidence rows went."""
+        ids = [p.person_id for p in persons]
+        identifiers = await self.identifiers_of(ids)
+        keys = [(i.type, i.match_key) for i in identifiers]
+        if keys:
+            await self.session.execute(
+                dialect_of(self.session)
+                .insert(ErasedIdentifierRow.__table__)
+                .on_conflict_do_nothing(),
+                [
+                    {
+                        "shop_id": self.shop_id,
+                        "key_hash": erased_hash(self.shop_id, t, k),
+                        "person_id": persons[0].person_id,
+                        "erased_at": now,
+                    }
+                    for t, k in keys
+                ],
+            )
+        evidence_ids = list(
+            await self.session.scalars(
+                select(EvidenceRow.id).where(
+                    EvidenceRow.shop_id == self.shop_id, EvidenceRow.person_id.in_(ids)
+                )
+            )
+        )
+        for start in range(0, len(keys), 500):
+            await self.session.execute(
+                delete(EvidenceIdentifierRow).where(
+                    EvidenceIdentifierRow.shop_id == self.shop_id,
+                    tuple_(EvidenceIdentifierRow.type, EvidenceIdentifierRow.match_key).in_(
+                        keys[start : start + 500]
+                    ),
+                )
+            )
+        await self.session.execute(
+            delete(EvidenceIdentifierRow).where(EvidenceIdentifierRow.evidence_id.in_(evidence_ids))
+        )
+        await self.session.execute(delete(EvidenceRow).where(EvidenceRow.id.in_(evidence_ids)))
+        await self.session.execute(
+            delete(IdentifierRow).where(
+                IdentifierRow.shop_id == self.shop_id, IdentifierRow.person_id.in_(ids)
+            )
+        )
+        await self.session.execute(
+            update(CandidateRow)
+            .where(
+                CandidateRow.shop_id == self.shop_id,
+                CandidateRow.state == "open",
+                or_(CandidateRow.person_a_id.in_(ids), CandidateRow.person_b_id.in_(ids)),
+            )
+            .values(state="erased", decided_at=now, decided_by="gdpr", decision_reason="erased")
+        )
+        await self.session.execute(
+            update(PersonRow)
+            .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id.in_(ids))
+            .values(erased_at=now)
+        )
+        return len(identifiers), len(evidence_ids)
+
+
+def _stored(row: IdentifierRow, root: str) -> Stored:
+    return Stored(
+        row.type,
+        row.match_key,
+        row.value,
+        row.raw_value,
+        row.person_id,
+        root,
+        utc(row.first_seen_at),
+        row.conflicts,
+    )
+
+
+class IdentityStore:
+    """Transactions on the identity tables, and the reads that need none."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        # SQLite has no row or advisory locks: its transactions take turns in this process.
+        self._turns = asyncio.Lock()
+        self._serial = sessions.kw["bind"].dialect.name != "postgresql"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, shop_id: str) -> AsyncIterator[Tx]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._serial:
+                await stack.enter_async_context(self._turns)
+            session = await stack.enter_async_context(self._sessions.begin())
+            yield Tx(session, shop_id)
+
+    async def shop_policy(self, shop_id: str) -> ShopPolicyRow | None:
+        async with self._sessions() as session:
+            return await session.get(ShopPolicyRow, shop_id)
+
+    async def put_shop_policy(self, row: ShopPolicyRow) -> None:
+        async with self._sessions.begin() as session:
+            await session.merge(row)
+
+    async def candidates(
+        self, shop_id: str, after_seq: int, limit: int
+    ) -> list[tuple[CandidateRow, list[tuple[EvidenceRow, list[EvidenceIdentifierRow]]]]]:
+        """Open candidates after a position, with the evidence that raised them."""
+        async with self._sessions() as session:
+            rows = list(
+                await session.scalars(
+                    select(CandidateRow)
+                    .where(
+                        CandidateRow.shop_id == shop_id,
+                        CandidateRow.state == "open",
+                        CandidateRow.seq > after_seq,
+                    )
+                    .order_by(CandidateRow.seq)
+                    .limit(limit)
+                )
+            )
+            event_ids = {e for row in rows for e in row.event_ids}
+            evidence = {
+                e.event_id: e
+                for e in await session.scalars(
+                    select(EvidenceRow).where(
+                        EvidenceRow.shop_id == shop_id, EvidenceRow.event_id.in_(event_ids)
+                    )
+                )
+            }
+            carried: dict[int, list[EvidenceIdentifierRow]] = {}
+            for item in await session.scalars(
+                select(EvidenceIdentifierRow)
+                .where(EvidenceIdentifierRow.evidence_id.in_([e.id for e in evidence.values()]))
+                .order_by(EvidenceIdentifierRow.evidence_id, EvidenceIdentifierRow.position)
+            ):
+                carried.setdefault(item.evidence_id, []).append(item)
+            return [
+                (
+                    row,
+                    [
+                        (evidence[e], carried.get(evidence[e].id, []))
+                        for e in row.event_ids
+                        if e in evidence
+                    ],
+                )
+                for row in rows
+            ]
+
+    async def changes(self, shop_id: str, after: int, limit: int) -> list[ChangeRow]:
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(ChangeRow)
+                    .where(ChangeRow.shop_id == shop_id, ChangeRow.seq > after)
+                    .order_by(ChangeRow.seq)
+                    .limit(limit)
+                )
+            )

@@ -1,0 +1,56 @@
+"""Request validation every servicer shares: field violations gathered and raised together, the
+ids that travel between services, and timestamps between protobuf and Python."""
+
+import re
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.runtime.errors import InvalidArgument
+
+# Shop and person ids go inside Redis hash tags and schema-free keys: no braces, and no colon in
+# shops.
+SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class Violations:
+    """Collects every field violation of a request, then raises them together."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, field: str, why: str) -> None:
+        self.found.append((field, why))
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise InvalidArgument(self.found)
+
+
+def shop(value: str, violations: Violations) -> str:
+    """A shop id, or a violation of `shop_id`."""
+    if not SHOP_ID.fullmatch(value):
+        violations.add("shop_id", "must be 1-128 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def person(value: str, field: str, violations: Violations) -> str:
+    """A person id, or a violation of `field`."""
+    if not PERSON_ID.fullmatch(value):
+        violations.add(field, "must be 1-128 letters, digits, '.', '_', ':' or '-'")
+    return value
+
+
+def timestamp(instant: datetime | None) -> Timestamp | None:
+    """A protobuf timestamp, None for None."""
+    if instant is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(instant)
+    return stamp
+
+
+def instant(stamp: Timestamp, present: bool) -> datetime | None:
+    """The UTC datetime of a timestamp field that is set, None when it is not."""
+    return stamp.ToDatetime(tzinfo=UTC) if present else None
