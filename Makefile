@@ -51,11 +51,15 @@ fmt: $(INSTALLED) ## Format and autofix our code
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: bench
-bench: bench-gate ## Run every benchmark (figures as ratios against in-run baselines)
+bench: bench-gate bench-identity ## Run every benchmark (figures as ratios against in-run baselines)
 
 .PHONY: bench-gate
 bench-gate: protos ## Gate.Check and CheckBatch against a bare EVALSHA server, same run
-	$(PY) bench/gate.py
+	$(PY) -m bench.gate
+
+.PHONY: bench-identity
+bench-identity: protos ## Identity.Resolve at 1M identifiers against a primary-key SELECT, same run
+	$(PY) -m bench.identity
 
 .PHONY: k8s
 k8s: $(INSTALLED) ## Render the dev and prod overlays and validate them offline

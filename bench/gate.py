@@ -9,7 +9,7 @@ process, all are driven by the same load generator (a separate process) at concu
 commands per check (INFO commandstats) and CheckBatch of 50,000 people against a client-side
 pipeline of 50,000 trivial EVALSHAs.
 
-Usage: python bench/gate.py [--seconds S] [--customers N]; results in bench/results/gate.json.
+Usage: python -m bench.gate [--seconds S] [--customers N]; results in bench/results/gate.json.
 """
 
 import argparse
@@ -19,8 +19,6 @@ import os
 import random
 import secrets
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ import grpc
 import redis.asyncio as redis
 from pydantic import SecretStr
 
+from bench.load import free_port, summarize, wait_serving
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy, Counters, CustomerKeys
@@ -53,13 +52,6 @@ CHANNELS = [
     (common_pb2.CHANNEL_SMS, 10),
 ]
 TRIVIAL = "return 1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def on_db(url: str, index: int) -> str:
@@ -159,25 +151,16 @@ async def load(address: str, concurrency: int, seconds: float, customers: int) -
         started = time.perf_counter()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "checks": len(latencies),
-        "errors": errors,
-        "per_second": len(latencies) / elapsed,
-        "p50_ms": statistics.median(latencies),
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
-        "answers": reasons,
-    }
+    return {**summarize(latencies, elapsed, errors), "answers": reasons}
 
 
 def drive(address: str, concurrency: int, seconds: float, customers: int) -> dict[str, Any]:
     """Runs the load generator in a process of its own."""
     output = subprocess.run(
-        [sys.executable, __file__, "load", address, str(concurrency), str(seconds), str(customers)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+        [sys.executable, "-m", "bench.gate", "load", address, str(concurrency), str(seconds),
+         str(customers)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    ).stdout  # fmt: skip
     result: dict[str, Any] = json.loads(output)
     return result
 
@@ -211,24 +194,6 @@ async def commandstats(redis_url: str) -> dict[str, int]:
     stats = await client.info("commandstats")
     await client.aclose()
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
-async def wait_serving(address: str) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(address) as channel:
-        while time.monotonic() < deadline:
-            try:
-                answer = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit(f"{address} never became SERVING")
 
 
 async def batch(gate: str, redis_url: str, people: int) -> dict[str, float]:
@@ -299,10 +264,12 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
             [sys.executable, "-m", "services.gate"], env=env, cwd=ROOT, stderr=log, stdout=log
         ),
         subprocess.Popen(
-            [sys.executable, __file__, "baseline", str(baseline_port), redis_url], cwd=ROOT
+            [sys.executable, "-m", "bench.gate", "baseline", str(baseline_port), redis_url],
+            cwd=ROOT,
         ),
         subprocess.Popen(
-            [sys.executable, __file__, "baseline-stack", str(stack_port), redis_url], cwd=ROOT
+            [sys.executable, "-m", "bench.gate", "baseline-stack", str(stack_port), redis_url],
+            cwd=ROOT,
         ),
     ]
     try:
@@ -326,7 +293,7 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
             checked = drive(gate, concurrency, seconds, customers)
             after = await commandstats(redis_url)
             calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            checks = checked["checks"] + checked["errors"] + 1
+            checks = checked["calls"] + checked["errors"] + 1
             levels[str(concurrency)] = {
                 "baseline": base,
                 "baseline_through_runtime": stacked,

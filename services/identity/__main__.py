@@ -26,7 +26,9 @@ async def build(
 ) -> Server:
     """Wires the service: settings -> engine -> identity graph -> servicer -> server."""
     engine = db.create_engine(settings)
-    graph = IdentityGraph(IdentityStore(db.session_factory(engine)), clock)
+    graph = IdentityGraph(
+        IdentityStore(db.session_factory(engine)), clock, settings.shop_policy_ttl_seconds
+    )
     registration = Registration(
         identity_pb2.DESCRIPTOR.services_by_name["Identity"],
         IdentityServicer(graph),

@@ -8,6 +8,7 @@ between wider transactions is retried.
 """
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,9 +129,13 @@ def _retryable(exc: DBAPIError) -> bool:
 class IdentityGraph:
     """Identity resolution for every shop, on the identity store."""
 
-    def __init__(self, store: IdentityStore, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: IdentityStore, clock: Callable[[], datetime], policy_ttl: float = 5.0
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._policy_ttl = policy_ttl
+        self._policies: dict[str, tuple[float, Policy]] = {}
 
     async def _retrying(self, shop_id: str, work: Callable[[Tx], Awaitable[T]]) -> T:
         for attempt in range(RETRIES):
@@ -146,7 +151,15 @@ class IdentityGraph:
     # --- policy ---------------------------------------------------------------------------------
 
     async def policy(self, shop_id: str) -> Policy:
-        """The shop's policy, defaults for a shop that set none."""
+        """The shop's policy, defaults for a shop that set none; cached for the policy TTL."""
+        cached = self._policies.get(shop_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        policy = await self._read_policy(shop_id)
+        self._policies[shop_id] = (time.monotonic() + self._policy_ttl, policy)
+        return policy
+
+    async def _read_policy(self, shop_id: str) -> Policy:
         row = await self._store.shop_policy(shop_id)
         if row is None:
             return Policy(shop_id)
@@ -197,6 +210,7 @@ class IdentityGraph:
                 updated_at=self._clock(),
             )
         )
+        self._policies.pop(shop_id, None)
         return await self.policy(shop_id)
 
     # --- resolve --------------------------------------------------------------------------------
@@ -245,18 +259,29 @@ class IdentityGraph:
         if not linkable:
             await self._record(run, normalized, None, None, "anonymous")
             return Resolution("", "anonymous", None)
-        tombstone = await tx.erased(keys)
+        found = await tx.identifiers(keys)
+        missing = [k for k in keys if k not in found]
+        # A forgotten identifier is no longer stored: only the missing ones may be tombstones.
+        tombstone = await tx.erased(missing) if missing else None
         if tombstone is not None:
             return Resolution(tombstone, "erased", None)
-        found = await tx.identifiers(keys)
-        while True:
-            roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
-            locked = await tx.lock_persons(roots)
-            if all(p.root_id == p.person_id for p in locked.values()):
-                break
-            found = await tx.identifiers(keys)  # merged meanwhile: read the new roots
+        roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
+        held: dict[str, dict[str, set[str]]] = {}
+        # The common case, every identifier already one person's, changes no grouping: it
+        # needs neither the persons' locks nor their identifiers.
+        if (
+            missing
+            or len(roots) > 1
+            or any(s.conflicts >= PROMISCUOUS_AFTER for s in found.values())
+        ):
+            while True:
+                locked = await tx.lock_persons(roots)
+                if all(p.root_id == p.person_id for p in locked.values()):
+                    break
+                found = await tx.identifiers(keys)  # merged meanwhile: read the new roots
+                roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
+            held = await tx.held(sorted(roots))
         run.stored = {k: s.home_id for k, s in found.items()}
-        held = await tx.held(sorted(roots))
         parties: dict[str | None, Party] = {}
         promiscuous: list[Normalized] = []
         for n in linkable:
@@ -266,7 +291,7 @@ class IdentityGraph:
                 continue
             person_id = None if stored is None else stored.root_id
             if person_id not in parties:
-                parties[person_id] = Party(person_id, held[person_id] if person_id else {})
+                parties[person_id] = Party(person_id, held.get(person_id, {}) if person_id else {})
             party = parties[person_id]
             party.links.append(n)
             if person_id is None:
@@ -277,13 +302,17 @@ class IdentityGraph:
         ordered = list(parties.values())
         anchor = ordered[0].links[0]
         await self._join(run, ordered)
-        anchor_root = await self._root(tx, run.stored[anchor.key])
+        unchanged_root = found[anchor.key].root_id if anchor.key in found else None
+        if run.outcomes or unchanged_root is None:
+            anchor_root = await self._root(tx, run.stored[anchor.key])
+        else:
+            anchor_root = unchanged_root
         for n in promiscuous:
             root = found[n.key].root_id
             if anchor_root is not None and root != anchor_root:
                 await self._candidate(run, anchor_root, root, "blocked_value")
         home = run.stored.get(anchor.key)
-        person_id = await self._root(tx, home) or ""
+        person_id = anchor_root or ""
         outcome = next(
             (o for o in ("candidate_raised", "merged", "created", "linked") if o in run.outcomes),
             "unchanged",

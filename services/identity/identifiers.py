@@ -138,15 +138,13 @@ def _phone(raw: str, country: str) -> Normalized:
     digits = re.sub(r"\D", "", text)
     if not digits or REPEATED_CHARACTER.fullmatch(digits) or digits in ("1234567", "123456789"):
         return Normalized("phone", raw, digits, digits, blocked=True)
+    hint = "" if text.startswith("+") or country else " (give a country or use +<code>)"
     try:
         number = phonenumbers.parse(text, country.upper() or None)
-    except phonenumbers.NumberParseException as exc:
-        raise InvalidIdentifier(f"not a phone number: {exc}") from None
+    except phonenumbers.NumberParseException:
+        raise InvalidIdentifier(f"not a phone number{hint}") from None
     if not phonenumbers.is_valid_number(number):
-        raise InvalidIdentifier(
-            "not a valid phone number"
-            + ("" if text.startswith("+") or country else " (give a country or use +<code>)")
-        )
+        raise InvalidIdentifier(f"not a valid phone number{hint}")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return Normalized("phone", raw, e164, e164, blocked=False)
 

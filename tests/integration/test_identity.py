@@ -41,7 +41,10 @@ class Identity:
     events: "itertools.count[int]"
 
     async def resolve(
-        self, *identifiers: tuple[str, str], strength: int = AUTHORITATIVE, **kw: Any
+        self,
+        *identifiers: tuple[str, str],
+        strength: identity_pb2.Strength.ValueType = AUTHORITATIVE,
+        **kw: Any,
     ) -> Any:
         kw.setdefault("event_id", f"e{next(self.events)}")
         kw.setdefault("source", "shopify")

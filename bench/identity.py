@@ -1,0 +1,286 @@
+"""Benchmark of Identity.Resolve (make bench-identity), against a baseline measured in the same run.
+
+The shop holds 1,000,000 identifiers (250,000 persons with a Shopify id, an email, a phone and a
+session). Callers send a realistic mix: 70% of records carry identifiers of a known person, 15%
+add a new session to a known person, 15% are new shoppers. The baseline is a bare SELECT by
+primary key (the person row) served through the same stack: the shared runtime, the same engine
+and session factory, one server process. Both are driven by the same load generator (a separate
+process) at concurrency 1 and 16, and reported as ratios, because this machine is shared and noisy.
+
+Usage: python -m bench.identity [--seconds S] [--persons N]; results in bench/results/identity.json.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from sqlalchemy.engine import make_url
+
+from bench.load import free_port, summarize, wait_serving
+from c360.common.v1 import common_pb2
+from c360.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.identity.settings import IdentitySettings
+from services.identity.store import PersonRow
+from services.runtime import db
+from services.runtime.process import start_service
+from services.runtime.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "identity.json"
+TOKEN = "bench-token"
+SHOP = "bench-shop"
+TOKENS = json.dumps([{"name": "bench", "token": TOKEN, "shops": ["*"], "roles": ["admin"]}])
+
+
+def identifiers_of(n: int) -> list[tuple[str, str]]:
+    return [
+        ("shopify_customer_id", f"{7_000_000_000 + n}"),
+        ("email", f"shopper{n}@mail{n % 97}.example"),
+        ("phone", f"+1415{2_000_000 + n % 7_000_000:07d}"),  # exchanges 200-899: valid
+        ("cookie", f"ck-{n}"),
+    ]
+
+
+# --- the baseline server ------------------------------------------------------------------------
+
+
+class BaselineIdentity(identity_pb2_grpc.IdentityServicer):
+    """Lookup answers with one SELECT of a person row by primary key."""
+
+    def __init__(self, sessions: Any) -> None:
+        self._sessions = sessions
+
+    async def Lookup(self, request: Any, context: Any) -> Any:
+        async with self._sessions() as session:
+            person = await session.get(PersonRow, (request.shop_id, request.identifier.value))
+        return identity_pb2.LookupResponse(person_id=person.root_id)
+
+
+async def serve_baseline() -> None:
+    """The baseline through the runtime every service runs, on the identity settings."""
+    from services.runtime.server import Registration
+
+    settings = IdentitySettings()
+    engine = db.create_engine(settings)
+    registration = Registration(
+        identity_pb2.DESCRIPTOR.services_by_name["Identity"],
+        BaselineIdentity(db.session_factory(engine)),  # type: ignore[abstract]  # Lookup only
+        identity_pb2_grpc.add_IdentityServicer_to_server,
+    )
+    server = await start_service(settings, Telemetry(), [registration], engine)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+# --- the load generator -------------------------------------------------------------------------
+
+
+async def load(address: str, target: str, concurrency: int, seconds: float, persons: int) -> Any:
+    """Resolves (or baseline lookups) from `concurrency` callers for `seconds`."""
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    errors = 0
+    run = secrets.token_hex(4)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = identity_pb2_grpc.IdentityStub(channel)
+        deadline = time.perf_counter() + seconds
+
+        def request(rng: random.Random, index: int, sequence: int) -> Any:
+            n = rng.randrange(persons)
+            if target == "baseline":
+                identifier = common_pb2.Identifier(type="person", value=f"p_{n}")
+                return identity_pb2.LookupRequest(shop_id=SHOP, identifier=identifier)
+            draw = rng.random()
+            known = identifiers_of(n)
+            if draw < 0.70:
+                ids = rng.sample(known, k=rng.randint(1, 2))
+            elif draw < 0.85:
+                ids = [rng.choice(known[:3]), ("cookie", f"ck-{run}-{index}-{sequence}")]
+            else:
+                ids = [("email", f"new-{run}-{index}-{sequence}@new.example"),
+                       ("cookie", f"ck-{run}-{index}-{sequence}")]  # fmt: skip
+            return identity_pb2.ResolveRequest(
+                shop_id=SHOP,
+                identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in ids],
+                source="bench",
+                strength=identity_pb2.STRENGTH_AUTHORITATIVE,
+                event_id=f"{run}-{index}-{sequence}",
+            )
+
+        async def caller(index: int) -> None:
+            nonlocal errors
+            rng = random.Random(index)
+            call: Any = stub.Lookup if target == "baseline" else stub.Resolve
+            sequence = 0
+            while time.perf_counter() < deadline:
+                sequence += 1
+                message = request(rng, index, sequence)
+                started = time.perf_counter()
+                try:
+                    answer = await call(message, metadata=metadata, timeout=5)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append((time.perf_counter() - started) * 1000)
+                if target != "baseline":
+                    name = identity_pb2.ResolveOutcome.Name(answer.outcome)
+                    outcome = name.removeprefix("RESOLVE_OUTCOME_").lower()
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {**summarize(latencies, elapsed, errors), "outcomes": outcomes}
+
+
+def drive(address: str, target: str, concurrency: int, seconds: float, persons: int) -> Any:
+    """Runs the load generator in a process of its own."""
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.identity", "load", address, target,
+         str(concurrency), str(seconds), str(persons)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    return json.loads(output)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+async def seed(settings: IdentitySettings, persons: int) -> None:
+    """`persons` persons with four identifiers each, copied straight into the tables."""
+    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
+    connection = await asyncpg.connect(
+        url.render_as_string(hide_password=False),
+        server_settings={"search_path": settings.schema_name},
+    )
+    now = datetime.now(UTC)
+    try:
+        await connection.copy_records_to_table(
+            "person",
+            columns=["shop_id", "person_id", "parent_id", "root_id", "created_at", "erased_at"],
+            records=((SHOP, f"p_{n}", None, f"p_{n}", now, None) for n in range(persons)),
+        )
+        await connection.copy_records_to_table(
+            "identifier",
+            columns=["shop_id", "type", "match_key", "value", "raw_value", "person_id",
+                     "first_seen_at", "normalizer_version", "conflicts"],
+            records=(
+                (SHOP, t, v, v, v, f"p_{n}", now, 1, 0)
+                for n in range(persons)
+                for t, v in identifiers_of(n)
+            ),
+        )  # fmt: skip
+        await connection.execute("ANALYZE person; ANALYZE identifier")
+    finally:
+        await connection.close()
+
+
+async def run(seconds: float, persons: int) -> dict[str, Any]:
+    database_url = os.environ.get(
+        "DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    )
+    prefix = f"bench{secrets.token_hex(3)}_"
+    identity_port, baseline_port = free_port(), free_port()
+    common = {"DATABASE_URL": database_url, "C360_DB_SCHEMA_PREFIX": prefix, "C360_TOKENS": TOKENS}
+    settings = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
+    await asyncio.to_thread(db.migrate, settings, ROOT / "services" / "identity" / "migrations")
+    started = time.perf_counter()
+    await seed(settings, persons)
+    seed_seconds = time.perf_counter() - started
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))}
+    log = open(ROOT / "bench" / "results" / "identity-server.log", "w")  # noqa: SIM115
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "services.identity"],
+            env={**env, **common, "C360_IDENTITY_PORT": str(identity_port)},
+            cwd=ROOT, stderr=log, stdout=log,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.identity", "baseline"],
+            env={**env, **common, "C360_IDENTITY_PORT": str(baseline_port)},
+            cwd=ROOT, stderr=log, stdout=log,
+        ),
+    ]  # fmt: skip
+    try:
+        resolve, baseline = f"127.0.0.1:{identity_port}", f"127.0.0.1:{baseline_port}"
+        await wait_serving(resolve)
+        await wait_serving(baseline)
+        levels = {}
+        for concurrency in (1, 16):
+            base = drive(baseline, "baseline", concurrency, seconds, persons)
+            resolved = drive(resolve, "resolve", concurrency, seconds, persons)
+            levels[str(concurrency)] = {
+                "baseline_select": base,
+                "resolve": resolved,
+                "throughput_ratio": resolved["per_second"] / base["per_second"],
+                "p99_ratio": resolved["p99_ms"] / base["p99_ms"],
+            }
+    finally:
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+        log.close()
+    return {
+        "persons": persons,
+        "identifiers": persons * 4,
+        "seed_seconds": seed_seconds,
+        "seconds_per_run": seconds,
+        "levels": levels,
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"Identity.Resolve vs a primary-key SELECT through the same stack, "
+        f"{results['identifiers']:,} identifiers stored, {results['seconds_per_run']}s per run",
+        f"{'conc':>4} {'select/s':>9} {'resolve/s':>10} {'ratio':>6} {'p50 sel':>8} "
+        f"{'p50 res':>8} {'p99 sel':>8} {'p99 res':>8} {'p99 ratio':>9}",
+    ]
+    for level, r in results["levels"].items():
+        base, res = r["baseline_select"], r["resolve"]
+        lines.append(
+            f"{level:>4} {base['per_second']:>9.0f} {res['per_second']:>10.0f} "
+            f"{r['throughput_ratio']:>6.2f} {base['p50_ms']:>7.2f}m {res['p50_ms']:>7.2f}m "
+            f"{base['p99_ms']:>7.2f}m {res['p99_ms']:>7.2f}m {r['p99_ratio']:>9.2f}"
+        )
+        lines.append(f"     outcomes: {res['outcomes']}, errors {res['errors']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["baseline"]:
+        asyncio.run(serve_baseline())
+        return
+    if sys.argv[1:2] == ["load"]:
+        address, target, concurrency, seconds, persons = sys.argv[2:7]
+        result = asyncio.run(load(address, target, int(concurrency), float(seconds), int(persons)))
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--persons", type=int, default=250_000)
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run(args.seconds, args.persons))
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(report(results))
+    print(f"written to {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""What every benchmark's load generator shares: free ports, readiness, latency figures."""
+
+import asyncio
+import socket
+import statistics
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_serving(address: str) -> None:
+    """Waits (at most a minute) until the server's health says SERVING."""
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(address) as channel:
+        while time.monotonic() < deadline:
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"{address} never became SERVING")
+
+
+def summarize(latencies_ms: list[float], elapsed: float, errors: int) -> dict[str, Any]:
+    """Calls per second, p50 and p99 of the successful calls."""
+    latencies_ms.sort()
+    return {
+        "calls": len(latencies_ms),
+        "errors": errors,
+        "per_second": len(latencies_ms) / elapsed,
+        "p50_ms": statistics.median(latencies_ms),
+        "p99_ms": latencies_ms[int(len(latencies_ms) * 0.99) - 1],
+    }
