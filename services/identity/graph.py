@@ -481,19 +481,18 @@ class IdentityGraph:
     ) -> None:
         observation = run.observation
         await run.tx.add_evidence(
-            EvidenceRow(
-                shop_id=run.tx.shop_id,
-                event_id=observation.event_id,
-                source=observation.source,
-                strength="asserted" if observation.asserted else "authoritative",
-                observed_at=observation.observed_at or run.now,
-                recorded_at=run.now,
-                person_id=home,
-                anchor_type=None if anchor is None else anchor.type,
-                anchor_value=None if anchor is None else anchor.value,
-                outcome=outcome,
-                candidate_id=run.candidate_id or None,
-            ),
+            {
+                "event_id": observation.event_id,
+                "source": observation.source,
+                "strength": "asserted" if observation.asserted else "authoritative",
+                "observed_at": observation.observed_at or run.now,
+                "recorded_at": run.now,
+                "person_id": home,
+                "anchor_type": None if anchor is None else anchor.type,
+                "anchor_value": None if anchor is None else anchor.value,
+                "outcome": outcome,
+                "candidate_id": run.candidate_id or None,
+            },
             normalized,
         )
 

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     UniqueConstraint,
     delete,
     func,
@@ -127,6 +129,12 @@ class EvidenceIdentifierRow(Base):
     type: Mapped[str] = mapped_column(String(32))
     raw_value: Mapped[str] = mapped_column(String(320))
     match_key: Mapped[str] = mapped_column(String(320))
+
+
+# Tables most resolves append to, as Core tables: inserts without the ORM's bookkeeping.
+IDENTIFIER = cast(Table, IdentifierRow.__table__)
+EVIDENCE = cast(Table, EvidenceRow.__table__)
+EVIDENCE_IDENTIFIER = cast(Table, EvidenceIdentifierRow.__table__)
 
 
 class MergeRow(Base):
@@ -284,7 +292,16 @@ class Tx:
         if not keys:
             return {}
         rows = await self.session.execute(
-            select(IdentifierRow, PersonRow.root_id)
+            select(
+                IdentifierRow.type,
+                IdentifierRow.match_key,
+                IdentifierRow.value,
+                IdentifierRow.raw_value,
+                IdentifierRow.person_id,
+                PersonRow.root_id,
+                IdentifierRow.first_seen_at,
+                IdentifierRow.conflicts,
+            )
             .join(
                 PersonRow,
                 (PersonRow.shop_id == IdentifierRow.shop_id)
@@ -295,7 +312,10 @@ class Tx:
                 tuple_(IdentifierRow.type, IdentifierRow.match_key).in_(keys),
             )
         )
-        return {(row.type, row.match_key): _stored(row, root) for row, root in rows}
+        return {
+            (type_, key): Stored(type_, key, value, raw, home, root, utc(seen), conflicts)
+            for type_, key, value, raw, home, root, seen, conflicts in rows
+        }
 
     async def lock_persons(self, person_ids: Iterable[str]) -> dict[str, PersonRow]:
         """Locks persons (sorted, so two transactions take them in the same order)."""
@@ -378,7 +398,7 @@ class Tx:
         if not identifiers:
             return
         await self.session.execute(
-            insert(IdentifierRow),
+            insert(IDENTIFIER),
             [
                 {
                     "shop_id": self.shop_id,
@@ -418,15 +438,20 @@ class Tx:
                 .values(conflicts=IdentifierRow.conflicts + 1)
             )
 
-    async def add_evidence(self, evidence: EvidenceRow, identifiers: Sequence[Normalized]) -> None:
-        self.session.add(evidence)
-        await self.session.flush()
+    async def add_evidence(
+        self, evidence: dict[str, Any], identifiers: Sequence[Normalized]
+    ) -> None:
+        """Appends one piece of evidence with every identifier it carried (Core statements:
+        this runs on every resolve)."""
+        evidence_id = await self.session.scalar(
+            insert(EVIDENCE).values(shop_id=self.shop_id, **evidence).returning(EVIDENCE.c.id)
+        )
         if identifiers:
             await self.session.execute(
-                insert(EvidenceIdentifierRow),
+                insert(EVIDENCE_IDENTIFIER),
                 [
                     {
-                        "evidence_id": evidence.id,
+                        "evidence_id": evidence_id,
                         "position": position,
                         "shop_id": self.shop_id,
                         "type": n.type,
@@ -617,19 +642,6 @@ class Tx:
             .values(erased_at=now)
         )
         return len(identifiers), len(evidence_ids)
-
-
-def _stored(row: IdentifierRow, root: str) -> Stored:
-    return Stored(
-        row.type,
-        row.match_key,
-        row.value,
-        row.raw_value,
-        row.person_id,
-        root,
-        utc(row.first_seen_at),
-        row.conflicts,
-    )
 
 
 class IdentityStore:
