@@ -30,7 +30,7 @@ import grpc
 import redis.asyncio as redis
 from pydantic import SecretStr
 
-from bench.load import free_port, summarize, wait_serving
+from bench.load import drop_schema, free_port, summarize, wait_serving
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy, Counters, CustomerKeys
@@ -317,6 +317,7 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
         log.close()
+        await drop_schema(settings)
     return {"customers": customers, "seconds_per_run": seconds, "levels": levels, "batch": batched}
 
 

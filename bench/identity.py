@@ -28,7 +28,7 @@ import asyncpg
 import grpc
 from sqlalchemy.engine import make_url
 
-from bench.load import free_port, summarize, wait_serving
+from bench.load import drop_schema, free_port, summarize, wait_serving
 from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.settings import IdentitySettings
@@ -235,6 +235,7 @@ async def run(seconds: float, persons: int) -> dict[str, Any]:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
         log.close()
+        await drop_schema(settings)
     return {
         "persons": persons,
         "identifiers": persons * 4,
