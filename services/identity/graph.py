@@ -318,7 +318,7 @@ class IdentityGraph:
             "unchanged",
         )
         await self._record(run, normalized, home, anchor, outcome)
-        return Resolution(person_id, outcome, (anchor.type, anchor.value), run.candidate_id)
+        return Resolution(person_id, outcome, anchor.key, run.candidate_id)
 
     async def _join(self, run: _Run, parties: list[Party]) -> None:
         """Joins the parties into the first (the holder of the record's strongest identifier)
@@ -489,7 +489,7 @@ class IdentityGraph:
                 "recorded_at": run.now,
                 "person_id": home,
                 "anchor_type": None if anchor is None else anchor.type,
-                "anchor_value": None if anchor is None else anchor.value,
+                "anchor_key": None if anchor is None else anchor.match_key,
                 "outcome": outcome,
                 "candidate_id": run.candidate_id or None,
             },
@@ -498,8 +498,8 @@ class IdentityGraph:
 
     async def _replay(self, tx: Tx, prior: EvidenceRow) -> Resolution:
         anchor = None
-        if prior.anchor_type is not None and prior.anchor_value is not None:
-            anchor = (prior.anchor_type, prior.anchor_value)
+        if prior.anchor_type is not None and prior.anchor_key is not None:
+            anchor = (prior.anchor_type, prior.anchor_key)
         root = await self._root(tx, prior.person_id)
         outcome = "anonymous" if prior.outcome == "anonymous" else "unchanged"
         return Resolution(root or "", outcome, anchor, prior.candidate_id or "")

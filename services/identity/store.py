@@ -113,7 +113,7 @@ class EvidenceRow(Base):
     # What the record resolved to: the home person of its anchor, and what was done.
     person_id: Mapped[str | None] = mapped_column(String(64))
     anchor_type: Mapped[str | None] = mapped_column(String(32))
-    anchor_value: Mapped[str | None] = mapped_column(String(320))
+    anchor_key: Mapped[str | None] = mapped_column(String(320))
     outcome: Mapped[str] = mapped_column(String(16))
     candidate_id: Mapped[str | None] = mapped_column(String(64))
 

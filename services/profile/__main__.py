@@ -1,10 +1,19 @@
 """Runs the profile service: `python -m services.profile [serve|migrate]`."""
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
+from c360.gate.v1 import gate_pb2_grpc
+from c360.identity.v1 import identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.peers import GatePeer, IdentityPeer
+from services.profile.profiles import Profiles
+from services.profile.servicer import ProfileServicer
 from services.profile.settings import ProfileSettings
+from services.profile.store import ProfileStore
 from services.runtime import db
+from services.runtime.channels import connect
 from services.runtime.process import run, start_service
 from services.runtime.server import Registration, Server
 from services.runtime.telemetry import Telemetry
@@ -12,16 +21,38 @@ from services.runtime.telemetry import Telemetry
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-async def build(settings: ProfileSettings, telemetry: Telemetry) -> Server:
-    """Wires the service: settings -> engine -> servicer -> server. Every RPC answers
-    UNIMPLEMENTED until its issue (#5) lands."""
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def build(
+    settings: ProfileSettings, telemetry: Telemetry, clock: Callable[[], datetime] = now
+) -> Server:
+    """Wires the service: settings -> engine, peers -> profiles -> servicer -> server."""
     engine = db.create_engine(settings)
+    identity = connect(settings.address("identity"), settings.service_token, telemetry)
+    gate = connect(settings.address("gate"), settings.service_token, telemetry)
+    profiles = Profiles(
+        ProfileStore(db.session_factory(engine)),
+        IdentityPeer(identity_pb2_grpc.IdentityStub(identity)),
+        GatePeer(gate_pb2_grpc.GateStub(gate)),
+        clock,
+        settings.gate_push_interval_seconds,
+    )
     registration = Registration(
         profile_pb2.DESCRIPTOR.services_by_name["Profile"],
-        profile_pb2_grpc.ProfileServicer(),  # type: ignore[abstract]  # the generated base
+        ProfileServicer(profiles),  # type: ignore[abstract]  # the rest comes with #5 and #6
         profile_pb2_grpc.add_ProfileServicer_to_server,
     )
-    return await start_service(settings, telemetry, [registration], engine)
+
+    async def close_peers() -> None:
+        await identity.close(None)
+        await gate.close(None)
+
+    profiles.start()
+    return await start_service(
+        settings, telemetry, [registration], engine, on_stop=[profiles.stop, close_peers]
+    )
 
 
 if __name__ == "__main__":

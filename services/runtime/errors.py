@@ -162,12 +162,57 @@ class Unavailable(C360Error):
         return (error_details_pb2.RetryInfo(retry_delay=delay),)
 
 
+# A peer's answer to a request that carried the caller's input: passed on as the peer gave it.
+PASSED_ON = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+# A peer that could not answer: the caller may retry.
+PEER_UNAVAILABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class PeerRejected(C360Error):
+    """A peer service refused the caller's input (say, an invalid identifier): its status and
+    details, passed on unchanged."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details() or "")
+        self.code = error.code()
+        self._status: status_pb2.Status | None = None
+        trailing = error.trailing_metadata()
+        value = (
+            trailing.get(STATUS_DETAILS_KEY) if isinstance(trailing, grpc.aio.Metadata) else None
+        )
+        if isinstance(value, bytes):
+            self._status = status_pb2.Status.FromString(value)
+
+    def to_status(self) -> status_pb2.Status:
+        return self._status if self._status is not None else super().to_status()
+
+
 def as_c360_error(exc: BaseException) -> C360Error | None:
     """The caller-facing error for an exception, or None when it must stay hidden (INTERNAL)."""
     if isinstance(exc, C360Error):
         return exc
     if isinstance(exc, DEPENDENCY_ERRORS):
         return Unavailable("a dependency of the service is unavailable; retry")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() in PASSED_ON:
+            return PeerRejected(exc)
+        if exc.code() in PEER_UNAVAILABLE:
+            return Unavailable("a peer service is unavailable; retry")
     return None
 
 

@@ -3,20 +3,34 @@
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from c360.common.v1 import common_pb2
+from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.runtime.settings import SERVICES, ServiceName
 from tests.backing import Backing, free_port
+from tests.polling import eventually
 from tests.rpc import FULL_NAMES
 
 READY_DEADLINE_SECONDS = 90.0
 DEV_TOKEN = "e2e-dev-token"
+CHANNELS = [
+    common_pb2.CHANNEL_EMAIL,
+    common_pb2.CHANNEL_SMS,
+    common_pb2.CHANNEL_WHATSAPP,
+    common_pb2.CHANNEL_PUSH,
+]
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -153,7 +167,54 @@ async def test_calls_are_authenticated_and_answered(embedded_mesh: Mesh) -> None
         "c360.profile.v1.Profile/Get",
     )
     assert code != 0
-    assert "Code: Unimplemented" in output
+    assert "Code: NotFound" in output  # identity's answer, through the profile's peer call
+
+
+async def test_an_unsubscribe_blocks_every_channel_at_the_gate_within_a_second(
+    embedded_mesh: Mesh,
+) -> None:
+    auth = (("authorization", f"Bearer {DEV_TOKEN}"),)
+    placed = Timestamp()
+    placed.FromDatetime(datetime(2026, 1, 10, tzinfo=UTC))
+    async with (
+        grpc.aio.insecure_channel(f"localhost:{embedded_mesh.ports['profile']}") as to_profile,
+        grpc.aio.insecure_channel(f"localhost:{embedded_mesh.ports['gate']}") as to_gate,
+    ):
+        profile = profile_pb2_grpc.ProfileStub(to_profile)
+        gate = gate_pb2_grpc.GateStub(to_gate)
+        order = await profile.IngestOrder(
+            profile_pb2.IngestOrderRequest(
+                shop_id="shop-e2e", order_id="5001", total="42.00", currency="EUR",
+                source=profile_pb2.ORDER_SOURCE_ONLINE, placed_at=placed,
+                identifiers=[common_pb2.Identifier(type="email", value="ivy@mail.example")],
+            ),
+            metadata=auth,
+        )  # fmt: skip
+        await profile.Unsubscribe(
+            profile_pb2.UnsubscribeRequest(
+                shop_id="shop-e2e", person=common_pb2.PersonRef(person_id=order.person_id),
+                source="email_footer", at=placed,
+            ),
+            metadata=auth,
+        )  # fmt: skip
+
+        async def reasons() -> list[str]:
+            answers = [
+                await gate.Check(
+                    gate_pb2.CheckRequest(
+                        shop_id="shop-e2e",
+                        person_id=order.person_id,
+                        channel=channel,
+                        message_id=secrets.token_hex(4),
+                        dry_run=True,
+                    ),
+                    metadata=auth,
+                )
+                for channel in CHANNELS
+            ]
+            return [a.reason for a in answers]
+
+        await eventually(reasons, lambda r: r == ["global_unsubscribe"] * 4, "unsubscribe", 1.0)
 
 
 async def test_ctrl_c_stops_every_service_cleanly(tmp_path: Path) -> None:

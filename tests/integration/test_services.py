@@ -42,6 +42,14 @@ async def test_reflection_lists_the_service_health_and_reflection(
 
 # RPCs built so far; every other one must answer UNIMPLEMENTED rather than a made-up result.
 BUILT = {
+    "c360.profile.v1.Profile": {
+        "Get",
+        "IngestOrder",
+        "IngestRefund",
+        "IngestEvent",
+        "SetConsent",
+        "Unsubscribe",
+    },
     "c360.identity.v1.Identity": {
         "Resolve",
         "Lookup",
@@ -87,7 +95,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
 
 LATEST_REVISION: dict[ServiceName, str] = {
     "identity": "0002",
-    "profile": "0001",
+    "profile": "0002",
     "enrichment": "0001",
     "gate": "0002",
     "gdpr": "0001",

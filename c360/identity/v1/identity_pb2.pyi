@@ -167,8 +167,8 @@ class ResolveResponse(_message.Message):
     """Set when outcome is RESOLVE_OUTCOME_CANDIDATE_RAISED."""
     @_builtins.property
     def anchor(self) -> _common_pb2.Identifier:
-        """The record's strongest identifier, normalised: the record belongs to whoever holds it, now
-        and after any later merge or unmerge.
+        """The record's strongest identifier as its match key (StoredIdentifier.match_key): the record
+        belongs to whoever holds it, now and after any later merge or unmerge.
         """
 
     def __init__(

@@ -1246,36 +1246,16 @@ class ContactHistory(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    @_typing.final
-    class WeekByChannelEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.int
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.int = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     TODAY_BY_CHANNEL_FIELD_NUMBER: _builtins.int
-    WEEK_BY_CHANNEL_FIELD_NUMBER: _builtins.int
+    LAST_7_DAYS_FIELD_NUMBER: _builtins.int
     FATIGUE_FIELD_NUMBER: _builtins.int
     LAST_CONTACT_FIELD_NUMBER: _builtins.int
     MESSAGE_LOG_FIELD_NUMBER: _builtins.int
+    last_7_days: _builtins.int
+    """Messages counted in the rolling last 7×24 h across channels."""
     fatigue: _builtins.str
     @_builtins.property
     def today_by_channel(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
-    @_builtins.property
-    def week_by_channel(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     @_builtins.property
     def last_contact(self) -> _containers.RepeatedCompositeFieldContainer[Global___LastContactAt]: ...
     @_builtins.property
@@ -1284,14 +1264,14 @@ class ContactHistory(_message.Message):
         self,
         *,
         today_by_channel: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
-        week_by_channel: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        last_7_days: _builtins.int = ...,
         fatigue: _builtins.str = ...,
         last_contact: _abc.Iterable[Global___LastContactAt] | None = ...,
         message_log: _abc.Iterable[Global___MessageLogLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fatigue", b"fatigue", "last_contact", b"last_contact", "message_log", b"message_log", "today_by_channel", b"today_by_channel", "week_by_channel", b"week_by_channel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fatigue", b"fatigue", "last_7_days", b"last_7_days", "last_contact", b"last_contact", "message_log", b"message_log", "today_by_channel", b"today_by_channel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,7 +57,7 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("person_id", sa.String(length=64), nullable=True),
         sa.Column("anchor_type", sa.String(length=32), nullable=True),
-        sa.Column("anchor_value", sa.String(length=320), nullable=True),
+        sa.Column("anchor_key", sa.String(length=320), nullable=True),
         sa.Column("outcome", sa.String(length=16), nullable=False),
         sa.Column("candidate_id", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),

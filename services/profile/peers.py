@@ -1,0 +1,153 @@
+"""The profile service's calls to its peers: identity (who a record belongs to) and the gate
+(contact policies, contact history)."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from c360.common.v1 import common_pb2
+from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.identity.v1 import identity_pb2, identity_pb2_grpc
+
+CHANNELS: dict[str, common_pb2.Channel.ValueType] = {
+    "email": common_pb2.CHANNEL_EMAIL,
+    "sms": common_pb2.CHANNEL_SMS,
+    "whatsapp": common_pb2.CHANNEL_WHATSAPP,
+    "push": common_pb2.CHANNEL_PUSH,
+}
+CHANNEL_NAMES = {value: name for name, value in CHANNELS.items()}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Who a record belongs to: the person, and the anchor its facts keep (None: nobody)."""
+
+    person_id: str
+    anchor: tuple[str, str] | None
+    erased: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """A person as identity groups it: the root, its members, and every identifier
+    (type, normalised value, match key)."""
+
+    person_id: str
+    members: list[str]
+    identifiers: list[tuple[str, str, str]] = field(default_factory=list)
+    erased: bool = False
+
+    @property
+    def anchors(self) -> list[tuple[str, str]]:
+        """Every anchor a fact of this person can carry."""
+        persons = [("person", p) for p in [self.person_id, *self.members]]
+        return persons + [(t, key) for t, _, key in self.identifiers]
+
+
+@dataclass(frozen=True)
+class History:
+    """The gate's view of a person: counts, fatigue, last contact, the log."""
+
+    today: dict[str, int]
+    week_total: int
+    fatigue: str
+    last_contact: dict[str, datetime]
+    log: list[gate_pb2.MessageLogEntry]
+
+
+class IdentityPeer:
+    """Identity, over a channel carrying the service token."""
+
+    def __init__(self, stub: "identity_pb2_grpc.IdentityAsyncStub") -> None:
+        self._stub = stub
+
+    async def resolve(
+        self,
+        shop_id: str,
+        identifiers: list[tuple[str, str]],
+        source: str,
+        event_id: str,
+        asserted: bool,
+        country: str = "",
+    ) -> Resolved:
+        answer = await self._stub.Resolve(
+            identity_pb2.ResolveRequest(
+                shop_id=shop_id,
+                identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in identifiers],
+                source=source,
+                strength=identity_pb2.STRENGTH_ASSERTED
+                if asserted
+                else identity_pb2.STRENGTH_AUTHORITATIVE,
+                event_id=event_id,
+                country=country,
+            )
+        )
+        if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ERASED:
+            return Resolved(answer.person_id, ("person", answer.person_id), erased=True)
+        if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ANONYMOUS:
+            return Resolved("", None)
+        return Resolved(answer.person_id, (answer.anchor.type, answer.anchor.value))
+
+    async def lookup(self, shop_id: str, type_: str, value: str) -> str:
+        answer = await self._stub.Lookup(
+            identity_pb2.LookupRequest(
+                shop_id=shop_id, identifier=common_pb2.Identifier(type=type_, value=value)
+            )
+        )
+        return str(answer.person_id)
+
+    async def group(self, shop_id: str, person_id: str) -> Group:
+        person = await self._stub.GetPerson(
+            identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
+        )
+        return Group(
+            person.person_id,
+            list(person.member_person_ids),
+            [(i.type, i.normalized_value, i.match_key) for i in person.identifiers],
+            person.erased,
+        )
+
+
+class GatePeer:
+    """The gate, over a channel carrying the service token."""
+
+    def __init__(self, stub: "gate_pb2_grpc.GateAsyncStub") -> None:
+        self._stub = stub
+
+    async def put_contact_policy(
+        self,
+        shop_id: str,
+        person_id: str,
+        granted: dict[str, bool],
+        global_unsubscribe: bool,
+        version: int,
+    ) -> None:
+        await self._stub.PutContactPolicy(
+            gate_pb2.PutContactPolicyRequest(
+                shop_id=shop_id,
+                person_id=person_id,
+                consents=[
+                    gate_pb2.ChannelConsent(channel=CHANNELS[name], granted=ok)
+                    for name, ok in sorted(granted.items())
+                ],
+                global_unsubscribe=global_unsubscribe,
+                version=version,
+            )
+        )
+
+    async def history(self, shop_id: str, person_id: str, include_log: bool) -> History:
+        answer = await self._stub.GetContactHistory(
+            gate_pb2.GetContactHistoryRequest(
+                shop_id=shop_id, person_id=person_id, include_log=include_log, log_limit=100
+            )
+        )
+        return History(
+            dict(answer.counts.today_by_channel),
+            answer.counts.last_7_days,
+            answer.counts.fatigue,
+            {
+                CHANNEL_NAMES[c.channel]: c.at.ToDatetime()
+                for c in answer.last_contact
+                if c.channel in CHANNEL_NAMES
+            },
+            list(answer.log),
+        )

@@ -1,0 +1,399 @@
+"""Profiles: facts in (idempotent, anchored on the identifier they came with), the whole
+picture out (the facts of every anchor identity groups under one person)."""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from services.profile.peers import GatePeer, Group, History, IdentityPeer
+from services.profile.store import (
+    Anchor,
+    ConsentRow,
+    EventRow,
+    Facts,
+    OrderTotals,
+    ProfileStore,
+    RefundRow,
+)
+
+log = logging.getLogger(__name__)
+
+CENT = Decimal("0.01")
+ALL_CHANNELS = "all"
+# Anchors of facts that identify nobody: the order or event itself.
+ANONYMOUS = ("order", "event")
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order as ingested: identifiers resolve its person; the rest is kept as it came."""
+
+    shop_id: str
+    order_id: str
+    identifiers: list[tuple[str, str]]
+    placed_at: datetime
+    updated_at: datetime
+    total: Decimal
+    currency: str
+    source: str
+    location: str
+    line_items: list[dict[str, Any]]
+    cancelled: bool = False
+    country: str = ""
+
+
+@dataclass(frozen=True)
+class PersonRef:
+    """Who a request is about: a person id, or an identifier (type, value)."""
+
+    person_id: str = ""
+    identifier: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ConsentChange:
+    """A consent given or withdrawn on one channel, or (channel `all`, not granted) a global
+    unsubscribe."""
+
+    shop_id: str
+    person: PersonRef
+    channel: str
+    granted: bool
+    consent_text: str
+    source: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ConsentState:
+    """The newest consent on a channel, with its exact text, time and source."""
+
+    channel: str
+    granted: bool
+    consent_text: str
+    source: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Purchases:
+    """What a person bought, net of refunds, in their main currency."""
+
+    order_count: int = 0
+    lifetime_spend: Decimal = Decimal(0)
+    refunded: Decimal = Decimal(0)
+    currency: str = ""
+    first_order_at: datetime | None = None
+    last_order_at: datetime | None = None
+    acquisition_channel: str = ""
+    by_source: dict[str, int] = field(default_factory=dict)
+    preferred_location: str = ""
+
+    @property
+    def average_order_value(self) -> Decimal:
+        if not self.order_count:
+            return Decimal(0)
+        return (self.lifetime_spend / self.order_count).quantize(CENT)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The whole picture of one person."""
+
+    shop_id: str
+    group: Group
+    purchases: Purchases
+    engagement: list[tuple[str, str, int, datetime]]
+    consents: list[ConsentState]
+    global_unsubscribe: bool
+    history: History | None
+
+
+def consent_id(shop_id: str, anchor: Anchor, change: ConsentChange) -> str:
+    """The idempotency key of a consent: the same consent delivered twice is stored once."""
+    text = "\0".join(
+        [shop_id, *anchor, change.channel, str(change.granted), change.consent_text,
+         change.source, change.at.isoformat()]
+    )  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def purchases(facts: Facts) -> Purchases:
+    """Order totals in the currency of most orders, refunds netted."""
+    if not facts.orders:
+        return Purchases()
+    by_currency: Counter[str] = Counter()
+    for row in facts.orders:
+        by_currency[row.currency] += row.orders
+    currency = by_currency.most_common(1)[0][0]
+    rows: list[OrderTotals] = [r for r in facts.orders if r.currency == currency]
+    by_source: Counter[str] = Counter()
+    pos_locations: Counter[str] = Counter()
+    for row in rows:
+        by_source[row.source] += row.orders
+        if row.source == "pos" and row.location:
+            pos_locations[row.location] += row.orders
+    refunded = facts.refunded.get(currency, Decimal(0))
+    spend = sum((r.spend for r in rows), Decimal(0)) - refunded
+    return Purchases(
+        order_count=sum(r.orders for r in rows),
+        lifetime_spend=spend.quantize(CENT),
+        refunded=Decimal(refunded).quantize(CENT),
+        currency=currency,
+        first_order_at=min(r.first_at for r in rows),
+        last_order_at=max(r.last_at for r in rows),
+        acquisition_channel=facts.first_source,
+        by_source=dict(by_source),
+        preferred_location=pos_locations.most_common(1)[0][0] if pos_locations else "",
+    )
+
+
+def consent_states(rows: Sequence[ConsentRow]) -> tuple[list[ConsentState], bool]:
+    """The newest consent per channel, and whether a global unsubscribe stands (no consent was
+    granted after the newest one). Rows come oldest first."""
+    latest: dict[str, ConsentState] = {}
+    unsubscribed_at: datetime | None = None
+    for row in rows:
+        state = ConsentState(row.channel, row.granted, row.consent_text, row.source, row.at)
+        if row.channel == ALL_CHANNELS:
+            unsubscribed_at = row.at
+            for channel, old in list(latest.items()):
+                latest[channel] = ConsentState(channel, False, old.consent_text, row.source, row.at)
+        else:
+            latest[row.channel] = state
+    stands = unsubscribed_at is not None and not any(
+        s.granted and s.at > unsubscribed_at for s in latest.values()
+    )
+    return sorted(latest.values(), key=lambda s: s.channel), stands
+
+
+class Profiles:
+    """Ingestion and assembly of profiles, and the consent outbox to the gate."""
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        identity: IdentityPeer,
+        gate: GatePeer,
+        clock: Callable[[], datetime],
+        push_interval: float = 0.2,
+    ) -> None:
+        self._store = store
+        self._identity = identity
+        self._gate = gate
+        self._clock = clock
+        self._push_interval = push_interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- ingestion ------------------------------------------------------------------------------
+
+    async def ingest_order(self, order: Order) -> tuple[str, bool]:
+        """Stores the order (a newer version supersedes, an equal or older one changes nothing)
+        under its strongest identifier; returns its person and whether anything changed."""
+        resolved = await self._identity.resolve(
+            order.shop_id,
+            order.identifiers,
+            source=f"order_{order.source}",
+            event_id=f"order:{order.order_id}:{order.updated_at.isoformat()}",
+            asserted=False,
+            country=order.country,
+        )
+        anchor = resolved.anchor or ("order", order.order_id)
+        applied = await self._store.put_order(
+            {
+                "shop_id": order.shop_id,
+                "order_id": order.order_id,
+                "updated_at": order.updated_at,
+                "placed_at": order.placed_at,
+                "anchor_type": anchor[0],
+                "anchor_key": anchor[1],
+                "total": order.total,
+                "currency": order.currency,
+                "source": order.source,
+                "location": order.location,
+                "cancelled": order.cancelled,
+                "line_items": order.line_items,
+                "received_at": self._clock(),
+            }
+        )
+        return resolved.person_id, applied
+
+    async def ingest_refund(
+        self,
+        shop_id: str,
+        refund_id: str,
+        order_id: str,
+        amount: Decimal,
+        refunded_at: datetime,
+        is_return: bool,
+    ) -> tuple[str, bool]:
+        """Stores a refund against its order (which may not have arrived yet)."""
+        applied = await self._store.add_fact(
+            RefundRow,
+            {
+                "shop_id": shop_id,
+                "refund_id": refund_id,
+                "order_id": order_id,
+                "amount": amount,
+                "refunded_at": refunded_at,
+                "is_return": is_return,
+                "received_at": self._clock(),
+            },
+        )
+        anchor = await self._store.order_anchor(shop_id, order_id)
+        person_id = await self._person_of(shop_id, anchor) if anchor else ""
+        return person_id, applied
+
+    async def ingest_event(
+        self,
+        shop_id: str,
+        event_id: str,
+        identifiers: list[tuple[str, str]],
+        kind: str,
+        channel: str,
+        at: datetime,
+    ) -> tuple[str, bool]:
+        """Stores a visit or an engagement under its strongest identifier."""
+        resolved = await self._identity.resolve(
+            shop_id, identifiers, source=f"event_{kind}", event_id=f"event:{event_id}",
+            asserted=True,
+        )  # fmt: skip
+        anchor = resolved.anchor or ("event", event_id)
+        applied = await self._store.add_fact(
+            EventRow,
+            {
+                "shop_id": shop_id,
+                "event_id": event_id,
+                "anchor_type": anchor[0],
+                "anchor_key": anchor[1],
+                "kind": kind,
+                "channel": channel,
+                "at": at,
+            },
+        )
+        return resolved.person_id, applied
+
+    async def set_consent(self, change: ConsentChange) -> tuple[str, bool]:
+        """Stores a consent change and queues the person's contact policy for the gate."""
+        group = await self._person(change.shop_id, change.person)
+        # Recorded against the person id named (or found): it stays theirs through merges.
+        person_id = change.person.person_id or group.person_id
+        anchor = ("person", person_id)
+        applied = await self._store.add_consent(
+            {
+                "shop_id": change.shop_id,
+                "consent_id": consent_id(change.shop_id, anchor, change),
+                "anchor_type": anchor[0],
+                "anchor_key": anchor[1],
+                "channel": change.channel,
+                "granted": change.granted,
+                "consent_text": change.consent_text,
+                "source": change.source,
+                "at": change.at,
+            },
+            group.person_id,
+            self._clock(),
+        )
+        self._wake.set()
+        return group.person_id, applied
+
+    async def _person(self, shop_id: str, person: PersonRef) -> Group:
+        """The group of a person named by id or by any identifier (read-only: never creates)."""
+        person_id = person.person_id
+        if person.identifier is not None:
+            person_id = await self._identity.lookup(shop_id, *person.identifier)
+        return await self._identity.group(shop_id, person_id)
+
+    async def _person_of(self, shop_id: str, anchor: Anchor) -> str:
+        """The person an anchor belongs to now ("" for an anonymous order or event)."""
+        if anchor[0] in ANONYMOUS:
+            return ""
+        if anchor[0] == "person":
+            return (await self._identity.group(shop_id, anchor[1])).person_id
+        return await self._identity.lookup(shop_id, *anchor)
+
+    # --- the whole picture ----------------------------------------------------------------------
+
+    async def get(self, shop_id: str, person: PersonRef, include_log: bool) -> Profile:
+        """Everything known about the person (the group identity keeps them in)."""
+        group = await self._person(shop_id, person)
+        facts = await self._store.facts(shop_id, group.anchors)
+        consents, unsubscribed = consent_states(facts.consents)
+        return Profile(
+            shop_id,
+            group,
+            purchases(facts),
+            facts.engagement,
+            consents,
+            unsubscribed,
+            await self._history(shop_id, group.person_id, include_log),
+        )
+
+    async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:
+        """The gate's contact history; absent (not invented) while the gate cannot answer."""
+        try:
+            history: History = await self._gate.history(shop_id, person_id, include_log)
+        except Exception as exc:
+            log.warning("contact history unavailable", extra={"error": type(exc).__name__})
+            return None
+        return history
+
+    # --- consent to the gate --------------------------------------------------------------------
+
+    async def push_pending(self) -> int:
+        """Gives the gate the contact policy of every person whose consent changed; returns how
+        many were pushed. A failed push is retried with backoff."""
+        pushed = 0
+        for row in await self._store.pending_pushes(self._clock(), limit=100):
+            try:
+                group = await self._identity.group(row.shop_id, row.person_id)
+                facts = await self._store.facts(row.shop_id, group.anchors)
+                states, unsubscribed = consent_states(facts.consents)
+                await self._gate.put_contact_policy(
+                    row.shop_id,
+                    group.person_id,
+                    {s.channel: s.granted for s in states},
+                    unsubscribed,
+                    version=int(row.requested_at.timestamp() * 1_000_000),
+                )
+            except Exception as exc:
+                delay = min(60.0, 0.5 * 2 ** min(row.attempts, 7))
+                log.warning(
+                    "contact policy push failed; retrying",
+                    extra={"error": type(exc).__name__, "attempts": row.attempts + 1},
+                )
+                await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
+                continue
+            await self._store.pushed(row)
+            pushed += 1
+        return pushed
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._push_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.push_pending()
+            except Exception as exc:
+                log.warning("contact policy outbox unreadable", extra={"error": type(exc).__name__})
+
+    def start(self) -> None:
+        """Pushes contact policies in the background, as soon as a consent changes."""
+        self._task = asyncio.create_task(self._run(), name="gate-push")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task

@@ -1,0 +1,297 @@
+"""The profile service's facts and the queries that assemble a profile from them.
+
+Facts are immutable and keep the identifier they arrived with (their *anchor*: the record's
+strongest identifier as the identity service matches it, or the person id a request named). A
+profile is the facts whose anchors the identity service groups under one person, so merges and
+unmerges regroup facts without rewriting any.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    delete,
+    func,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.runtime.db import dialect_of, utc
+
+BIGINT = BigInteger().with_variant(Integer, "sqlite")
+MONEY = Numeric(20, 4)
+Anchor = tuple[str, str]
+
+
+class Base(DeclarativeBase):
+    """Tables of the profile service."""
+
+
+class OrderRow(Base):
+    """An order as of its newest version (`updated_at`)."""
+
+    __tablename__ = "order_fact"
+    __table_args__ = (Index("order_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    placed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    anchor_type: Mapped[str] = mapped_column(String(32))
+    anchor_key: Mapped[str] = mapped_column(String(320))
+    total: Mapped[Decimal] = mapped_column(MONEY)
+    currency: Mapped[str] = mapped_column(String(3))
+    source: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str] = mapped_column(String(256))
+    cancelled: Mapped[bool] = mapped_column(Boolean)
+    line_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RefundRow(Base):
+    """A refund or return against an order (which may arrive after it)."""
+
+    __tablename__ = "refund_fact"
+    __table_args__ = (Index("refund_fact_order", "shop_id", "order_id"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    refund_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    refunded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    is_return: Mapped[bool] = mapped_column(Boolean)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    """A storefront visit or a message engagement (open, click, reply, dismiss)."""
+
+    __tablename__ = "event_fact"
+    __table_args__ = (Index("event_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    anchor_type: Mapped[str] = mapped_column(String(32))
+    anchor_key: Mapped[str] = mapped_column(String(320))
+    kind: Mapped[str] = mapped_column(String(16))
+    channel: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConsentRow(Base):
+    """A consent given or withdrawn on a channel, or a global unsubscribe (channel `all`)."""
+
+    __tablename__ = "consent_fact"
+    __table_args__ = (Index("consent_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # A digest of everything below: the same consent delivered twice is stored once.
+    consent_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    anchor_type: Mapped[str] = mapped_column(String(32))
+    anchor_key: Mapped[str] = mapped_column(String(320))
+    channel: Mapped[str] = mapped_column(String(16))
+    granted: Mapped[bool] = mapped_column(Boolean)
+    consent_text: Mapped[str] = mapped_column(String(4000))
+    source: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class GatePushRow(Base):
+    """A person whose contact policy the gate must be given (the consent outbox)."""
+
+    __tablename__ = "gate_push"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class OrderTotals:
+    """Orders of one currency, source and location."""
+
+    currency: str
+    source: str
+    location: str
+    orders: int
+    spend: Decimal
+    first_at: datetime
+    last_at: datetime
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a profile is assembled from."""
+
+    orders: list[OrderTotals]
+    refunded: dict[str, Decimal]
+    first_source: str
+    engagement: list[tuple[str, str, int, datetime]]
+    consents: list[ConsentRow]
+
+
+def _anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
+    return tuple_(model.anchor_type, model.anchor_key).in_(anchors)
+
+
+class ProfileStore:
+    """Writes of facts (idempotent) and the reads that assemble a profile."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def put_order(self, values: dict[str, Any]) -> bool:
+        """Stores an order unless a version as new is stored; returns whether it did."""
+        async with self._sessions.begin() as session:
+            insert = dialect_of(session).insert(OrderRow).values(values)
+            result = await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["shop_id", "order_id"],
+                    set_={
+                        k: insert.excluded[k] for k in values if k not in ("shop_id", "order_id")
+                    },
+                    where=OrderRow.updated_at < insert.excluded.updated_at,
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def add_fact(self, model: Any, values: dict[str, Any]) -> bool:
+        """Stores a refund, an event or a consent unless stored already; returns whether it did."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                dialect_of(session).insert(model).values(values).on_conflict_do_nothing()
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def add_consent(self, values: dict[str, Any], person_id: str, now: datetime) -> bool:
+        """Stores a consent and, in the same transaction, asks for the gate to be told."""
+        async with self._sessions.begin() as session:
+            dialect = dialect_of(session)
+            result = await session.execute(
+                dialect.insert(ConsentRow).values(values).on_conflict_do_nothing()
+            )
+            push = dialect.insert(GatePushRow).values(
+                shop_id=values["shop_id"],
+                person_id=person_id,
+                requested_at=now,
+                attempts=0,
+                not_before=now,
+            )
+            await session.execute(
+                push.on_conflict_do_update(
+                    index_elements=["shop_id", "person_id"],
+                    set_={"requested_at": now, "attempts": 0, "not_before": now},
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def order_anchor(self, shop_id: str, order_id: str) -> Anchor | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(OrderRow.anchor_type, OrderRow.anchor_key).where(
+                        OrderRow.shop_id == shop_id, OrderRow.order_id == order_id
+                    )
+                )
+            ).one_or_none()
+            return None if row is None else (row[0], row[1])
+
+    async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
+        """The facts anchored on any of these identifiers, aggregated in the database."""
+        async with self._sessions() as session:
+            mine = (OrderRow.shop_id == shop_id) & _anchored(OrderRow, anchors)
+            live = mine & OrderRow.cancelled.is_(False)
+            orders = [
+                OrderTotals(currency, source, location, n, spend, utc(first), utc(last))
+                for currency, source, location, n, spend, first, last in await session.execute(
+                    select(
+                        OrderRow.currency,
+                        OrderRow.source,
+                        OrderRow.location,
+                        func.count(),
+                        func.sum(OrderRow.total),
+                        func.min(OrderRow.placed_at),
+                        func.max(OrderRow.placed_at),
+                    )
+                    .where(live)
+                    .group_by(OrderRow.currency, OrderRow.source, OrderRow.location)
+                )
+            ]
+            first_source = await session.scalar(
+                select(OrderRow.source).where(live).order_by(OrderRow.placed_at).limit(1)
+            )
+            refunded = {
+                currency: amount
+                for currency, amount in await session.execute(
+                    select(OrderRow.currency, func.sum(RefundRow.amount))
+                    .join(
+                        RefundRow,
+                        (RefundRow.shop_id == OrderRow.shop_id)
+                        & (RefundRow.order_id == OrderRow.order_id),
+                    )
+                    .where(live)
+                    .group_by(OrderRow.currency)
+                )
+            }
+            engagement = [
+                (channel, kind, n, utc(last))
+                for channel, kind, n, last in await session.execute(
+                    select(EventRow.channel, EventRow.kind, func.count(), func.max(EventRow.at))
+                    .where(EventRow.shop_id == shop_id, _anchored(EventRow, anchors))
+                    .group_by(EventRow.channel, EventRow.kind)
+                )
+            ]
+            consents = list(
+                await session.scalars(
+                    select(ConsentRow)
+                    .where(ConsentRow.shop_id == shop_id, _anchored(ConsentRow, anchors))
+                    .order_by(ConsentRow.at, ConsentRow.consent_id)
+                )
+            )
+            return Facts(orders, refunded, first_source or "", engagement, consents)
+
+    async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
+        """Persons whose contact policy is due to be pushed to the gate."""
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(GatePushRow)
+                    .where(GatePushRow.not_before <= now)
+                    .order_by(GatePushRow.requested_at)
+                    .limit(limit)
+                )
+            )
+
+    async def pushed(self, row: GatePushRow) -> None:
+        """Done, unless the person's consent changed again meanwhile."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                delete(GatePushRow).where(
+                    GatePushRow.shop_id == row.shop_id,
+                    GatePushRow.person_id == row.person_id,
+                    GatePushRow.requested_at == row.requested_at,
+                )
+            )
+
+    async def push_failed(self, row: GatePushRow, retry_at: datetime) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(GatePushRow)
+                .where(
+                    GatePushRow.shop_id == row.shop_id,
+                    GatePushRow.person_id == row.person_id,
+                    GatePushRow.requested_at == row.requested_at,
+                )
+                .values(attempts=GatePushRow.attempts + 1, not_before=retry_at)
+            )
