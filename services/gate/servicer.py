@@ -9,36 +9,25 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy
 from services.gate.gate import Counts, Decision, Gate, Request
 from services.gate.rules import MINUTES_PER_DAY, parse_fatigue, zone
-from services.runtime.validation import Violations, person, shop, timestamp
+from services.runtime.validation import (
+    CHANNEL_ENUMS,
+    Violations,
+    channel_name,
+    person,
+    shop,
+    timestamp,
+)
 
 MAX_MESSAGE_ID = 256
 MAX_BATCH = 100_000
 MAX_CAP = 1000
 MAX_LOG = 1000
 
-CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
-    common_pb2.CHANNEL_EMAIL: "email",
-    common_pb2.CHANNEL_SMS: "sms",
-    common_pb2.CHANNEL_WHATSAPP: "whatsapp",
-    common_pb2.CHANNEL_PUSH: "push",
-}
-CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
-
 
 def _message(value: str, field: str, violations: Violations) -> str:
     if not value or len(value) > MAX_MESSAGE_ID or not value.isprintable():
         violations.add(field, f"must be 1-{MAX_MESSAGE_ID} printable characters")
     return value
-
-
-def _channel(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:
-    name = CHANNEL_NAMES.get(value)
-    if name is None:
-        violations.add(
-            field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WHATSAPP or CHANNEL_PUSH"
-        )
-        return "email"
-    return name
 
 
 def _zone(value: str, field: str, violations: Violations) -> str:
@@ -97,7 +86,7 @@ def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, An
         document["global_daily_cap"] = request.global_daily_cap
     caps: dict[str, int] = {}
     for i, cap in enumerate(request.channel_caps):
-        channel = _channel(cap.channel, f"channel_caps[{i}].channel", violations)
+        channel = channel_name(cap.channel, f"channel_caps[{i}].channel", violations)
         if channel in caps:
             violations.add(f"channel_caps[{i}].channel", f"{channel} is capped twice")
         if not 0 <= cap.daily_cap <= MAX_CAP:
@@ -132,7 +121,7 @@ def shop_policy_document(request: gate_pb2.PutShopPolicyRequest) -> dict[str, An
 def _channels(
     values: Iterable[common_pb2.Channel.ValueType], field: str, violations: Violations
 ) -> frozenset[str]:
-    return frozenset(_channel(v, f"{field}[{i}]", violations) for i, v in enumerate(values))
+    return frozenset(channel_name(v, f"{field}[{i}]", violations) for i, v in enumerate(values))
 
 
 class GateServicer(gate_pb2_grpc.GateServicer):
@@ -146,7 +135,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         decision_request = Request(
             shop_id=shop(request.shop_id, violations),
             person_id=person(request.person_id, "person_id", violations),
-            channel=_channel(request.channel, "channel", violations),
+            channel=channel_name(request.channel, "channel", violations),
             message_id=_message(request.message_id, "message_id", violations),
             transactional=_message_class(request.message_class, violations),
             dry_run=request.dry_run,
@@ -159,7 +148,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
     ) -> gate_pb2.CheckBatchResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        channel = _channel(request.channel, "channel", violations)
+        channel = channel_name(request.channel, "channel", violations)
         if len(request.items) > MAX_BATCH:
             violations.add("items", f"at most {MAX_BATCH} items")
         transactional = _message_class(request.message_class, violations)
@@ -197,7 +186,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         person_id = person(request.person_id, "person_id", violations)
         consents: dict[str, bool] = {}
         for i, consent in enumerate(request.consents):
-            channel = _channel(consent.channel, f"consents[{i}].channel", violations)
+            channel = channel_name(consent.channel, f"consents[{i}].channel", violations)
             if consents.get(channel, consent.granted) != consent.granted:
                 violations.add(f"consents[{i}]", f"{channel} is both granted and not granted")
             consents[channel] = consent.granted

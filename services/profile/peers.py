@@ -7,14 +7,7 @@ from datetime import datetime
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
-
-CHANNELS: dict[str, common_pb2.Channel.ValueType] = {
-    "email": common_pb2.CHANNEL_EMAIL,
-    "sms": common_pb2.CHANNEL_SMS,
-    "whatsapp": common_pb2.CHANNEL_WHATSAPP,
-    "push": common_pb2.CHANNEL_PUSH,
-}
-CHANNEL_NAMES = {value: name for name, value in CHANNELS.items()}
+from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -126,7 +119,7 @@ class GatePeer:
                 shop_id=shop_id,
                 person_id=person_id,
                 consents=[
-                    gate_pb2.ChannelConsent(channel=CHANNELS[name], granted=ok)
+                    gate_pb2.ChannelConsent(channel=CHANNEL_ENUMS[name], granted=ok)
                     for name, ok in sorted(granted.items())
                 ],
                 global_unsubscribe=global_unsubscribe,

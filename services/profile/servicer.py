@@ -9,7 +9,6 @@ from google.protobuf.json_format import MessageToDict
 
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
-from services.profile.peers import CHANNEL_NAMES, CHANNELS
 from services.profile.profiles import (
     ALL_CHANNELS,
     ConsentChange,
@@ -18,7 +17,15 @@ from services.profile.profiles import (
     Profile,
     Profiles,
 )
-from services.runtime.validation import Violations, instant, person, shop, timestamp
+from services.runtime.validation import (
+    CHANNEL_ENUMS,
+    Violations,
+    channel_name,
+    instant,
+    person,
+    shop,
+    timestamp,
+)
 
 SOURCES = {
     profile_pb2.ORDER_SOURCE_ONLINE: "online",
@@ -85,16 +92,6 @@ def _person_ref(request: Any, violations: Violations) -> PersonRef:
     return PersonRef()
 
 
-def _channel(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:
-    name = CHANNEL_NAMES.get(value)
-    if name is None:
-        violations.add(
-            field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WHATSAPP or CHANNEL_PUSH"
-        )
-        return ""
-    return name
-
-
 def _money(amount: Decimal) -> str:
     return f"{amount:.2f}"
 
@@ -134,7 +131,7 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
         engagement=profile_pb2.Engagement(
             counts=[
                 profile_pb2.EngagementCount(
-                    channel=CHANNELS.get(channel, common_pb2.CHANNEL_UNSPECIFIED),
+                    channel=CHANNEL_ENUMS.get(channel, common_pb2.CHANNEL_UNSPECIFIED),
                     kind=KIND_ENUMS[kind],
                     count=count,
                 )
@@ -145,7 +142,7 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
         ),
         consents=[
             profile_pb2.Consent(
-                channel=CHANNELS[c.channel],
+                channel=CHANNEL_ENUMS[c.channel],
                 granted=c.granted,
                 consent_text=c.consent_text,
                 source=c.source,
@@ -163,7 +160,7 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
                 last_7_days=history.week_total,
                 fatigue=history.fatigue,
                 last_contact=[
-                    profile_pb2.LastContactAt(channel=CHANNELS[c], at=timestamp(at))
+                    profile_pb2.LastContactAt(channel=CHANNEL_ENUMS[c], at=timestamp(at))
                     for c, at in sorted(history.last_contact.items())
                 ],
                 message_log=[
@@ -259,7 +256,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
             )
         channel = ""
         if kind != "visit":
-            channel = _channel(request.channel, "channel", violations)
+            channel = channel_name(request.channel, "channel", violations)
         at = _when(request, "at", violations)
         violations.raise_any()
         person_id, applied = await self._profiles.ingest_event(
@@ -271,7 +268,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         ref = _person_ref(request, violations)
-        channel = _channel(request.channel, "channel", violations)
+        channel = channel_name(request.channel, "channel", violations)
         if len(request.consent_text) > MAX_TEXT:
             violations.add("consent_text", f"at most {MAX_TEXT} characters")
         source = _id(request.source, "source", violations, limit=64)

@@ -6,12 +6,21 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from c360.common.v1 import common_pb2
 from services.runtime.errors import InvalidArgument
 
 # Shop and person ids go inside Redis hash tags and schema-free keys: no braces, and no colon in
 # shops.
 SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
+    common_pb2.CHANNEL_EMAIL: "email",
+    common_pb2.CHANNEL_SMS: "sms",
+    common_pb2.CHANNEL_WHATSAPP: "whatsapp",
+    common_pb2.CHANNEL_PUSH: "push",
+}
+CHANNEL_ENUMS = {name: value for value, name in CHANNEL_NAMES.items()}
 
 
 class Violations:
@@ -40,6 +49,17 @@ def person(value: str, field: str, violations: Violations) -> str:
     if not PERSON_ID.fullmatch(value):
         violations.add(field, "must be 1-128 letters, digits, '.', '_', ':' or '-'")
     return value
+
+
+def channel_name(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:
+    """The name of a channel ("email", "sms", "whatsapp", "push"), or a violation of `field`."""
+    name = CHANNEL_NAMES.get(value)
+    if name is None:
+        violations.add(
+            field, "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WHATSAPP or CHANNEL_PUSH"
+        )
+        return "email"
+    return name
 
 
 def timestamp(instant: datetime | None) -> Timestamp | None:
