@@ -49,6 +49,8 @@ PROMISCUOUS_AFTER = 3
 MAX_CANDIDATE_EVIDENCE = 20
 MAX_IDENTIFIERS = 50
 RETRIES = 10
+# The advisory lock of an event id, beside those of identifiers (no identifier type has this name).
+EVENT_LOCK = "\0event"
 T = TypeVar("T")
 RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
 
@@ -250,7 +252,8 @@ class IdentityGraph:
     ) -> Resolution:
         linkable = [n for n in normalized if not n.blocked]
         keys = [n.key for n in linkable]
-        await tx.lock_identifiers(keys)
+        # The event's own lock too: two deliveries of one event never both pass the check below.
+        await tx.lock_identifiers([*keys, (EVENT_LOCK, observation.event_id)])
         prior = await tx.evidence(observation.event_id)
         if prior is not None:
             return await self._replay(tx, prior)
@@ -262,9 +265,14 @@ class IdentityGraph:
         found = await tx.identifiers(keys)
         missing = [k for k in keys if k not in found]
         # A forgotten identifier is no longer stored: only the missing ones may be tombstones.
-        tombstone = await tx.erased(missing) if missing else None
-        if tombstone is not None:
-            return Resolution(tombstone, "erased", None)
+        erased = await tx.erased(missing) if missing else {}
+        if linkable[0].key in erased:  # the record is the erased person's: nothing is kept
+            return Resolution(erased[linkable[0].key], "erased", None)
+        if erased:  # a value an erased person shared (a family computer): left out, unrecorded
+            normalized = [n for n in normalized if n.key not in erased]
+            linkable = [n for n in linkable if n.key not in erased]
+            keys = [n.key for n in linkable]
+            missing = [k for k in missing if k not in erased]
         roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
         held: dict[str, dict[str, set[str]]] = {}
         # The common case, every identifier already one person's, changes no grouping: it
@@ -275,11 +283,13 @@ class IdentityGraph:
             or any(s.conflicts >= PROMISCUOUS_AFTER for s in found.values())
         ):
             while True:
-                locked = await tx.lock_persons(roots)
-                if all(p.root_id == p.person_id for p in locked.values()):
+                await tx.lock_persons(roots)
+                # Merged or unmerged meanwhile? Read again under the locks until nothing moved.
+                found = await tx.identifiers(keys)
+                now_roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
+                if now_roots == roots:
                     break
-                found = await tx.identifiers(keys)  # merged meanwhile: read the new roots
-                roots = {s.root_id for s in found.values() if s.conflicts < PROMISCUOUS_AFTER}
+                roots = now_roots
             held = await tx.held(sorted(roots))
         run.stored = {k: s.home_id for k, s in found.items()}
         parties: dict[str | None, Party] = {}
@@ -345,7 +355,10 @@ class IdentityGraph:
                 survivor, merged = group, other
                 if not group.known and other.known:
                     survivor, merged = other, group
-                await self._merge(run, survivor.person_id, merged.person_id, other.links)
+                # Under the very person the record ties it to, so that undoing an earlier merge
+                # of that person carries this group along.
+                parent = self._home(run, survivor)
+                await self._merge(run, parent, merged.person_id, other.links)
                 survivor.absorb(merged)
                 survivor.links.extend(merged.links)
                 group = survivor
@@ -375,13 +388,15 @@ class IdentityGraph:
     async def _keep_apart(self, run: _Run, group: Party, other: Party, reason: str) -> None:
         """A conflict: both stay apart (the new identifiers as a person of their own) and a
         candidate is raised; a session bridging two known people moves to the newest one."""
+        # The values that linked two existing persons count towards their promiscuity.
+        linking = [n.key for n in other.links if n.key in run.stored]
         if group.person_id is None:
             await self._create(run, group)
         if other.person_id is None:
             await self._create(run, other)
         assert group.person_id is not None
         assert other.person_id is not None
-        await run.tx.count_conflicts([n.key for n in other.links if n.key in run.stored])
+        await run.tx.count_conflicts(linking)
         await self._candidate(run, group.person_id, other.person_id, reason)
         if reason == "cookie_bridge":
             home = self._home(run, group)
@@ -445,7 +460,10 @@ class IdentityGraph:
         event_id: str | None,
         candidate_id: str | None,
     ) -> MergeRow:
-        await tx.close_candidates(survivor, merged, "merged", by, reason, now)
+        """Hangs the root `merged` under the person `survivor` (either may be locked already)."""
+        survivor_root = await self._root(tx, survivor)
+        assert survivor_root is not None
+        await tx.close_candidates(survivor_root, merged, "merged", by, reason, now)
         row = MergeRow(
             merge_id=new_id("m"),
             shop_id=tx.shop_id,
@@ -573,22 +591,12 @@ class IdentityGraph:
             if candidate_id:
                 candidate = await self._open_candidate(tx, candidate_id)
                 a, b = candidate.person_a_id, candidate.person_b_id
-            roots = []
-            for field_name, person_id in (("person_a_id", a), ("person_b_id", b)):
-                person = await tx.person(person_id)
-                if person is None:
-                    raise NotFound("person", person_id)
-                if person.erased_at is not None:
-                    raise FailedPrecondition("PERSON_ERASED", person_id, f"{field_name} is erased")
-                roots.append(person.root_id)
-            locked = await tx.lock_persons(roots)
-            if any(locked[r].root_id != r for r in roots):
-                raise FailedPrecondition("CONCURRENT_MERGE", a, "a merge is under way; retry")
+            roots = await self._lock_groups(tx, {"person_a_id": a, "person_b_id": b})
             if roots[0] == roots[1]:
                 raise FailedPrecondition("ALREADY_MERGED", b, "the two are already one person")
             return await self._do_merge(
                 tx,
-                roots[0],
+                a,
                 roots[1],
                 by=by,
                 reason=reason or "merged by hand",
@@ -599,6 +607,24 @@ class IdentityGraph:
             )
 
         return await self._retrying(shop_id, work)
+
+    async def _lock_groups(self, tx: Tx, persons: dict[str, str]) -> list[str]:
+        """Locks the roots of the named persons (by field name), re-reading until no merge or
+        unmerge moved them meanwhile; returns the roots in order."""
+        while True:
+            roots = []
+            for field_name, person_id in persons.items():
+                person = await tx.person(person_id)
+                if person is None:
+                    raise NotFound("person", person_id)
+                if person.erased_at is not None:
+                    raise FailedPrecondition("PERSON_ERASED", person_id, f"{field_name} is erased")
+                roots.append(person.root_id)
+            locked = await tx.lock_persons(roots)
+            if all(locked[r].root_id == r for r in roots):
+                current = [await self._root(tx, p) for p in persons.values()]
+                if current == roots:
+                    return roots
 
     async def dismiss(self, shop_id: str, candidate_id: str, reason: str, by: str) -> None:
         """Closes a candidate and records that the two are not the same person."""
@@ -638,9 +664,12 @@ class IdentityGraph:
                     merge_id,
                     f"the unmerge window ended at {utc(merge.unmerge_deadline).isoformat()}",
                 )
-            survivor = await tx.person(merge.survivor_id)
-            assert survivor is not None
-            await tx.lock_persons([survivor.root_id, merge.merged_id])
+            while True:  # lock the group and the merged person, as they are once locked
+                survivor_root = await self._root(tx, merge.survivor_id)
+                assert survivor_root is not None
+                locked = await tx.lock_persons([survivor_root, merge.merged_id])
+                if locked[survivor_root].root_id == survivor_root:
+                    break
             await tx.set_parent(merge.merged_id, None)
             merge.unmerged_at, merge.unmerged_by = now, by
             merge.unmerge_reason = reason or "unmerged"
@@ -667,10 +696,21 @@ class IdentityGraph:
             person = await tx.person(person_id)
             if person is None:
                 raise NotFound("person", person_id)
-            await tx.lock_persons([person.root_id])
-            members = await tx.members(person.root_id)
+            # The group's identifiers locked as a resolve locks them, then the root; read again
+            # until nothing was added, merged or unmerged meanwhile.
+            root, keys, locked_root = person.root_id, set[tuple[str, str]](), ""
+            while True:
+                members = await tx.members(root)
+                ids = [m.person_id for m in members]
+                held = {(i.type, i.match_key) for i in await tx.identifiers_of(ids)}
+                if held == keys and locked_root == root:
+                    break
+                await tx.lock_identifiers(held)
+                await tx.lock_persons([root])
+                keys, locked_root = held, root
+                root = await self._root(tx, person_id) or root
             counts = await tx.forget(members, self._clock())
-            tx.add_change("forgotten", person.root_id, None, None, self._clock())
+            tx.add_change("forgotten", root, None, None, self._clock())
             return counts
 
         return await self._retrying(shop_id, work)

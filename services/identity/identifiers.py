@@ -166,6 +166,8 @@ def normalize(type_: str, raw: str, rules: ShopRules, country: str = "") -> Norm
     limit = MAX_LENGTH.get(type_, DEFAULT_MAX_LENGTH)
     if not raw.strip() or len(raw) > limit:
         raise InvalidIdentifier(f"must be 1-{limit} characters")
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\r\n" for c in raw):
+        raise InvalidIdentifier("must not contain control characters")
     if type_ == "email":
         found = _email(raw, rules)
     elif type_ == "phone":

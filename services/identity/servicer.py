@@ -11,7 +11,7 @@ from services.identity.graph import IdentityGraph, Observation, Policy
 from services.identity.store import IdentifierRow, MergeRow
 from services.runtime.auth import current_principal
 from services.runtime.db import utc
-from services.runtime.validation import Violations, instant, person, shop, timestamp
+from services.runtime.validation import Violations, cursor, person, shop, time_field, timestamp
 
 OUTCOMES = {
     "created": identity_pb2.RESOLVE_OUTCOME_CREATED,
@@ -33,6 +33,8 @@ MAX_EVENT_ID = 256
 MAX_TEXT = 256
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+# Anything longer is out of range; the graph checks the exact bounds.
+MAX_WINDOW_SECONDS = 10**9
 
 
 def _text(value: str, field: str, violations: Violations, required: bool = True) -> str:
@@ -45,13 +47,6 @@ def _page(value: int, field: str, violations: Violations) -> int:
     if value < 0 or value > MAX_PAGE:
         violations.add(field, f"must be 0-{MAX_PAGE} (0 = {DEFAULT_PAGE})")
     return value or DEFAULT_PAGE
-
-
-def _cursor(value: str, field: str, violations: Violations) -> int:
-    if value and not value.isdigit():
-        violations.add(field, "must be a token from a previous page")
-        return 0
-    return int(value or 0)
 
 
 def _by() -> str:
@@ -113,6 +108,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             violations.add("strength", "must be STRENGTH_AUTHORITATIVE or STRENGTH_ASSERTED")
         if request.country and not (len(request.country) == 2 and request.country.isalpha()):
             violations.add("country", "must be an ISO 3166-1 alpha-2 code, e.g. GB")
+        observed_at = time_field(request, "observed_at", violations, required=False)
         violations.raise_any()
         resolution = await self._graph.resolve(
             Observation(
@@ -122,7 +118,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
                 asserted=request.strength == identity_pb2.STRENGTH_ASSERTED,
                 event_id=event_id,
                 country=request.country.upper(),
-                observed_at=instant(request.observed_at, request.HasField("observed_at")),
+                observed_at=observed_at,
             )
         )
         anchor = None
@@ -168,7 +164,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         size = _page(request.page_size, "page_size", violations)
-        after = _cursor(request.page_token, "page_token", violations)
+        after = cursor(request.page_token, "page_token", violations)
         violations.raise_any()
         found = await self._graph.candidates(shop_id, after, size + 1)
         candidates = [
@@ -253,7 +249,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         violations.raise_any()
         window: timedelta | None = None
         if request.HasField("unmerge_window"):
-            window = request.unmerge_window.ToTimedelta()
+            if abs(request.unmerge_window.seconds) > MAX_WINDOW_SECONDS:
+                violations.add("unmerge_window", "must be between 24 hours and 90 days")
+            else:
+                window = request.unmerge_window.ToTimedelta()
+        violations.raise_any()
         policy = await self._graph.put_policy(
             shop_id,
             window,

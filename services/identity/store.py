@@ -273,19 +273,16 @@ class Tx:
             )
         ).one_or_none()
 
-    async def erased(self, keys: Sequence[tuple[str, str]]) -> str | None:
-        """The tombstone person of the first of these identifiers that was forgotten, if any."""
-        hashes = [erased_hash(self.shop_id, t, k) for t, k in keys]
-        return (
-            await self.session.scalars(
-                select(ErasedIdentifierRow.person_id)
-                .where(
-                    ErasedIdentifierRow.shop_id == self.shop_id,
-                    ErasedIdentifierRow.key_hash.in_(hashes),
-                )
-                .limit(1)
+    async def erased(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Which of these identifiers were forgotten, with their tombstone person."""
+        hashes = {erased_hash(self.shop_id, t, k): (t, k) for t, k in keys}
+        rows = await self.session.execute(
+            select(ErasedIdentifierRow.key_hash, ErasedIdentifierRow.person_id).where(
+                ErasedIdentifierRow.shop_id == self.shop_id,
+                ErasedIdentifierRow.key_hash.in_(list(hashes)),
             )
-        ).one_or_none()
+        )
+        return {hashes[key_hash]: person_id for key_hash, person_id in rows}
 
     async def identifiers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
         """The stored identifiers among these (type, match key) pairs, with their roots."""
@@ -327,11 +324,13 @@ class Tx:
             .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id.in_(ids))
             .order_by(PersonRow.person_id)
             .with_for_update()
+            .execution_options(populate_existing=True)  # the rows as they are once locked
         )
         return {row.person_id: row for row in rows}
 
     async def person(self, person_id: str) -> PersonRow | None:
-        return await self.session.get(PersonRow, (self.shop_id, person_id))
+        """A person as it is now (never an earlier read of this transaction)."""
+        return await self.session.get(PersonRow, (self.shop_id, person_id), populate_existing=True)
 
     async def held(self, root_ids: Sequence[str]) -> dict[str, dict[str, set[str]]]:
         """Every identifier (type -> match keys) of the persons grouped under each root."""
@@ -472,7 +471,9 @@ class Tx:
         )
         root = person_id
         if parent_id is not None:
-            root = (await self.session.get_one(PersonRow, (self.shop_id, parent_id))).root_id
+            parent = await self.person(parent_id)
+            assert parent is not None
+            root = parent.root_id
         frontier = [person_id]
         while frontier:
             await self.session.execute(
@@ -617,6 +618,17 @@ class Tx:
                         keys[start : start + 500]
                     ),
                 )
+            )
+        for start in range(0, len(keys), 500):
+            await self.session.execute(
+                update(EvidenceRow)
+                .where(
+                    EvidenceRow.shop_id == self.shop_id,
+                    tuple_(EvidenceRow.anchor_type, EvidenceRow.anchor_key).in_(
+                        keys[start : start + 500]
+                    ),
+                )
+                .values(anchor_type=None, anchor_key=None)
             )
         await self.session.execute(
             delete(EvidenceIdentifierRow).where(EvidenceIdentifierRow.evidence_id.in_(evidence_ids))

@@ -1,7 +1,6 @@
 """Profile RPCs: requests validated and turned into profile calls, answers into protos."""
 
 import re
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -21,9 +20,10 @@ from services.runtime.validation import (
     CHANNEL_ENUMS,
     Violations,
     channel_name,
-    instant,
     person,
+    required_time,
     shop,
+    time_field,
     timestamp,
 )
 
@@ -44,7 +44,6 @@ CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_ID = 256
 MAX_TEXT = 4000
 MAX_AMOUNT = Decimal("1e15")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _id(value: str, field: str, violations: Violations, limit: int = MAX_ID) -> str:
@@ -63,16 +62,6 @@ def _amount(value: str, field: str, violations: Violations) -> Decimal:
         violations.add(field, 'must be a non-negative decimal string such as "129.90"')
         return Decimal(0)
     return amount
-
-
-def _when(message: Any, name: str, violations: Violations, required: bool = True) -> datetime:
-    """A timestamp field as an aware UTC datetime; a violation when required and unset."""
-    found = instant(getattr(message, name), message.HasField(name))
-    if found is None:
-        if required:
-            violations.add(name, "required")
-        return EPOCH
-    return found
 
 
 def _identifiers(request: Any) -> list[tuple[str, str]]:
@@ -196,8 +185,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         order_id = _id(request.order_id, "order_id", violations, limit=64)
-        placed_at = _when(request, "placed_at", violations)
-        updated_at = _when(request, "updated_at", violations, required=False)
+        placed_at = required_time(request, "placed_at", violations)
+        updated_at = time_field(request, "updated_at", violations, required=False)
         total = _amount(request.total, "total", violations)
         if not CURRENCY.fullmatch(request.currency):
             violations.add("currency", "must be an ISO 4217 code such as EUR")
@@ -218,7 +207,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
                 order_id=order_id,
                 identifiers=_identifiers(request),
                 placed_at=placed_at,
-                updated_at=updated_at if request.HasField("updated_at") else placed_at,
+                updated_at=updated_at or placed_at,
                 total=total,
                 currency=request.currency,
                 source=source,
@@ -238,7 +227,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         refund_id = _id(request.refund_id, "refund_id", violations, limit=64)
         order_id = _id(request.order_id, "order_id", violations, limit=64)
         amount = _amount(request.amount, "amount", violations)
-        refunded_at = _when(request, "refunded_at", violations)
+        refunded_at = required_time(request, "refunded_at", violations)
         violations.raise_any()
         person_id, applied = await self._profiles.ingest_refund(
             shop_id, refund_id, order_id, amount, refunded_at, request.is_return
@@ -257,7 +246,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         channel = ""
         if kind != "visit":
             channel = channel_name(request.channel, "channel", violations)
-        at = _when(request, "at", violations)
+        at = required_time(request, "at", violations)
         violations.raise_any()
         person_id, applied = await self._profiles.ingest_event(
             shop_id, event_id, _identifiers(request), kind, channel, at
@@ -272,7 +261,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         if len(request.consent_text) > MAX_TEXT:
             violations.add("consent_text", f"at most {MAX_TEXT} characters")
         source = _id(request.source, "source", violations, limit=64)
-        at = _when(request, "at", violations)
+        at = required_time(request, "at", violations)
         violations.raise_any()
         person_id, applied = await self._profiles.set_consent(
             ConsentChange(shop_id, ref, channel, request.granted, request.consent_text, source, at)
@@ -284,7 +273,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         shop_id = shop(request.shop_id, violations)
         ref = _person_ref(request, violations)
         source = _id(request.source, "source", violations, limit=64)
-        at = _when(request, "at", violations)
+        at = required_time(request, "at", violations)
         violations.raise_any()
         person_id, applied = await self._profiles.set_consent(
             ConsentChange(shop_id, ref, ALL_CHANNELS, False, "", source, at)

@@ -3,6 +3,7 @@ ids that travel between services, and timestamps between protobuf and Python."""
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -13,6 +14,10 @@ from services.runtime.errors import InvalidArgument
 # shops.
 SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+# The range of google.protobuf.Timestamp: 0001-01-01 to 9999-12-31.
+MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
     common_pb2.CHANNEL_EMAIL: "email",
@@ -71,6 +76,32 @@ def timestamp(instant: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def instant(stamp: Timestamp, present: bool) -> datetime | None:
-    """The UTC datetime of a timestamp field that is set, None when it is not."""
-    return stamp.ToDatetime(tzinfo=UTC) if present else None
+def time_field(
+    message: Any, name: str, violations: Violations, required: bool = True
+) -> datetime | None:
+    """A Timestamp field as an aware UTC datetime: None when unset (a violation if required) or
+    outside the years 1-9999 (a violation)."""
+    if not message.HasField(name):
+        if required:
+            violations.add(name, "required")
+        return None
+    stamp: Timestamp = getattr(message, name)
+    if not MIN_SECONDS <= stamp.seconds <= MAX_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        violations.add(name, "must be a time between the years 1 and 9999")
+        return None
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def required_time(message: Any, name: str, violations: Violations) -> datetime:
+    """A required Timestamp field (see time_field); the epoch stands in while a violation is
+    pending."""
+    found = time_field(message, name, violations)
+    return EPOCH if found is None else found
+
+
+def cursor(value: str, field: str, violations: Violations) -> int:
+    """A page token made of a position (ASCII digits, as this service handed it out)."""
+    if value and not (value.isascii() and value.isdigit() and len(value) <= 18):
+        violations.add(field, "must be a token from a previous page")
+        return 0
+    return int(value or 0)
