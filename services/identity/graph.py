@@ -8,6 +8,7 @@ between wider transactions is retried.
 """
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,6 +67,7 @@ class Observation:
     event_id: str
     country: str = ""
     observed_at: datetime | None = None
+    skip_invalid: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Resolution:
     outcome: str
     anchor: tuple[str, str] | None
     candidate_id: str = ""
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,8 +220,12 @@ class IdentityGraph:
 
     # --- resolve --------------------------------------------------------------------------------
 
-    def _normalize(self, observation: Observation, rules: ShopRules) -> list[Normalized]:
+    def _normalize(
+        self, observation: Observation, rules: ShopRules
+    ) -> tuple[list[Normalized], list[str]]:
+        """The identifiers normalised, strongest first, and (with skip_invalid) those left out."""
         violations: list[tuple[str, str]] = []
+        skipped: list[str] = []
         if not observation.identifiers:
             violations.append(("identifiers", "at least one identifier is required"))
         if len(observation.identifiers) > MAX_IDENTIFIERS:
@@ -229,23 +236,27 @@ class IdentityGraph:
                 n = normalize(type_, value, rules, observation.country)
             except InvalidIdentifier as exc:
                 field = "type" if "identifier type" in str(exc) else "value"
-                violations.append((f"identifiers[{i}].{field}", str(exc)))
+                if observation.skip_invalid:
+                    skipped.append(f"identifiers[{i}]: {exc}")
+                else:
+                    violations.append((f"identifiers[{i}].{field}", str(exc)))
             else:
                 found.setdefault(n.key, n)
         if violations:
             raise InvalidArgument(violations)
         # Strongest first; the sort is stable, so equal ranks keep the record's order.
-        return sorted(found.values(), key=lambda n: n.rank)
+        return sorted(found.values(), key=lambda n: n.rank), skipped
 
     async def resolve(self, observation: Observation) -> Resolution:
         """Records the observation and returns the person it belongs to (see linking.py for
         when identifiers join and when they raise a merge candidate instead)."""
         policy = await self.policy(observation.shop_id)
-        normalized = self._normalize(observation, policy.rules)
-        return await self._retrying(
+        normalized, skipped = self._normalize(observation, policy.rules)
+        resolution = await self._retrying(
             observation.shop_id,
             lambda tx: self._resolve(tx, observation, normalized, policy.unmerge_window),
         )
+        return dataclasses.replace(resolution, skipped=tuple(skipped))
 
     async def _resolve(
         self, tx: Tx, observation: Observation, normalized: list[Normalized], window: timedelta

@@ -61,7 +61,7 @@ ROLE_LOCAL_PARTS = frozenset(
     }
 )  # fmt: skip
 JUNK_EMAILS = frozenset({"test@test.com", "test@example.com", "a@a.com", "no@email.com"})
-JUNK_DOMAINS = frozenset({"example.com", "example.org", "example.net", "test.com", "invalid"})
+JUNK_DOMAINS = frozenset({"test.com", "invalid"})
 # Placeholder values any source may send for "no value".
 JUNK_VALUES = frozenset(
     {"", "-", "0", "n/a", "na", "none", "null", "nil", "undefined", "unknown", "test", "guest"}

@@ -119,6 +119,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
                 event_id=event_id,
                 country=request.country.upper(),
                 observed_at=observed_at,
+                skip_invalid=request.skip_invalid,
             )
         )
         anchor = None
@@ -129,6 +130,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             outcome=OUTCOMES[resolution.outcome],
             candidate_id=resolution.candidate_id,
             anchor=anchor,
+            skipped=resolution.skipped,
         )
 
     async def Lookup(self, request: Any, context: Any) -> identity_pb2.LookupResponse:

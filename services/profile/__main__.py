@@ -11,7 +11,8 @@ from services.profile.peers import GatePeer, IdentityPeer
 from services.profile.profiles import Profiles
 from services.profile.servicer import ProfileServicer
 from services.profile.settings import ProfileSettings
-from services.profile.store import ProfileStore
+from services.profile.store import Inbox, ProfileStore
+from services.profile.webhooks import Webhooks
 from services.runtime import db
 from services.runtime.channels import connect
 from services.runtime.process import run, start_service
@@ -39,9 +40,22 @@ async def build(
         clock,
         settings.gate_push_interval_seconds,
     )
+    secrets = [
+        secret.get_secret_value()
+        for secret in (settings.shopify_api_secret, settings.shopify_api_secret_previous)
+        if secret is not None
+    ]
+    webhooks = Webhooks(
+        Inbox(db.session_factory(engine)),
+        profiles,
+        secrets,
+        settings.shopify_shops,
+        clock,
+        settings.webhook_max_attempts,
+    )
     registration = Registration(
         profile_pb2.DESCRIPTOR.services_by_name["Profile"],
-        ProfileServicer(profiles),  # type: ignore[abstract]  # the rest comes with #5 and #6
+        ProfileServicer(profiles, webhooks),  # type: ignore[abstract]  # the rest: #5 and #6
         profile_pb2_grpc.add_ProfileServicer_to_server,
     )
 
@@ -50,9 +64,16 @@ async def build(
         await gate.close(None)
 
     profiles.start()
-    return await start_service(
-        settings, telemetry, [registration], engine, on_stop=[profiles.stop, close_peers]
+    webhook_port = await webhooks.start(settings.host, settings.webhook_port)
+    server = await start_service(
+        settings,
+        telemetry,
+        [registration],
+        engine,
+        on_stop=[webhooks.stop, profiles.stop, close_peers],
     )
+    server.http_ports["webhooks"] = webhook_port
+    return server
 
 
 if __name__ == "__main__":

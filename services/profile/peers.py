@@ -61,6 +61,7 @@ class IdentityPeer:
         event_id: str,
         asserted: bool,
         country: str = "",
+        skip_invalid: bool = False,
     ) -> Resolved:
         answer = await self._stub.Resolve(
             identity_pb2.ResolveRequest(
@@ -72,6 +73,7 @@ class IdentityPeer:
                 else identity_pb2.STRENGTH_AUTHORITATIVE,
                 event_id=event_id,
                 country=country,
+                skip_invalid=skip_invalid,
             )
         )
         if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ERASED:

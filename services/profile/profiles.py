@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
-# Anchors of facts that identify nobody: the order or event itself.
-ANONYMOUS = ("order", "event")
+# Anchors of facts that identify nobody: the record itself.
+ANONYMOUS = ("order", "event", "customer")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,21 @@ class Order:
     location: str
     line_items: list[dict[str, Any]]
     cancelled: bool = False
+    country: str = ""
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A customer record of a source system (a Shopify customer), as ingested."""
+
+    shop_id: str
+    source: str
+    source_id: str
+    identifiers: list[tuple[str, str]]
+    updated_at: datetime
+    first_name: str
+    last_name: str
+    tags: list[str]
     country: str = ""
 
 
@@ -114,6 +129,8 @@ class Profile:
     consents: list[ConsentState]
     global_unsubscribe: bool
     history: History | None
+    name: tuple[str, str] = ("", "")
+    tags: list[str] = field(default_factory=list)
 
 
 def consent_id(shop_id: str, anchor: Anchor, change: ConsentChange) -> str:
@@ -196,7 +213,7 @@ class Profiles:
 
     # --- ingestion ------------------------------------------------------------------------------
 
-    async def ingest_order(self, order: Order) -> tuple[str, bool]:
+    async def ingest_order(self, order: Order, skip_invalid: bool = False) -> tuple[str, bool]:
         """Stores the order (a newer version supersedes, an equal or older one changes nothing)
         under its strongest identifier; returns its person and whether anything changed."""
         resolved = await self._identity.resolve(
@@ -206,6 +223,7 @@ class Profiles:
             event_id=f"order:{order.order_id}:{order.updated_at.isoformat()}",
             asserted=False,
             country=order.country,
+            skip_invalid=skip_invalid,
         )
         anchor = resolved.anchor or ("order", order.order_id)
         applied = await self._store.put_order(
@@ -223,6 +241,35 @@ class Profiles:
                 "cancelled": order.cancelled,
                 "line_items": order.line_items,
                 "received_at": self._clock(),
+            }
+        )
+        return resolved.person_id, applied
+
+    async def ingest_customer(self, customer: Customer) -> tuple[str, bool]:
+        """Stores a customer record (a newer version supersedes) under its strongest identifier;
+        identifiers that fail normalisation are left out rather than losing the record."""
+        resolved = await self._identity.resolve(
+            customer.shop_id,
+            customer.identifiers,
+            source=f"{customer.source}_customer",
+            event_id=f"customer:{customer.source}:{customer.source_id}:"
+            f"{customer.updated_at.isoformat()}",
+            asserted=False,
+            country=customer.country,
+            skip_invalid=True,
+        )
+        anchor = resolved.anchor or ("customer", customer.source_id)
+        applied = await self._store.put_customer(
+            {
+                "shop_id": customer.shop_id,
+                "source": customer.source,
+                "source_id": customer.source_id,
+                "updated_at": customer.updated_at,
+                "anchor_type": anchor[0],
+                "anchor_key": anchor[1],
+                "first_name": customer.first_name,
+                "last_name": customer.last_name,
+                "tags": customer.tags,
             }
         )
         return resolved.person_id, applied
@@ -328,6 +375,7 @@ class Profiles:
         group = await self._person(shop_id, person)
         facts = await self._store.facts(shop_id, group.anchors)
         consents, unsubscribed = consent_states(facts.consents)
+        newest = facts.customers[-1] if facts.customers else None
         return Profile(
             shop_id,
             group,
@@ -336,6 +384,8 @@ class Profiles:
             consents,
             unsubscribed,
             await self._history(shop_id, group.person_id, include_log),
+            name=(newest.first_name, newest.last_name) if newest else ("", ""),
+            tags=sorted({t for c in facts.customers for t in c.tags}),
         )
 
     async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:

@@ -16,10 +16,13 @@ from services.profile.profiles import (
     Profile,
     Profiles,
 )
+from services.profile.webhooks import Webhooks
+from services.runtime.db import utc
 from services.runtime.validation import (
     CHANNEL_ENUMS,
     Violations,
     channel_name,
+    cursor,
     person,
     required_time,
     shop,
@@ -42,6 +45,8 @@ KINDS = {
 KIND_ENUMS = {name: value for value, name in KINDS.items()}
 CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_ID = 256
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 MAX_TEXT = 4000
 MAX_AMOUNT = Decimal("1e15")
 
@@ -140,6 +145,8 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
             for c in found.consents
         ],
         global_unsubscribe=found.global_unsubscribe,
+        name=profile_pb2.Name(first_name=found.name[0], last_name=found.name[1]),
+        tags=found.tags,
     )
     if found.history is not None:
         history = found.history
@@ -170,8 +177,9 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
 class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     """The Profile service over the profiles."""
 
-    def __init__(self, profiles: Profiles) -> None:
+    def __init__(self, profiles: Profiles, webhooks: Webhooks) -> None:
         self._profiles = profiles
+        self._webhooks = webhooks
 
     async def Get(self, request: Any, context: Any) -> profile_pb2.CustomerProfile:
         violations = Violations()
@@ -279,3 +287,38 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
             ConsentChange(shop_id, ref, ALL_CHANNELS, False, "", source, at)
         )
         return profile_pb2.IngestResponse(person_id=person_id, applied=applied)
+
+    async def ListDeadLetters(
+        self, request: Any, context: Any
+    ) -> profile_pb2.ListDeadLettersResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        size = request.page_size or DEFAULT_PAGE
+        if not 0 <= request.page_size <= MAX_PAGE:
+            violations.add("page_size", f"must be 0-{MAX_PAGE} (0 = {DEFAULT_PAGE})")
+        after = cursor(request.page_token, "page_token", violations)
+        violations.raise_any()
+        rows = await self._webhooks.dead_letters(shop_id, after, size + 1)
+        return profile_pb2.ListDeadLettersResponse(
+            dead_letters=[
+                profile_pb2.DeadLetter(
+                    id=str(row.id),
+                    kind=f"webhook:{row.topic}",
+                    error=row.error or "",
+                    attempts=row.attempts,
+                    first_failed_at=timestamp(row.first_failed_at and utc(row.first_failed_at)),
+                )
+                for row in rows[:size]
+            ],
+            next_page_token=str(rows[size - 1].id) if len(rows) > size else "",
+        )
+
+    async def ReplayDeadLetters(
+        self, request: Any, context: Any
+    ) -> profile_pb2.ReplayDeadLettersResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        ids = [cursor(value, f"ids[{i}]", violations) for i, value in enumerate(request.ids)]
+        violations.raise_any()
+        replayed, failed = await self._webhooks.replay(shop_id, ids)
+        return profile_pb2.ReplayDeadLettersResponse(replayed=replayed, failed_again=failed)

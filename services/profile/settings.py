@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import RuntimeSettings, ServiceName
 
@@ -16,4 +16,25 @@ class ProfileSettings(RuntimeSettings):
         0.2,
         description="How often the consent outbox is read when no change woke it: contact "
         "policies reach the gate within about this long.",
+    )
+    webhook_port: int = Field(
+        8080, description="Port of the HTTP webhook endpoint (POST /webhooks/shopify); 0 = any."
+    )
+    shopify_api_secret: SecretStr | None = Field(
+        None,
+        validation_alias="SHOPIFY_API_SECRET",
+        description="The Shopify app's client secret: webhooks must be signed with it.",
+    )
+    shopify_api_secret_previous: SecretStr | None = Field(
+        None,
+        validation_alias="SHOPIFY_API_SECRET_PREVIOUS",
+        description="The secret being rotated out, still accepted until it is unset.",
+    )
+    shopify_shops: dict[str, str] = Field(
+        default_factory=dict,
+        description='Shop domain -> shop id, e.g. {"acme.myshopify.com": "acme"}; a domain '
+        "not listed is its own shop id.",
+    )
+    webhook_max_attempts: int = Field(
+        5, description="Processing attempts of a delivery before it becomes a dead letter."
     )

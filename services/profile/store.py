@@ -19,8 +19,11 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
+    UniqueConstraint,
+    case,
     delete,
     func,
     select,
@@ -117,6 +120,46 @@ class GatePushRow(Base):
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class CustomerRow(Base):
+    """A customer record of a source system (a Shopify customer) as of its newest version."""
+
+    __tablename__ = "customer_fact"
+    __table_args__ = (Index("customer_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    source: Mapped[str] = mapped_column(String(32), primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    anchor_type: Mapped[str] = mapped_column(String(32))
+    anchor_key: Mapped[str] = mapped_column(String(320))
+    first_name: Mapped[str] = mapped_column(String(256))
+    last_name: Mapped[str] = mapped_column(String(256))
+    tags: Mapped[list[str]] = mapped_column(JSON)
+
+
+class WebhookRow(Base):
+    """A webhook delivery, stored before it is answered and processed after (the inbox); a
+    delivery that keeps failing stays here as a dead letter."""
+
+    __tablename__ = "webhook_inbox"
+    __table_args__ = (
+        UniqueConstraint("shop_id", "webhook_id", name="webhook_inbox_delivery"),
+        Index("webhook_inbox_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    webhook_id: Mapped[str] = mapped_column(String(128))
+    topic: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    triggered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # pending, done, dead
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(String(1000))
+    first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 @dataclass(frozen=True)
 class OrderTotals:
     """Orders of one currency, source and location."""
@@ -139,6 +182,7 @@ class Facts:
     first_source: str
     engagement: list[tuple[str, str, int, datetime]]
     consents: list[ConsentRow]
+    customers: list[CustomerRow]
 
 
 def _anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
@@ -162,6 +206,20 @@ class ProfileStore:
                         k: insert.excluded[k] for k in values if k not in ("shop_id", "order_id")
                     },
                     where=OrderRow.updated_at < insert.excluded.updated_at,
+                )
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def put_customer(self, values: dict[str, Any]) -> bool:
+        """Stores a customer record unless a version as new is stored; returns whether it did."""
+        async with self._sessions.begin() as session:
+            insert = dialect_of(session).insert(CustomerRow).values(values)
+            keys = ("shop_id", "source", "source_id")
+            result = await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=list(keys),
+                    set_={k: insert.excluded[k] for k in values if k not in keys},
+                    where=CustomerRow.updated_at < insert.excluded.updated_at,
                 )
             )
             return bool(getattr(result, "rowcount", 0))
@@ -231,15 +289,21 @@ class ProfileStore:
             first_source = await session.scalar(
                 select(OrderRow.source).where(live).order_by(OrderRow.placed_at).limit(1)
             )
+            # Refunds per order, never more than the order itself.
+            per_order = (
+                select(RefundRow.order_id, func.sum(RefundRow.amount).label("amount"))
+                .where(RefundRow.shop_id == shop_id)
+                .group_by(RefundRow.order_id)
+                .subquery()
+            )
+            capped = case(
+                (per_order.c.amount > OrderRow.total, OrderRow.total), else_=per_order.c.amount
+            )
             refunded = {
                 currency: amount
                 for currency, amount in await session.execute(
-                    select(OrderRow.currency, func.sum(RefundRow.amount))
-                    .join(
-                        RefundRow,
-                        (RefundRow.shop_id == OrderRow.shop_id)
-                        & (RefundRow.order_id == OrderRow.order_id),
-                    )
+                    select(OrderRow.currency, func.sum(capped))
+                    .join(per_order, per_order.c.order_id == OrderRow.order_id)
                     .where(live)
                     .group_by(OrderRow.currency)
                 )
@@ -259,7 +323,14 @@ class ProfileStore:
                     .order_by(ConsentRow.at, ConsentRow.consent_id)
                 )
             )
-            return Facts(orders, refunded, first_source or "", engagement, consents)
+            customers = list(
+                await session.scalars(
+                    select(CustomerRow)
+                    .where(CustomerRow.shop_id == shop_id, _anchored(CustomerRow, anchors))
+                    .order_by(CustomerRow.updated_at)
+                )
+            )
+            return Facts(orders, refunded, first_source or "", engagement, consents, customers)
 
     async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
         """Persons whose contact policy is due to be pushed to the gate."""
@@ -295,3 +366,74 @@ class ProfileStore:
                 )
                 .values(attempts=GatePushRow.attempts + 1, not_before=retry_at)
             )
+
+
+class Inbox:
+    """The webhook inbox: deliveries stored durably before they are answered, processed after,
+    kept as dead letters when they keep failing."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def accept(self, values: dict[str, Any]) -> bool:
+        """Stores a delivery unless its webhook id was seen; returns whether it was new."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                dialect_of(session)
+                .insert(WebhookRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["shop_id", "webhook_id"])
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def due(self, now: datetime, limit: int) -> list[WebhookRow]:
+        """Pending deliveries whose time has come, oldest first."""
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(WebhookRow)
+                    .where(WebhookRow.state == "pending", WebhookRow.next_attempt_at <= now)
+                    .order_by(WebhookRow.id)
+                    .limit(limit)
+                )
+            )
+
+    async def settle(self, row_id: int, values: dict[str, Any]) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(update(WebhookRow).where(WebhookRow.id == row_id).values(values))
+
+    async def dead(self, shop_id: str, after_id: int, limit: int) -> list[WebhookRow]:
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(WebhookRow)
+                    .where(
+                        WebhookRow.shop_id == shop_id,
+                        WebhookRow.state == "dead",
+                        WebhookRow.id > after_id,
+                    )
+                    .order_by(WebhookRow.id)
+                    .limit(limit)
+                )
+            )
+
+    async def revive(self, shop_id: str, ids: Sequence[int], now: datetime) -> list[int]:
+        """Puts dead letters (all of the shop's when `ids` is empty) back in the queue."""
+        async with self._sessions.begin() as session:
+            query = select(WebhookRow.id).where(
+                WebhookRow.shop_id == shop_id, WebhookRow.state == "dead"
+            )
+            if ids:
+                query = query.where(WebhookRow.id.in_(ids))
+            revived = list(await session.scalars(query))
+            if revived:
+                await session.execute(
+                    update(WebhookRow)
+                    .where(WebhookRow.id.in_(revived))
+                    .values(state="pending", attempts=0, next_attempt_at=now)
+                )
+            return revived
+
+    async def get(self, row_id: int) -> WebhookRow | None:
+        async with self._sessions() as session:
+            return await session.get(WebhookRow, row_id)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.profile.settings import ProfileSettings
 from services.runtime.settings import SERVICES, RuntimeSettings, ServiceName
 
 READY_TIMEOUT_SECONDS = 60.0
@@ -61,10 +62,15 @@ def _banner(settings: MeshSettings, token: str, env: Mapping[str, str]) -> str:
     storage = "PostgreSQL" if env.get("DATABASE_URL") else f"SQLite files in {settings.data_dir}/"
     counters = "Redis" if env.get("REDIS_URL") else "in process"
     lines = [f"  {s:<11} localhost:{settings.port(s)}" for s in SERVICES]
+    profile = ProfileSettings()
+    webhooks = f"  {'webhooks':<11} http://localhost:{profile.webhook_port}/webhooks/shopify"
+    if profile.shopify_api_secret is None:
+        webhooks += " (refused until SHOPIFY_API_SECRET is set)"
     return "\n".join(
         [
             "c360 mesh",
             *lines,
+            webhooks,
             f"  data: {storage}; gate counters: {counters}",
             f"token: {token}",
             "try:",

@@ -127,6 +127,8 @@ class Server:
         self.port = port
         self.health = health
         self._on_stop = on_stop
+        # Other listeners of the process by name (the profile's webhook endpoint), once bound.
+        self.http_ports: dict[str, int] = {}
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
         """NOT_SERVING first (still taking calls for `drain` seconds, so load balancers notice),

@@ -45,6 +45,7 @@ class Mesh:
 async def start_mesh(env: dict[str, str], cwd: Path) -> Mesh:
     ports = {service: free_port() for service in SERVICES}
     env = {**env, **{f"C360_{s.upper()}_PORT": str(p) for s, p in ports.items()}}
+    env["C360_WEBHOOK_PORT"] = str(free_port())
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.engine import make_url
 
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity import store
@@ -27,6 +25,7 @@ from tests.conftest import ADMIN_TOKEN, service_module
 from tests.integration.test_identity import NOON, Identity, O
 from tests.polling import eventually
 from tests.rpc import bearer, details
+from tests.sql import sql
 
 
 @contextlib.asynccontextmanager
@@ -50,19 +49,6 @@ async def pg(settings_for: Callable[..., Any]) -> AsyncIterator[tuple[Identity, 
     settings = settings_for("identity")
     async with running(settings) as client:
         yield client, settings
-
-
-async def sql(settings: Any, query: str, *args: Any) -> list[Any]:
-    """Rows of a query in the service's schema, read straight from PostgreSQL."""
-    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
-    connection = await asyncpg.connect(
-        url.render_as_string(hide_password=False),
-        server_settings={"search_path": settings.schema_name},
-    )
-    try:
-        return list(await connection.fetch(query, *args))
-    finally:
-        await connection.close()
 
 
 def once(

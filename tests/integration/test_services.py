@@ -49,6 +49,8 @@ BUILT = {
         "IngestEvent",
         "SetConsent",
         "Unsubscribe",
+        "ListDeadLetters",
+        "ReplayDeadLetters",
     },
     "c360.identity.v1.Identity": {
         "Resolve",

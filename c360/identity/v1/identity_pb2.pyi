@@ -120,6 +120,7 @@ class ResolveRequest(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     COUNTRY_FIELD_NUMBER: _builtins.int
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    SKIP_INVALID_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     source: _builtins.str
     """Where the record came from, e.g. "shopify", "pos", "klaviyo", "web_form"."""
@@ -128,6 +129,10 @@ class ResolveRequest(_message.Message):
     """The triggering event's id; the idempotency key."""
     country: _builtins.str
     """ISO 3166-1 alpha-2 country used to parse national phone numbers; empty = the shop's."""
+    skip_invalid: _builtins.bool
+    """Leave out identifiers that fail normalisation (listed in `skipped`) instead of rejecting the
+    record: for webhooks and imports, where one malformed phone must not lose an order.
+    """
     @_builtins.property
     def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]: ...
     @_builtins.property
@@ -144,10 +149,11 @@ class ResolveRequest(_message.Message):
         event_id: _builtins.str = ...,
         country: _builtins.str = ...,
         observed_at: _timestamp_pb2.Timestamp | None = ...,
+        skip_invalid: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "event_id", b"event_id", "identifiers", b"identifiers", "observed_at", b"observed_at", "shop_id", b"shop_id", "source", b"source", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "event_id", b"event_id", "identifiers", b"identifiers", "observed_at", b"observed_at", "shop_id", b"shop_id", "skip_invalid", b"skip_invalid", "source", b"source", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,6 +167,7 @@ class ResolveResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     CANDIDATE_ID_FIELD_NUMBER: _builtins.int
     ANCHOR_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
     outcome: Global___ResolveOutcome.ValueType
     candidate_id: _builtins.str
@@ -171,6 +178,10 @@ class ResolveResponse(_message.Message):
         belongs to whoever holds it, now and after any later merge or unmerge.
         """
 
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With skip_invalid: the identifiers left out, as "identifiers[<index>]: <why>"."""
+
     def __init__(
         self,
         *,
@@ -178,10 +189,11 @@ class ResolveResponse(_message.Message):
         outcome: Global___ResolveOutcome.ValueType = ...,
         candidate_id: _builtins.str = ...,
         anchor: _common_pb2.Identifier | None = ...,
+        skipped: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "candidate_id", b"candidate_id", "outcome", b"outcome", "person_id", b"person_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "candidate_id", b"candidate_id", "outcome", b"outcome", "person_id", b"person_id", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

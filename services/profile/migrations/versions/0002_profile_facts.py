@@ -1,4 +1,5 @@
-"""The profile facts (orders, refunds, events, consents) and the consent outbox to the gate.
+"""The profile facts (orders, refunds, events, consents, customers), the consent outbox to the
+gate and the webhook inbox.
 
 Revision ID: 0002
 Revises: 0001
@@ -31,6 +32,25 @@ def upgrade() -> None:
     op.create_index(
         "consent_fact_anchor",
         "consent_fact",
+        ["shop_id", "anchor_type", "anchor_key"],
+        unique=False,
+    )
+    op.create_table(
+        "customer_fact",
+        sa.Column("shop_id", sa.String(length=128), nullable=False),
+        sa.Column("source", sa.String(length=32), nullable=False),
+        sa.Column("source_id", sa.String(length=64), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("anchor_type", sa.String(length=32), nullable=False),
+        sa.Column("anchor_key", sa.String(length=320), nullable=False),
+        sa.Column("first_name", sa.String(length=256), nullable=False),
+        sa.Column("last_name", sa.String(length=256), nullable=False),
+        sa.Column("tags", sa.JSON(), nullable=False),
+        sa.PrimaryKeyConstraint("shop_id", "source", "source_id"),
+    )
+    op.create_index(
+        "customer_fact_anchor",
+        "customer_fact",
         ["shop_id", "anchor_type", "anchor_key"],
         unique=False,
     )
@@ -89,12 +109,39 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("shop_id", "refund_id"),
     )
     op.create_index("refund_fact_order", "refund_fact", ["shop_id", "order_id"], unique=False)
+    op.create_table(
+        "webhook_inbox",
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("shop_id", sa.String(length=128), nullable=False),
+        sa.Column("webhook_id", sa.String(length=128), nullable=False),
+        sa.Column("topic", sa.String(length=64), nullable=False),
+        sa.Column("body", sa.LargeBinary(), nullable=False),
+        sa.Column("triggered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("error", sa.String(length=1000), nullable=True),
+        sa.Column("first_failed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("shop_id", "webhook_id", name="webhook_inbox_delivery"),
+    )
+    op.create_index(
+        "webhook_inbox_due", "webhook_inbox", ["state", "next_attempt_at"], unique=False
+    )
 
 
 def downgrade() -> None:
     """Drops the tables."""
+    op.drop_table("webhook_inbox")
     op.drop_table("refund_fact")
     op.drop_table("order_fact")
     op.drop_table("gate_push")
     op.drop_table("event_fact")
+    op.drop_table("customer_fact")
     op.drop_table("consent_fact")

@@ -1,0 +1,297 @@
+"""Shopify webhooks through the profile's real HTTP endpoint, with identity and the gate beside
+it on real PostgreSQL and Redis: signatures, durability, duplicates, ordering, dead letters.
+
+Payloads are the fixtures in shared/fixtures/shopify, byte for byte, plus three derived from them
+here (each says how): the order's customer as a customers/create and a customers/update, and an
+orders/updated of the fixture order.
+"""
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from c360.common.v1 import common_pb2
+from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.shopify import signature
+from services.runtime.server import Server
+from tests.conftest import ADMIN_TOKEN, StartService
+from tests.faults import TcpProxy
+from tests.polling import eventually
+from tests.rpc import bearer
+from tests.sql import sql
+
+FIXTURES = Path(__file__).parents[3] / "shared" / "fixtures" / "shopify"
+SECRET = "shpss_current"
+PREVIOUS = "shpss_previous"
+AUTH = bearer(ADMIN_TOKEN)
+# The fixture order's customer, as the fixture carries it (its id rounded once, long ago).
+CUSTOMER_ID = "115310627314723950"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def derived_customer(updated_at: str, tags: str) -> bytes:
+    """customers_create.json made into the fixture order's customer (id, names, email)."""
+    customer = json.loads(fixture("customers_create.json"))
+    order = json.loads(fixture("orders_create.json"))["customer"]
+    customer.update(
+        id=order["id"], email=order["email"], first_name=order["first_name"],
+        last_name=order["last_name"], updated_at=updated_at, tags=tags,
+    )  # fmt: skip
+    return json.dumps(customer).encode()
+
+
+def derived_order_update() -> bytes:
+    """orders_create.json as orders/updated an hour later: the cancellation was reversed."""
+    order = json.loads(fixture("orders_create.json"))
+    order.update(
+        updated_at="2021-12-31T20:00:00-05:00", cancelled_at=None, cancel_reason=None,
+        financial_status="paid",
+    )  # fmt: skip
+    return json.dumps(order).encode()
+
+
+@dataclass
+class Endpoint:
+    """The running profile (with its webhook URL), identity's proxy, and a shop of the test."""
+
+    url: str
+    profile: Any
+    shop: str
+    identity_proxy: TcpProxy
+    http: aiohttp.ClientSession
+    settings: Any
+
+    async def deliver(
+        self,
+        topic: str,
+        body: bytes,
+        webhook_id: str | None = None,
+        secret: str = SECRET,
+        **headers: str,
+    ) -> tuple[int, dict[str, Any]]:
+        sent = {
+            "X-Shopify-Topic": topic,
+            "X-Shopify-Shop-Domain": self.shop,
+            "X-Shopify-Webhook-Id": webhook_id or secrets.token_hex(8),
+            "X-Shopify-Hmac-Sha256": signature(secret, body),
+            "Content-Type": "application/json",
+            **headers,
+        }
+        async with self.http.post(self.url, data=body, headers=sent) as response:
+            return response.status, await response.json()
+
+    async def get(self, type_: str = "shopify_customer_id", value: str = CUSTOMER_ID) -> Any:
+        return await self.profile.Get(
+            profile_pb2.GetRequest(
+                shop_id=self.shop,
+                person=common_pb2.PersonRef(
+                    identifier=common_pb2.Identifier(type=type_, value=value)
+                ),
+            ),
+            metadata=AUTH,
+        )
+
+    async def purchases(self) -> tuple[int, str, str] | None:
+        try:
+            p = (await self.get()).purchases
+        except grpc.aio.AioRpcError:
+            return None
+        return p.order_count, p.lifetime_spend, p.refunded
+
+    async def inbox(self) -> list[tuple[str, str]]:
+        """(topic, state) of every delivery of the shop, in arrival order."""
+        rows = await sql(
+            self.settings,
+            "SELECT topic, state FROM webhook_inbox WHERE shop_id = $1 ORDER BY id",
+            self.shop,
+        )
+        return [(row["topic"], row["state"]) for row in rows]
+
+    async def dead_letters(self) -> list[Any]:
+        answer = await self.profile.ListDeadLetters(
+            profile_pb2.ListDeadLettersRequest(shop_id=self.shop), metadata=AUTH
+        )
+        return list(answer.dead_letters)
+
+
+@pytest.fixture
+async def endpoint(
+    start_service: StartService, settings_for: Callable[..., Any]
+) -> AsyncIterator[Endpoint]:
+    identity: Server = await start_service("identity")
+    gate: Server = await start_service("gate")
+    proxy = TcpProxy("127.0.0.1", identity.port)
+    await proxy.start()
+    profile: Server = await start_service(
+        "profile",
+        identity_addr=f"127.0.0.1:{proxy.port}",
+        gate_addr=f"127.0.0.1:{gate.port}",
+        service_token=ADMIN_TOKEN,
+        webhook_port=0,
+        shopify_api_secret=SECRET,
+        shopify_api_secret_previous=PREVIOUS,
+        webhook_max_attempts=1,
+    )
+    url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{profile.port}") as channel,
+        aiohttp.ClientSession() as http,
+    ):
+        yield Endpoint(
+            url,
+            profile_pb2_grpc.ProfileStub(channel),
+            f"shop-{secrets.token_hex(4)}.myshopify.com",
+            proxy,
+            http,
+            settings_for("profile"),
+        )
+    await proxy.cut()
+
+
+def test_the_hmac_test_vector_verifies() -> None:
+    vector = json.loads(fixture("hmac_test_vector.json"))
+    raw = vector["raw_body"].encode()
+    assert signature(vector["secret"], raw) == vector["x_shopify_hmac_sha256"]
+
+
+async def test_the_fixtures_land_in_one_profile_each_counted_once(endpoint: Endpoint) -> None:
+    deliveries = [
+        ("orders/create", fixture("orders_create.json")),
+        ("customers/create", derived_customer("2021-12-31T19:00:00-05:00", "")),
+        ("refunds/create", fixture("refunds_create.json")),
+        ("orders/updated", derived_order_update()),
+        ("customers/update", derived_customer("2022-01-02T10:00:00-05:00", "vip, newsletter")),
+    ]
+    for topic, body in deliveries:
+        webhook_id = secrets.token_hex(8)
+        answers = [await endpoint.deliver(topic, body, webhook_id) for _ in range(3)]
+        assert answers == [
+            (200, {"accepted": True, "duplicate": False}),
+            (200, {"accepted": True, "duplicate": True}),
+            (200, {"accepted": True, "duplicate": True}),
+        ]
+    # The reinstated order (388.00) with its refund (398.00 of lines, capped at the order).
+    await eventually(endpoint.purchases, lambda p: p == (1, "0.00", "388.00"), "the profile")
+    profile = await endpoint.get()
+    assert (profile.name.first_name, profile.name.last_name) == ("John", "Smith")
+    assert list(profile.tags) == ["newsletter", "vip"]
+    assert sorted(profile.emails) == ["john@example.com", "jon@example.com"]
+    assert profile.shopify_customer_id == CUSTOMER_ID
+    assert profile.purchases.currency == "USD"
+    assert await endpoint.dead_letters() == []
+
+
+async def test_an_update_before_its_create_ends_in_the_update(endpoint: Endpoint) -> None:
+    assert (await endpoint.deliver("orders/updated", derived_order_update()))[0] == 200
+    await eventually(endpoint.purchases, lambda p: p == (1, "388.00", "0.00"), "the update")
+    assert (await endpoint.deliver("orders/create", fixture("orders_create.json")))[0] == 200
+    # The older create (cancelled) changes nothing: it is processed, and the update stands.
+    processed = [("orders/updated", "done"), ("orders/create", "done")]
+    await eventually(endpoint.inbox, lambda rows: rows == processed, "processing")
+    assert await endpoint.purchases() == (1, "388.00", "0.00")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "status"),
+    [("body", 401), ("missing", 401), ("wrong_secret", 401)],
+)
+async def test_a_bad_signature_is_401_and_stores_nothing(
+    endpoint: Endpoint, tamper: str, status: int
+) -> None:
+    body = fixture("orders_create.json")
+    webhook_id = secrets.token_hex(8)
+    sent = {
+        "X-Shopify-Topic": "orders/create",
+        "X-Shopify-Shop-Domain": endpoint.shop,
+        "X-Shopify-Webhook-Id": webhook_id,
+        "X-Shopify-Hmac-Sha256": signature(SECRET, body),
+    }
+    data = body
+    if tamper == "body":
+        data = body.replace(b'"388.00"', b'"1.00"')
+    elif tamper == "missing":
+        del sent["X-Shopify-Hmac-Sha256"]
+    else:
+        sent["X-Shopify-Hmac-Sha256"] = signature("not-the-secret", body)
+    async with endpoint.http.post(endpoint.url, data=data, headers=sent) as response:
+        assert response.status == status
+    assert await endpoint.inbox() == []
+    # Nothing was stored: the same webhook id, correctly signed, is new.
+    assert await endpoint.deliver("orders/create", body, webhook_id) == (
+        200,
+        {"accepted": True, "duplicate": False},
+    )
+
+
+async def test_the_previous_secret_is_accepted_during_a_rotation(endpoint: Endpoint) -> None:
+    status, answer = await endpoint.deliver(
+        "orders/create", fixture("orders_create.json"), secret=PREVIOUS
+    )
+    assert (status, answer) == (200, {"accepted": True, "duplicate": False})
+
+
+async def test_missing_headers_are_400(endpoint: Endpoint) -> None:
+    status, answer = await endpoint.deliver(
+        "orders/create", fixture("orders_create.json"), **{"X-Shopify-Webhook-Id": ""}
+    )
+    assert (status, answer) == (400, {"error": "missing X-Shopify-Webhook-Id"})
+
+
+async def test_a_malformed_payload_becomes_a_dead_letter_that_replays_to_the_same_error(
+    endpoint: Endpoint,
+) -> None:
+    assert (await endpoint.deliver("orders/create", b'{"id": }'))[0] == 200
+    [letter] = await eventually(endpoint.dead_letters, lambda d: len(d) == 1, "dead letter")
+    assert (letter.kind, letter.attempts) == ("webhook:orders/create", 1)
+    assert letter.error.startswith("JSONDecodeError: ")
+    replay = await endpoint.profile.ReplayDeadLetters(
+        profile_pb2.ReplayDeadLettersRequest(shop_id=endpoint.shop), metadata=AUTH
+    )
+    assert (replay.replayed, replay.failed_again) == (0, 1)
+
+
+async def test_a_delivery_that_failed_while_identity_was_down_replays(endpoint: Endpoint) -> None:
+    await endpoint.identity_proxy.cut()
+    assert (await endpoint.deliver("orders/create", derived_order_update()))[0] == 200
+    [letter] = await eventually(endpoint.dead_letters, lambda d: len(d) == 1, "dead letter")
+    assert "unavailable" in letter.error.lower()
+    await endpoint.identity_proxy.start()
+
+    async def replay() -> Any:
+        return await endpoint.profile.ReplayDeadLetters(
+            profile_pb2.ReplayDeadLettersRequest(shop_id=endpoint.shop, ids=[letter.id]),
+            metadata=AUTH,
+        )
+
+    answer = await eventually(replay, lambda a: a.replayed == 1, "the replay")
+    assert answer.failed_again == 0
+    assert await endpoint.purchases() == (1, "388.00", "0.00")
+    assert await endpoint.dead_letters() == []
+
+
+async def test_gdpr_topics_are_accepted_and_recorded(endpoint: Endpoint) -> None:
+    for topic, name in (
+        ("customers/redact", "customers_redact.json"),
+        ("customers/data_request", "customers_data_request.json"),
+        ("shop/redact", "shop_redact.json"),
+    ):
+        assert await endpoint.deliver(topic, fixture(name)) == (
+            200,
+            {"accepted": True, "duplicate": False},
+        )
+    recorded = [
+        ("customers/redact", "recorded"),
+        ("customers/data_request", "recorded"),
+        ("shop/redact", "recorded"),
+    ]
+    await eventually(endpoint.inbox, lambda rows: rows == recorded, "recording")
