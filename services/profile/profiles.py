@@ -1,8 +1,6 @@
 """Profiles: facts in (idempotent, anchored on the identifier they came with), the whole
 picture out (the facts of every anchor identity groups under one person)."""
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 from collections import Counter
@@ -22,6 +20,7 @@ from services.profile.store import (
     ProfileStore,
     RefundRow,
 )
+from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +205,7 @@ class Profiles:
         self._identity = identity
         self._gate = gate
         self._clock = clock
-        self._push_interval = push_interval
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._pusher = Worker("gate-push", self.push_pending, push_interval)
 
     # --- ingestion ------------------------------------------------------------------------------
 
@@ -350,7 +346,7 @@ class Profiles:
             group.person_id,
             self._clock(),
         )
-        self._wake.set()
+        self._pusher.wake()
         return group.person_id, applied
 
     async def _person(self, shop_id: str, person: PersonRef) -> Group:
@@ -427,23 +423,9 @@ class Profiles:
             pushed += 1
         return pushed
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._push_interval):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.push_pending()
-            except Exception as exc:
-                log.warning("contact policy outbox unreadable", extra={"error": type(exc).__name__})
-
     def start(self) -> None:
         """Pushes contact policies in the background, as soon as a consent changes."""
-        self._task = asyncio.create_task(self._run(), name="gate-push")
+        self._pusher.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        await self._pusher.stop()

@@ -8,7 +8,6 @@ succeed, like a malformed payload) is kept as a dead letter, listable and replay
 dropped. Deliveries are idempotent by webhook id, and records by their own ids and versions.
 """
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -23,6 +22,7 @@ from services.profile.profiles import Profiles
 from services.profile.store import Inbox, WebhookRow
 from services.runtime.errors import DEPENDENCY_ERRORS, as_c360_error
 from services.runtime.validation import SHOP_ID
+from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,8 @@ class Webhooks:
         self._shops = shops
         self._clock = clock
         self._max_attempts = max_attempts
-        self._interval = interval
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._processor = Worker("webhook-inbox", self.process_due, interval)
         self._runner: web.AppRunner | None = None
-        self._stopping = False
 
     # --- the endpoint ---------------------------------------------------------------------------
 
@@ -105,7 +102,7 @@ class Webhooks:
         except DEPENDENCY_ERRORS:
             log.warning("webhook not stored: the database is unavailable")
             return web.json_response({"error": "unavailable; retry"}, status=503)
-        self._wake.set()
+        self._processor.wake()
         return web.json_response({"accepted": True, "duplicate": not new})
 
     # --- the inbox ------------------------------------------------------------------------------
@@ -180,17 +177,6 @@ class Webhooks:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.process_due()
-            except Exception as exc:
-                log.warning("webhook inbox unreadable", extra={"error": type(exc).__name__})
-
     async def start(self, host: str, port: int) -> int:
         """Serves the endpoint on host:port (0 = any free port) and starts processing; returns
         the port."""
@@ -200,7 +186,7 @@ class Webhooks:
         await self._runner.setup()
         listener = socket.create_server((host, port), reuse_port=False)
         await web.SockSite(self._runner, listener).start()
-        self._task = asyncio.create_task(self._run(), name="webhook-inbox")
+        self._processor.start()
         bound: int = listener.getsockname()[1]
         return bound
 
@@ -208,10 +194,7 @@ class Webhooks:
         """Stops taking deliveries, then finishes the inbox batch in hand."""
         if self._runner is not None:
             await self._runner.cleanup()
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        await self._processor.stop()
 
 
 def _triggered_at(value: str | None) -> datetime | None:
