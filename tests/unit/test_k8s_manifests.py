@@ -54,7 +54,13 @@ WEBHOOK_PORT = 8080
 MIGRATIONS_JOB = "c360-migrate"
 CONFIG_MAP = "c360-config"
 SECRET = "c360-secrets"
-SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "C360_TOKENS", "C360_SERVICE_TOKEN"}
+SECRET_KEYS = {
+    "DATABASE_URL",
+    "REDIS_URL",
+    "C360_TOKENS",
+    "C360_SERVICE_TOKEN",
+    "SHOPIFY_API_SECRET",
+}
 PLACEHOLDER = "REPLACE_ME"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
 # What each overlay adds beside the five services: the dev PostgreSQL and Redis.
