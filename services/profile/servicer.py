@@ -145,9 +145,10 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
             for c in found.consents
         ],
         global_unsubscribe=found.global_unsubscribe,
-        name=profile_pb2.Name(first_name=found.name[0], last_name=found.name[1]),
         tags=found.tags,
     )
+    if any(found.name):
+        answer.name.CopyFrom(profile_pb2.Name(first_name=found.name[0], last_name=found.name[1]))
     if found.history is not None:
         history = found.history
         answer.contact_history.CopyFrom(

@@ -226,6 +226,10 @@ async def abort_for(exc: Exception, method: str, context: grpc.aio.ServicerConte
     if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
     error = as_c360_error(exc)
+    if isinstance(exc, DEPENDENCY_ERRORS):
+        log.warning(
+            "dependency failed in %s", method, extra={"error": type(exc).__name__}, exc_info=exc
+        )
     if error is None:
         log.error("unhandled error in %s", method, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
