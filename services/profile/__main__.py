@@ -14,6 +14,7 @@ from services.profile.settings import ProfileSettings
 from services.profile.store import Inbox, ProfileStore
 from services.profile.webhooks import Webhooks
 from services.runtime import db
+from services.runtime.auth import TokenRegistry
 from services.runtime.channels import connect
 from services.runtime.process import run, start_service
 from services.runtime.server import Registration, Server
@@ -51,6 +52,7 @@ async def build(
         secrets,
         settings.shopify_shops,
         clock,
+        TokenRegistry.from_settings(settings),
         settings.webhook_max_attempts,
     )
     registration = Registration(

@@ -1,13 +1,32 @@
 """The profile service's calls to its peers: identity (who a record belongs to) and the gate
 (contact policies, contact history)."""
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
+
+import grpc
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
+from services.runtime.errors import PeerRejected, as_c360_error
 from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES
+
+T = TypeVar("T")
+
+
+async def _answer(call: Awaitable[T]) -> T:
+    """A peer's answer; a refusal of the caller's input (INVALID_ARGUMENT, NOT_FOUND, …) as the
+    PeerRejected it will be passed on as."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        error = as_c360_error(exc)
+        if isinstance(error, PeerRejected):
+            raise error from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -63,17 +82,19 @@ class IdentityPeer:
         country: str = "",
         skip_invalid: bool = False,
     ) -> Resolved:
-        answer = await self._stub.Resolve(
-            identity_pb2.ResolveRequest(
-                shop_id=shop_id,
-                identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in identifiers],
-                source=source,
-                strength=identity_pb2.STRENGTH_ASSERTED
-                if asserted
-                else identity_pb2.STRENGTH_AUTHORITATIVE,
-                event_id=event_id,
-                country=country,
-                skip_invalid=skip_invalid,
+        answer = await _answer(
+            self._stub.Resolve(
+                identity_pb2.ResolveRequest(
+                    shop_id=shop_id,
+                    identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in identifiers],
+                    source=source,
+                    strength=identity_pb2.STRENGTH_ASSERTED
+                    if asserted
+                    else identity_pb2.STRENGTH_AUTHORITATIVE,
+                    event_id=event_id,
+                    country=country,
+                    skip_invalid=skip_invalid,
+                )
             )
         )
         if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ERASED:
@@ -83,16 +104,25 @@ class IdentityPeer:
         return Resolved(answer.person_id, (answer.anchor.type, answer.anchor.value))
 
     async def lookup(self, shop_id: str, type_: str, value: str) -> str:
-        answer = await self._stub.Lookup(
-            identity_pb2.LookupRequest(
-                shop_id=shop_id, identifier=common_pb2.Identifier(type=type_, value=value)
+        answer = await _answer(
+            self._stub.Lookup(
+                identity_pb2.LookupRequest(
+                    shop_id=shop_id, identifier=common_pb2.Identifier(type=type_, value=value)
+                )
             )
         )
         return str(answer.person_id)
 
+    async def forget(self, shop_id: str, person_id: str) -> None:
+        await _answer(
+            self._stub.Forget(identity_pb2.ForgetRequest(shop_id=shop_id, person_id=person_id))
+        )
+
     async def group(self, shop_id: str, person_id: str) -> Group:
-        person = await self._stub.GetPerson(
-            identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
+        person = await _answer(
+            self._stub.GetPerson(
+                identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
+            )
         )
         return Group(
             person.person_id,
@@ -116,23 +146,27 @@ class GatePeer:
         global_unsubscribe: bool,
         version: int,
     ) -> None:
-        await self._stub.PutContactPolicy(
-            gate_pb2.PutContactPolicyRequest(
-                shop_id=shop_id,
-                person_id=person_id,
-                consents=[
-                    gate_pb2.ChannelConsent(channel=CHANNEL_ENUMS[name], granted=ok)
-                    for name, ok in sorted(granted.items())
-                ],
-                global_unsubscribe=global_unsubscribe,
-                version=version,
+        await _answer(
+            self._stub.PutContactPolicy(
+                gate_pb2.PutContactPolicyRequest(
+                    shop_id=shop_id,
+                    person_id=person_id,
+                    consents=[
+                        gate_pb2.ChannelConsent(channel=CHANNEL_ENUMS[name], granted=ok)
+                        for name, ok in sorted(granted.items())
+                    ],
+                    global_unsubscribe=global_unsubscribe,
+                    version=version,
+                )
             )
         )
 
     async def history(self, shop_id: str, person_id: str, include_log: bool) -> History:
-        answer = await self._stub.GetContactHistory(
-            gate_pb2.GetContactHistoryRequest(
-                shop_id=shop_id, person_id=person_id, include_log=include_log, log_limit=100
+        answer = await _answer(
+            self._stub.GetContactHistory(
+                gate_pb2.GetContactHistoryRequest(
+                    shop_id=shop_id, person_id=person_id, include_log=include_log, log_limit=100
+                )
             )
         )
         return History(

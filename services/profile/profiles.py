@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from services.profile import custobar
 from services.profile.peers import GatePeer, Group, History, IdentityPeer
 from services.profile.store import (
     Anchor,
@@ -20,12 +21,14 @@ from services.profile.store import (
     ProfileStore,
     RefundRow,
 )
+from services.runtime.errors import PeerRejected
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
 CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
+CUSTOBAR = "custobar"
 # Anchors of facts that identify nobody: the record itself.
 ANONYMOUS = ("order", "event", "customer")
 
@@ -130,6 +133,7 @@ class Profile:
     history: History | None
     name: tuple[str, str] = ("", "")
     tags: list[str] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def consent_id(shop_id: str, anchor: Anchor, change: ConsentChange) -> str:
@@ -270,6 +274,95 @@ class Profiles:
         )
         return resolved.person_id, applied
 
+    async def upsert_customers(
+        self, shop_id: str, records: Sequence[Any]
+    ) -> tuple[int, list[tuple[int, str, str]]]:
+        """Applies a Custobar-format upload record by record; returns how many were accepted and
+        (index, field, why) for each one that was not. Valid records are kept whatever the
+        others do."""
+        accepted, errors = 0, list[tuple[int, str, str]]()
+        for index, record in enumerate(records):
+            found = custobar.problems(record)
+            if not found:
+                try:
+                    await self._upsert_custobar(shop_id, record)
+                except PeerRejected as rejected:
+                    found = [(field, why) for field, why in _violations(rejected, record)]
+            if found:
+                errors.extend((index, field, why) for field, why in found)
+            else:
+                accepted += 1
+        return accepted, errors
+
+    async def _upsert_custobar(self, shop_id: str, record: dict[str, Any]) -> None:
+        key = custobar.key_of(record)
+        hidden = "forgotten-" + hashlib.sha256(f"{shop_id}\0{key}".encode()).hexdigest()[:40]
+        if await self._store.customer(shop_id, CUSTOBAR, hidden) is not None:
+            return  # forgotten for good: nothing an upload says about them is kept
+        existing = await self._store.customer(shop_id, CUSTOBAR, key)
+        if existing is not None and existing.deleted:
+            return  # deleted for good
+        before = existing.attributes if existing is not None else {}
+        document = custobar.merged(before, record)
+        now = self._clock()
+        values: dict[str, Any] = {
+            "shop_id": shop_id,
+            "source": CUSTOBAR,
+            "source_id": key,
+            "updated_at": now,
+            "first_name": str(document.get("first_name", "")),
+            "last_name": str(document.get("last_name", "")),
+            "tags": document.get("tags", []),
+            "attributes": document,
+            "deleted": bool(document.get("is_deleted")),
+            "forgotten": False,
+        }
+        if document.get("is_forgotten"):
+            if existing is not None:
+                person_id = await self._person_of(
+                    shop_id, (existing.anchor_type, existing.anchor_key)
+                )
+                if person_id:
+                    await self.forget(shop_id, person_id)
+            values.update(
+                source_id=hidden, anchor_type="customer", anchor_key=hidden, forgotten=True
+            )
+            old = None if existing is None else (shop_id, CUSTOBAR, key)
+            await self._store.replace_customer(old, values)
+            return
+        found = custobar.identifiers(document)
+        resolved = await self._identity.resolve(
+            shop_id,
+            found,
+            source=CUSTOBAR,
+            event_id=f"{CUSTOBAR}:{key}:"
+            + hashlib.sha256(repr(sorted(found)).encode()).hexdigest()[:32],
+            asserted=False,
+            country=str(document.get("country", "")),
+        )
+        anchor = resolved.anchor or ("customer", key)
+        values.update(anchor_type=anchor[0], anchor_key=anchor[1])
+        await self._store.replace_customer(None, values)
+        changed = {
+            channel: bool(document[name])
+            for name, channel in custobar.PERMISSIONS.items()
+            if name in record and document.get(name) != before.get(name)
+        }
+        for channel, granted in changed.items():
+            await self.set_consent(
+                ConsentChange(
+                    shop_id, PersonRef(person_id=resolved.person_id), channel, granted,
+                    f"Custobar upload: {channel} permission", CUSTOBAR, now,
+                )
+            )  # fmt: skip
+
+    async def forget(self, shop_id: str, person_id: str) -> None:
+        """Anonymises a person for good: their facts stay, anonymous, under their tombstone, and
+        identity forgets every identifier of theirs."""
+        group = await self._identity.group(shop_id, person_id)
+        await self._store.reanchor(shop_id, group.anchors, ("person", group.person_id))
+        await self._identity.forget(shop_id, group.person_id)
+
     async def ingest_refund(
         self,
         shop_id: str,
@@ -372,6 +465,7 @@ class Profiles:
         facts = await self._store.facts(shop_id, group.anchors)
         consents, unsubscribed = consent_states(facts.consents)
         newest = facts.customers[-1] if facts.customers else None
+        attributes = {k: v for c in facts.customers for k, v in c.attributes.items()}
         return Profile(
             shop_id,
             group,
@@ -382,6 +476,7 @@ class Profiles:
             await self._history(shop_id, group.person_id, include_log),
             name=(newest.first_name, newest.last_name) if newest else ("", ""),
             tags=sorted({t for c in facts.customers for t in c.tags}),
+            attributes=attributes,
         )
 
     async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:
@@ -429,3 +524,18 @@ class Profiles:
 
     async def stop(self) -> None:
         await self._pusher.stop()
+
+
+def _violations(rejected: PeerRejected, record: dict[str, Any]) -> list[tuple[str, str]]:
+    """Identity's field violations of an upload record, named by the record's own fields."""
+    names = [
+        name
+        for name in ("external_id", "email", "phone_number")
+        if record.get(name) not in (None, "")
+    ]
+    found = []
+    for violation in rejected.field_violations():
+        index = violation[0].partition("[")[2].partition("]")[0]
+        field_name = names[int(index)] if index.isdigit() and int(index) < len(names) else ""
+        found.append((field_name, violation[1]))
+    return found or [("", rejected.message)]

@@ -45,6 +45,7 @@ KINDS = {
 KIND_ENUMS = {name: value for value, name in KINDS.items()}
 CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_ID = 256
+MAX_UPLOAD = 10_000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_TEXT = 4000
@@ -147,6 +148,8 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
         global_unsubscribe=found.global_unsubscribe,
         tags=found.tags,
     )
+    if found.attributes:
+        answer.attributes.update(found.attributes)
     if any(found.name):
         answer.name.CopyFrom(profile_pb2.Name(first_name=found.name[0], last_name=found.name[1]))
     if found.history is not None:
@@ -323,3 +326,21 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         violations.raise_any()
         replayed, failed = await self._webhooks.replay(shop_id, ids)
         return profile_pb2.ReplayDeadLettersResponse(replayed=replayed, failed_again=failed)
+
+    async def UpsertCustomers(
+        self, request: Any, context: Any
+    ) -> profile_pb2.UpsertCustomersResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if len(request.customers) > MAX_UPLOAD:
+            violations.add("customers", f"at most {MAX_UPLOAD} records a call")
+        violations.raise_any()
+        records = [MessageToDict(record) for record in request.customers]
+        accepted, errors = await self._profiles.upsert_customers(shop_id, records)
+        return profile_pb2.UpsertCustomersResponse(
+            accepted=accepted,
+            errors=[
+                profile_pb2.RecordError(index=i, field=field, description=why)
+                for i, field, why in errors
+            ],
+        )

@@ -121,7 +121,8 @@ class GatePushRow(Base):
 
 
 class CustomerRow(Base):
-    """A customer record of a source system (a Shopify customer) as of its newest version."""
+    """A customer record of a source system (a Shopify customer, a Custobar upload) as of its
+    newest version, with every attribute the source gave."""
 
     __tablename__ = "customer_fact"
     __table_args__ = (Index("customer_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
@@ -134,6 +135,10 @@ class CustomerRow(Base):
     first_name: Mapped[str] = mapped_column(String(256))
     last_name: Mapped[str] = mapped_column(String(256))
     tags: Mapped[list[str]] = mapped_column(JSON)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Removed from use for good (is_deleted); anonymised for good (is_forgotten).
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    forgotten: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class WebhookRow(Base):
@@ -223,6 +228,39 @@ class ProfileStore:
                 )
             )
             return bool(getattr(result, "rowcount", 0))
+
+    async def customer(self, shop_id: str, source: str, source_id: str) -> CustomerRow | None:
+        async with self._sessions() as session:
+            return await session.get(CustomerRow, (shop_id, source, source_id))
+
+    async def replace_customer(
+        self, old_key: tuple[str, str, str] | None, values: dict[str, Any]
+    ) -> None:
+        """Writes a customer record whatever its version (an upload is always the newest),
+        under a new key when `old_key` differs (a forgotten record loses its identifying key)."""
+        async with self._sessions.begin() as session:
+            if old_key is not None:
+                await session.execute(
+                    delete(CustomerRow).where(
+                        tuple_(CustomerRow.shop_id, CustomerRow.source, CustomerRow.source_id)
+                        == old_key
+                    )
+                )
+            await session.merge(CustomerRow(**values))
+
+    async def reanchor(self, shop_id: str, anchors: Sequence[Anchor], to: Anchor) -> int:
+        """Moves every fact anchored on one of `anchors` to `to` (forgetting a person keeps
+        their facts, anonymous, under the tombstone); returns how many moved."""
+        moved = 0
+        async with self._sessions.begin() as session:
+            for model in (OrderRow, EventRow, ConsentRow, CustomerRow):
+                result = await session.execute(
+                    update(model)
+                    .where(model.shop_id == shop_id, _anchored(model, anchors))
+                    .values(anchor_type=to[0], anchor_key=to[1])
+                )
+                moved += getattr(result, "rowcount", 0)
+        return moved
 
     async def add_fact(self, model: Any, values: dict[str, Any]) -> bool:
         """Stores a refund, an event or a consent unless stored already; returns whether it did."""
@@ -326,7 +364,11 @@ class ProfileStore:
             customers = list(
                 await session.scalars(
                     select(CustomerRow)
-                    .where(CustomerRow.shop_id == shop_id, _anchored(CustomerRow, anchors))
+                    .where(
+                        CustomerRow.shop_id == shop_id,
+                        _anchored(CustomerRow, anchors),
+                        CustomerRow.deleted.is_(False),
+                    )
                     .order_by(CustomerRow.updated_at)
                 )
             )

@@ -1,4 +1,5 @@
-"""The Shopify webhook endpoint (`POST /webhooks/shopify`) and the inbox behind it.
+"""The profile's HTTP endpoints: Shopify webhooks (`POST /webhooks/shopify`) with the inbox
+behind them, and the Custobar-format customer upload (`POST /api/customers/upload/`).
 
 A delivery is verified (HMAC of the raw body with the app secret, or the previous one during a
 rotation), stored durably, and only then answered 200, well within Shopify's 5 seconds. A
@@ -17,9 +18,11 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
+from c360.common.v1 import common_pb2
 from services.profile import shopify
 from services.profile.profiles import Profiles
 from services.profile.store import Inbox, WebhookRow
+from services.runtime.auth import TokenRegistry
 from services.runtime.errors import DEPENDENCY_ERRORS, as_c360_error
 from services.runtime.validation import SHOP_ID
 from services.runtime.worker import Worker
@@ -27,6 +30,7 @@ from services.runtime.worker import Worker
 log = logging.getLogger(__name__)
 
 PATH = "/webhooks/shopify"
+UPLOAD_PATH = "/api/customers/upload/"
 MAX_BODY = 5 * 1024 * 1024
 BATCH = 100
 # Failures no retry can cure: the delivery goes straight to the dead letters.
@@ -43,9 +47,11 @@ class Webhooks:
         secrets: Sequence[str],
         shops: dict[str, str],
         clock: Callable[[], datetime],
+        tokens: TokenRegistry,
         max_attempts: int = 5,
         interval: float = 0.5,
     ) -> None:
+        self._tokens = tokens
         self._inbox = inbox
         self._profiles = profiles
         self._secrets = list(secrets)
@@ -104,6 +110,41 @@ class Webhooks:
             return web.json_response({"error": "unavailable; retry"}, status=503)
         self._processor.wake()
         return web.json_response({"accepted": True, "duplicate": not new})
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """A Custobar-format upload, `{"customers": [...]}`, for the shop in `?shop_id=`, with a
+        bearer token holding the write role for it."""
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        principal = self._tokens.principal(token) if token else None
+        if principal is None:
+            return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        shop_id = request.query.get("shop_id", "")
+        if not SHOP_ID.fullmatch(shop_id):
+            return web.json_response({"error": "shop_id (query) is required"}, status=400)
+        if not principal.may_access(shop_id) or not principal.has_role(common_pb2.ROLE_WRITE):
+            return web.json_response({"error": "no write access to this shop"}, status=403)
+        try:
+            body = json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response({"error": "the body is not JSON"}, status=400)
+        records = body.get("customers") if isinstance(body, dict) else None
+        if not isinstance(records, list):
+            return web.json_response({"error": 'expected {"customers": [...]}'}, status=400)
+        try:
+            accepted, errors = await self._profiles.upsert_customers(shop_id, records)
+        except Exception as exc:
+            if as_c360_error(exc) is None:
+                log.error("customer upload failed", exc_info=exc)
+            return web.json_response({"error": "unavailable; retry"}, status=503)
+        return web.json_response(
+            {
+                "accepted": accepted,
+                "errors": [
+                    {"index": i, "field": field, "description": why} for i, field, why in errors
+                ],
+            }
+        )
 
     # --- the inbox ------------------------------------------------------------------------------
 
@@ -182,6 +223,7 @@ class Webhooks:
         the port."""
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post(PATH, self.receive)
+        app.router.add_post(UPLOAD_PATH, self.upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         listener = socket.create_server((host, port), reuse_port=False)

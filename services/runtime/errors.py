@@ -201,6 +201,15 @@ class PeerRejected(C360Error):
     def to_status(self) -> status_pb2.Status:
         return self._status if self._status is not None else super().to_status()
 
+    def field_violations(self) -> list[tuple[str, str]]:
+        """The peer's BadRequest field violations, as (field, description)."""
+        found: list[tuple[str, str]] = []
+        for detail in self._status.details if self._status is not None else ():
+            request = error_details_pb2.BadRequest()
+            if detail.Unpack(request):
+                found.extend((v.field, v.description) for v in request.field_violations)
+        return found
+
 
 def as_c360_error(exc: BaseException) -> C360Error | None:
     """The caller-facing error for an exception, or None when it must stay hidden (INTERNAL)."""

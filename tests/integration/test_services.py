@@ -51,6 +51,7 @@ BUILT = {
         "Unsubscribe",
         "ListDeadLetters",
         "ReplayDeadLetters",
+        "UpsertCustomers",
     },
     "c360.identity.v1.Identity": {
         "Resolve",

@@ -46,6 +46,9 @@ def upgrade() -> None:
         sa.Column("first_name", sa.String(length=256), nullable=False),
         sa.Column("last_name", sa.String(length=256), nullable=False),
         sa.Column("tags", sa.JSON(), nullable=False),
+        sa.Column("attributes", sa.JSON(), nullable=False),
+        sa.Column("deleted", sa.Boolean(), nullable=False),
+        sa.Column("forgotten", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("shop_id", "source", "source_id"),
     )
     op.create_index(
