@@ -36,6 +36,7 @@ class Endpoint:
     identity_proxy: TcpProxy
     http: aiohttp.ClientSession
     settings: Any
+    profile_address: str
 
     async def deliver(
         self,
@@ -125,5 +126,6 @@ async def endpoint(
             proxy,
             http,
             settings_for("profile"),
+            f"127.0.0.1:{profile.port}",
         )
     await proxy.cut()

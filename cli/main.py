@@ -1,0 +1,131 @@
+"""`c360`: the command line for operators, talking to a running mesh over gRPC with a token."""
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.importing import Importer, Outcome
+
+# Each command's own connection: a run never inherits another's failed one (gRPC shares
+# subchannels between channels of one process otherwise).
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def connect(mesh: "Mesh") -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(mesh.profile, options=CHANNEL_OPTIONS)
+
+
+class Mesh:
+    """Where the mesh is and the token to call it with."""
+
+    def __init__(self, profile: str, token: str) -> None:
+        self.profile = profile
+        self.token = token
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+@click.group()
+@click.option(
+    "--profile",
+    envvar="C360_PROFILE_ADDR",
+    default="localhost:50052",
+    show_default=True,
+    help="Address of the profile service.",
+)
+@click.option("--token", envvar="C360_TOKEN", required=True, help="Bearer token (or C360_TOKEN).")
+@click.pass_context
+def main(context: click.Context, profile: str, token: str) -> None:
+    """Operate a c360 mesh: import data, inspect and replay dead letters."""
+    context.obj = Mesh(profile, token)
+
+
+@main.command("import")
+@click.argument("kind", type=click.Choice(["customers", "orders"]))
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--shop", required=True, help="The shop the records belong to.")
+@click.pass_obj
+def import_(mesh: Mesh, kind: str, path: Path, shop: str) -> None:
+    """Import customers (Custobar JSON lines, Custobar or Klaviyo CSV) or orders (Shopify's order
+    export CSV, or IngestOrderRequest JSON lines). Resumes after a crash; rejected records go to
+    PATH.SHOP.rejected.jsonl."""
+    size = path.stat().st_size
+    with click.progressbar(length=size, label=f"importing {kind}", file=sys.stderr) as bar:
+        try:
+            outcome = asyncio.run(_import(mesh, kind, path, shop, bar.update))
+        except grpc.aio.AioRpcError as error:
+            raise click.ClickException(
+                f"{error.code().name}: {error.details()} - run the same command again to resume"
+            ) from None
+    _summary(outcome, path, shop)
+
+
+async def _import(mesh: Mesh, kind: str, path: Path, shop: str, progress: Any) -> Outcome:
+    async with connect(mesh) as channel:
+        importer = Importer(profile_pb2_grpc.ProfileStub(channel), mesh.token, shop, path, progress)
+        return await importer.run(kind)
+
+
+def _summary(outcome: Outcome, path: Path, shop: str) -> None:
+    resumed = f" (resumed after record {outcome.resumed_from})" if outcome.resumed_from else ""
+    rejected = sum(outcome.rejected.values())
+    click.echo(f"imported {outcome.done - rejected} records{resumed}, rejected {rejected}")
+    for reason, count in outcome.rejected.most_common():
+        click.echo(f"  {count:>6}  {reason}")
+    if rejected:
+        click.echo(f"details: {path.name}.{shop}.rejected.jsonl")
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: deliveries that failed processing, kept with their error."""
+
+
+@dlq.command("list")
+@click.option("--shop", required=True)
+@click.pass_obj
+def dlq_list(mesh: Mesh, shop: str) -> None:
+    """List a shop's dead letters."""
+
+    async def listing() -> list[Any]:
+        async with connect(mesh) as channel:
+            stub = profile_pb2_grpc.ProfileStub(channel)
+            found: list[Any] = []
+            token = ""
+            while True:
+                page = await stub.ListDeadLetters(
+                    profile_pb2.ListDeadLettersRequest(shop_id=shop, page_token=token),
+                    metadata=mesh.metadata,
+                )
+                found.extend(page.dead_letters)
+                token = page.next_page_token
+                if not token:
+                    return found
+
+    for letter in asyncio.run(listing()):
+        click.echo(f"{letter.id}\t{letter.kind}\t{letter.attempts}\t{letter.error}")
+
+
+@dlq.command("replay")
+@click.option("--shop", required=True)
+@click.argument("ids", nargs=-1)
+@click.pass_obj
+def dlq_replay(mesh: Mesh, shop: str, ids: tuple[str, ...]) -> None:
+    """Process dead letters again (IDS, or every one of the shop)."""
+
+    async def replay() -> Any:
+        async with connect(mesh) as channel:
+            return await profile_pb2_grpc.ProfileStub(channel).ReplayDeadLetters(
+                profile_pb2.ReplayDeadLettersRequest(shop_id=shop, ids=list(ids)),
+                metadata=mesh.metadata,
+            )
+
+    answer = asyncio.run(replay())
+    click.echo(f"replayed {answer.replayed}, failed again {answer.failed_again}")
