@@ -1,19 +1,23 @@
 """Runs the gate service: `python -m services.gate [serve|migrate]`."""
 
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import fakeredis
 import redis.asyncio as redis
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.profile.v1.profile_pb2_grpc import ProfileStub
 from services.gate.counters import Counters, HiredisPackedConnection
 from services.gate.gate import Gate
 from services.gate.message_log import MessageLogWriter
+from services.gate.profiles import ProfilePolicies
 from services.gate.servicer import GateServicer
 from services.gate.settings import GateSettings
 from services.gate.store import GateStore
 from services.runtime import db
+from services.runtime.channels import connect
 from services.runtime.process import run, start_service
 from services.runtime.server import Dependency, Registration, Server
 from services.runtime.telemetry import Telemetry
@@ -48,6 +52,10 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         timeout=settings.redis_timeout_ms / 1000,
         log_retention=settings.log_retention_seconds,
     )
+    # Customers the gate holds no policy for are asked of their profile, when one is configured.
+    profile = None
+    if settings.profile_addr is not None:
+        profile = connect(settings.profile_addr, settings.service_token, telemetry)
     writer = MessageLogWriter(
         store, counters, settings.log_flush_interval_seconds, settings.log_batch_size
     )
@@ -59,6 +67,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         meter=telemetry.meter_provider.get_meter("c360.gate"),
         shop_policy_ttl=settings.shop_policy_ttl_seconds,
         database_timeout=settings.dependency_timeout_seconds,
+        policy_source=None if profile is None else ProfilePolicies(ProfileStub(profile)),
     )
     registration = Registration(
         gate_pb2.DESCRIPTOR.services_by_name["Gate"],
@@ -72,7 +81,11 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         [registration],
         engine,
         dependencies=[Dependency("redis", counters.ping)],
-        on_stop=[writer.stop, counters.close],
+        on_stop=[
+            writer.stop,
+            counters.close,
+            *([] if profile is None else [partial(profile.close, None)]),
+        ],
     )
 
 

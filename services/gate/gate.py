@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,10 @@ from services.gate.store import Decided, GateStore, LogLine, Released
 from services.runtime.errors import DEPENDENCY_ERRORS, AlreadyExists
 
 log = logging.getLogger(__name__)
+
+# Contact policies of customers, from whoever owns consent (the profile service): a customer left
+# out is unknown there too. Raises a ConnectionError when it cannot answer.
+PolicySource = Callable[[str, list[str]], Awaitable[dict[str, ContactPolicy]]]
 
 Clock = Callable[[], datetime]
 # What slow or unreachable counters or database raise (CountersUnavailable is a
@@ -135,7 +139,9 @@ class Gate:
         meter: Meter,
         shop_policy_ttl: float = 5.0,
         database_timeout: float = 1.0,
+        policy_source: PolicySource | None = None,
     ) -> None:
+        self._policy_source = policy_source
         self._counters = counters
         self._store = store
         self._log = log
@@ -257,6 +263,9 @@ class Gate:
                 reservations = await self._store.reservations_since(
                     shop_id, chunk, now - FATIGUE_WINDOW
                 )
+                unknown = [p for p in chunk if p not in policies]
+                if unknown and self._policy_source is not None:
+                    policies.update(await self._pull(shop_id, unknown, now))
             await self._counters.rebuild_many(
                 [
                     (
@@ -267,6 +276,17 @@ class Gate:
                     for person_id in chunk
                 ]
             )
+
+    async def _pull(
+        self, shop_id: str, person_ids: list[str], now: datetime
+    ) -> dict[str, ContactPolicy]:
+        """Policies of customers the gate holds none for, from their profiles, kept durably (a
+        push of a later change still wins by its version)."""
+        assert self._policy_source is not None
+        pulled = await self._policy_source(shop_id, person_ids)
+        for person_id, policy in pulled.items():
+            await self._store.put_contact_policy(shop_id, person_id, policy, now)
+        return pulled
 
     async def _run_checks(
         self, requests: Sequence[Request], policy: ShopPolicy, now: datetime, mode: str

@@ -490,6 +490,21 @@ class Profiles:
 
     # --- consent to the gate --------------------------------------------------------------------
 
+    async def contact_policy(
+        self, shop_id: str, person_id: str
+    ) -> tuple[str, list[ConsentState], bool] | None:
+        """A person's consents and global unsubscribe as the gate needs them; None for a person
+        identity does not know."""
+        try:
+            group = await self._identity.group(shop_id, person_id)
+        except PeerRejected as rejected:
+            if rejected.code.name == "NOT_FOUND":
+                return None
+            raise
+        facts = await self._store.facts(shop_id, group.anchors)
+        states, unsubscribed = consent_states(facts.consents)
+        return group.person_id, states, unsubscribed
+
     async def push_pending(self) -> int:
         """Gives the gate the contact policy of every person whose consent changed; returns how
         many were pushed. A failed push is retried with backoff."""

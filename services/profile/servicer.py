@@ -1,6 +1,7 @@
 """Profile RPCs: requests validated and turned into profile calls, answers into protos."""
 
 import re
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -344,3 +345,35 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
                 for i, field, why in errors
             ],
         )
+
+    async def GetContactPolicies(
+        self, request: Any, context: Any
+    ) -> profile_pb2.GetContactPoliciesResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if len(request.person_ids) > MAX_PAGE:
+            violations.add("person_ids", f"at most {MAX_PAGE}")
+        ids = [person(p, f"person_ids[{i}]", violations) for i, p in enumerate(request.person_ids)]
+        violations.raise_any()
+        version = int(time.time() * 1_000_000)  # read now: a push of any later change wins
+        policies = []
+        for person_id in ids:
+            found = await self._profiles.contact_policy(shop_id, person_id)
+            if found is None:
+                continue
+            _, states, unsubscribed = found
+            policies.append(
+                profile_pb2.ContactPolicy(
+                    person_id=person_id,
+                    consents=[
+                        profile_pb2.Consent(
+                            channel=CHANNEL_ENUMS[c.channel], granted=c.granted,
+                            consent_text=c.consent_text, source=c.source, at=timestamp(c.at),
+                        )
+                        for c in states
+                    ],
+                    global_unsubscribe=unsubscribed,
+                    version=version,
+                )
+            )  # fmt: skip
+        return profile_pb2.GetContactPoliciesResponse(policies=policies)

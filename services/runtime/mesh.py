@@ -108,6 +108,8 @@ async def run_mesh() -> int:
         "C360_HOST": settings.host,
         "C360_DEV_TOKEN": token,
         "C360_SERVICE_TOKEN": os.environ.get("C360_SERVICE_TOKEN", token),
+        # The gate asks the profile for the consent of customers it has not been told about.
+        "C360_PROFILE_ADDR": settings.address("profile"),
     }
     await asyncio.gather(*(_migrate(service, env) for service in SERVICES))
     processes: dict[ServiceName, asyncio.subprocess.Process] = {}

@@ -18,6 +18,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.runtime.server import Server
+from tests.backing import free_port
 from tests.conftest import ADMIN_TOKEN, StartService
 from tests.polling import eventually
 from tests.rpc import bearer, details
@@ -294,3 +295,48 @@ async def test_bad_input_names_every_field_including_the_identifiers(mesh: Mesh)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await mesh.get(type="email", value="nobody@mail.example")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_gate_pulls_the_policy_of_a_customer_it_was_never_told_about(
+    start_service: StartService,
+) -> None:
+    identity: Server = await start_service("identity")
+    # The profile cannot push (its gate address leads nowhere), so the gate must ask.
+    profile: Server = await start_service(
+        "profile",
+        identity_addr=f"127.0.0.1:{identity.port}",
+        gate_addr=f"127.0.0.1:{free_port()}",
+        service_token=ADMIN_TOKEN,
+    )
+    gate: Server = await start_service(
+        "gate", profile_addr=f"127.0.0.1:{profile.port}", service_token=ADMIN_TOKEN
+    )
+    shop = f"shop-{secrets.token_hex(4)}"
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{profile.port}") as to_profile,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}") as to_gate,
+    ):
+        mesh = Mesh(profile_pb2_grpc.ProfileStub(to_profile), None, None, shop)
+        person = await mesh.order("51", "10.00", ("email", "hal@mail.example"))
+        await mesh.profile.SetConsent(
+            profile_pb2.SetConsentRequest(
+                shop_id=shop, person=common_pb2.PersonRef(person_id=person.person_id),
+                channel=common_pb2.CHANNEL_EMAIL, granted=True, consent_text="Yes please",
+                source="checkout", at=stamp(JAN),
+            ),
+            metadata=AUTH,
+        )  # fmt: skip
+        checks = [
+            await gate_pb2_grpc.GateStub(to_gate).Check(
+                gate_pb2.CheckRequest(
+                    shop_id=shop,
+                    person_id=person.person_id,
+                    channel=channel,
+                    message_id=secrets.token_hex(4),
+                    dry_run=True,
+                ),
+                metadata=AUTH,
+            )
+            for channel in (common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS)
+        ]
+    assert [(c.allowed, c.reason) for c in checks] == [(True, ""), (False, "no_consent:sms")]

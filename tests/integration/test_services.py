@@ -52,6 +52,7 @@ BUILT = {
         "ListDeadLetters",
         "ReplayDeadLetters",
         "UpsertCustomers",
+        "GetContactPolicies",
     },
     "c360.identity.v1.Identity": {
         "Resolve",

@@ -71,6 +71,11 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersRequest.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersResponse.FromString,
                 _registered_method=True)
+        self.GetContactPolicies = channel.unary_unary(
+                '/c360.profile.v1.Profile/GetContactPolicies',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/c360.profile.v1.Profile/ListDeadLetters',
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListDeadLettersRequest.SerializeToString,
@@ -173,6 +178,14 @@ class ProfileServicer:
 
     def UpsertCustomers(self, request, context):
         """Customer upload in Custobar's format. Valid records are kept; each invalid one is reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContactPolicies(self, request, context):
+        """The contact policies of persons as the gate needs them (consent per channel, global
+        unsubscribe): what the gate pulls for a person it holds no policy for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -285,6 +298,11 @@ def add_ProfileServicer_to_server(servicer, server):
                     servicer.UpsertCustomers,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersRequest.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersResponse.SerializeToString,
+            ),
+            'GetContactPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContactPolicies,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
@@ -528,6 +546,33 @@ class Profile:
             '/c360.profile.v1.Profile/UpsertCustomers',
             c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersRequest.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.UpsertCustomersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContactPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/GetContactPolicies',
+            c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.GetContactPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

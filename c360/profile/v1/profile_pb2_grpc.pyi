@@ -51,6 +51,10 @@ class ProfileStub:
     """Global unsubscribe: every channel off; pushed to the gate before the call returns."""
     UpsertCustomers: _grpc.UnaryUnaryMultiCallable[_profile_pb2.UpsertCustomersRequest, _profile_pb2.UpsertCustomersResponse]
     """Customer upload in Custobar's format. Valid records are kept; each invalid one is reported."""
+    GetContactPolicies: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetContactPoliciesRequest, _profile_pb2.GetContactPoliciesResponse]
+    """The contact policies of persons as the gate needs them (consent per channel, global
+    unsubscribe): what the gate pulls for a person it holds no policy for.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListDeadLettersRequest, _profile_pb2.ListDeadLettersResponse]
     """Dead-lettered ingestion work, with its error."""
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ReplayDeadLettersRequest, _profile_pb2.ReplayDeadLettersResponse]
@@ -96,6 +100,10 @@ class ProfileAsyncStub(ProfileStub):
     """Global unsubscribe: every channel off; pushed to the gate before the call returns."""
     UpsertCustomers: _aio.UnaryUnaryMultiCallable[_profile_pb2.UpsertCustomersRequest, _profile_pb2.UpsertCustomersResponse]  # type: ignore[assignment]
     """Customer upload in Custobar's format. Valid records are kept; each invalid one is reported."""
+    GetContactPolicies: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetContactPoliciesRequest, _profile_pb2.GetContactPoliciesResponse]  # type: ignore[assignment]
+    """The contact policies of persons as the gate needs them (consent per channel, global
+    unsubscribe): what the gate pulls for a person it holds no policy for.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListDeadLettersRequest, _profile_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """Dead-lettered ingestion work, with its error."""
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_profile_pb2.ReplayDeadLettersRequest, _profile_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
@@ -180,6 +188,16 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.UpsertCustomersResponse, _abc.Awaitable[_profile_pb2.UpsertCustomersResponse]]:
         """Customer upload in Custobar's format. Valid records are kept; each invalid one is reported."""
+
+    @_abc_1.abstractmethod
+    def GetContactPolicies(
+        self,
+        request: _profile_pb2.GetContactPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.GetContactPoliciesResponse, _abc.Awaitable[_profile_pb2.GetContactPoliciesResponse]]:
+        """The contact policies of persons as the gate needs them (consent per channel, global
+        unsubscribe): what the gate pulls for a person it holds no policy for.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
