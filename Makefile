@@ -51,11 +51,15 @@ fmt: $(INSTALLED) ## Format and autofix our code
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: bench
-bench: bench-gate bench-identity ## Run every benchmark (figures as ratios against in-run baselines)
+bench: bench-gate bench-identity bench-profile ## Run every benchmark (ratios against in-run baselines)
 
 .PHONY: bench-gate
 bench-gate: protos ## Gate.Check and CheckBatch against a bare EVALSHA server, same run
 	$(PY) -m bench.gate
+
+.PHONY: bench-profile
+bench-profile: protos ## Profile.Get, webhook intake and backfill against echo, bare HTTP and COPY
+	$(PY) -m bench.profile
 
 .PHONY: bench-identity
 bench-identity: protos ## Identity.Resolve at 1M identifiers against a primary-key SELECT, same run

@@ -251,9 +251,11 @@ class Gate:
             calendar=self._calendar(request.shop_id, policy, now, request.channel),
         )
 
-    async def _rebuild(self, shop_id: str, person_ids: Sequence[str], now: datetime) -> None:
+    async def _rebuild(
+        self, shop_id: str, person_ids: Sequence[str], now: datetime, pull: bool = True
+    ) -> None:
         """Restores customers Redis does not hold in full (lost, or never seen) from the durable
-        data, in bulk."""
+        data, in bulk; with `pull`, asks for the policies of customers it has none for."""
         await self._log.flush()
         people = list(dict.fromkeys(person_ids))
         for start in range(0, len(people), REBUILD_CHUNK):
@@ -264,7 +266,7 @@ class Gate:
                     shop_id, chunk, now - FATIGUE_WINDOW
                 )
                 unknown = [p for p in chunk if p not in policies]
-                if unknown and self._policy_source is not None:
+                if unknown and pull and self._policy_source is not None:
                     policies.update(await self._pull(shop_id, unknown, now))
             await self._counters.rebuild_many(
                 [
@@ -325,7 +327,8 @@ class Gate:
                     lost.append(requests[i].person_id)
             try:
                 if lost:
-                    await self._rebuild(requests[0].shop_id, lost, now)
+                    # A peek (the contact history) needs counts, not consent: no pull.
+                    await self._rebuild(requests[0].shop_id, lost, now, pull=mode != "peek")
                 again = await self._run_checks([requests[i] for i in pending], policy, now, mode)
             except UNDECIDABLE:
                 again = [None] * len(pending)

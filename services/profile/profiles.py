@@ -1,6 +1,7 @@
 """Profiles: facts in (idempotent, anchored on the identifier they came with), the whole
 picture out (the facts of every anchor identity groups under one person)."""
 
+import asyncio
 import hashlib
 import logging
 from collections import Counter
@@ -169,7 +170,8 @@ def purchases(facts: Facts) -> Purchases:
         currency=currency,
         first_order_at=min(r.first_at for r in rows),
         last_order_at=max(r.last_at for r in rows),
-        acquisition_channel=facts.first_source,
+        # The source of the very first order, whatever its currency.
+        acquisition_channel=min(facts.orders, key=lambda r: r.first_at).source,
         by_source=dict(by_source),
         preferred_location=pos_locations.most_common(1)[0][0] if pos_locations else "",
     )
@@ -462,7 +464,10 @@ class Profiles:
     async def get(self, shop_id: str, person: PersonRef, include_log: bool) -> Profile:
         """Everything known about the person (the group identity keeps them in)."""
         group = await self._person(shop_id, person)
-        facts = await self._store.facts(shop_id, group.anchors)
+        facts, history = await asyncio.gather(
+            self._store.facts(shop_id, group.anchors),
+            self._history(shop_id, group.person_id, include_log),
+        )
         consents, unsubscribed = consent_states(facts.consents)
         newest = facts.customers[-1] if facts.customers else None
         attributes = {k: v for c in facts.customers for k, v in c.attributes.items()}
@@ -473,7 +478,7 @@ class Profiles:
             facts.engagement,
             consents,
             unsubscribed,
-            await self._history(shop_id, group.person_id, include_log),
+            history,
             name=(newest.first_name, newest.last_name) if newest else ("", ""),
             tags=sorted({t for c in facts.customers for t in c.tags}),
             attributes=attributes,

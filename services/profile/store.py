@@ -184,7 +184,6 @@ class Facts:
 
     orders: list[OrderTotals]
     refunded: dict[str, Decimal]
-    first_source: str
     engagement: list[tuple[str, str, int, datetime]]
     consents: list[ConsentRow]
     customers: list[CustomerRow]
@@ -324,13 +323,13 @@ class ProfileStore:
                     .group_by(OrderRow.currency, OrderRow.source, OrderRow.location)
                 )
             ]
-            first_source = await session.scalar(
-                select(OrderRow.source).where(live).order_by(OrderRow.placed_at).limit(1)
-            )
-            # Refunds per order, never more than the order itself.
+            # Refunds per order of theirs, never more than the order itself.
             per_order = (
                 select(RefundRow.order_id, func.sum(RefundRow.amount).label("amount"))
-                .where(RefundRow.shop_id == shop_id)
+                .where(
+                    RefundRow.shop_id == shop_id,
+                    RefundRow.order_id.in_(select(OrderRow.order_id).where(live)),
+                )
                 .group_by(RefundRow.order_id)
                 .subquery()
             )
@@ -372,7 +371,7 @@ class ProfileStore:
                     .order_by(CustomerRow.updated_at)
                 )
             )
-            return Facts(orders, refunded, first_source or "", engagement, consents, customers)
+            return Facts(orders, refunded, engagement, consents, customers)
 
     async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
         """Persons whose contact policy is due to be pushed to the gate."""

@@ -226,7 +226,7 @@ class Webhooks:
         app.router.add_post(UPLOAD_PATH, self.upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        listener = socket.create_server((host, port), reuse_port=False)
+        listener = _listener(host, port)
         await web.SockSite(self._runner, listener).start()
         self._processor.start()
         bound: int = listener.getsockname()[1]
@@ -245,3 +245,13 @@ def _triggered_at(value: str | None) -> datetime | None:
     with contextlib.suppress(ValueError):
         return datetime.fromisoformat(value)
     return None
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    """A listening socket on the service's host as gRPC spells it ("[::]" for every address,
+    IPv4 too where the system allows)."""
+    address = host.strip("[]")
+    if ":" not in address:
+        return socket.create_server((address, port))
+    dual = address == "::" and socket.has_dualstack_ipv6()
+    return socket.create_server((address, port), family=socket.AF_INET6, dualstack_ipv6=dual)

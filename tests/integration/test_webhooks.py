@@ -12,10 +12,12 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from c360.profile.v1 import profile_pb2
 from services.profile.shopify import signature
+from tests.conftest import StartService
 from tests.integration.conftest import AUTH, CUSTOMER_ID, PREVIOUS, SECRET, Endpoint
 from tests.polling import eventually
 
@@ -184,3 +186,12 @@ async def test_gdpr_topics_are_accepted_and_recorded(endpoint: Endpoint) -> None
         ("shop/redact", "recorded"),
     ]
     await eventually(endpoint.inbox, lambda rows: rows == recorded, "recording")
+
+
+async def test_the_endpoint_listens_on_every_address_like_the_grpc_server(
+    start_service: StartService,
+) -> None:
+    profile = await start_service("profile", host="[::]", webhook_port=0)
+    url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
+    async with aiohttp.ClientSession() as http, http.post(url, data=b"{}") as response:
+        assert response.status == 503  # listening; refuses for want of a configured secret
