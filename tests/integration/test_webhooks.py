@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from c360.profile.v1 import profile_pb2
@@ -20,6 +21,7 @@ from services.profile.shopify import signature
 from tests.conftest import StartService
 from tests.integration.conftest import AUTH, CUSTOMER_ID, PREVIOUS, SECRET, Endpoint
 from tests.polling import eventually
+from tests.sql import sql
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "shopify"
 
@@ -195,3 +197,33 @@ async def test_the_endpoint_listens_on_every_address_like_the_grpc_server(
     url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
     async with aiohttp.ClientSession() as http, http.post(url, data=b"{}") as response:
         assert response.status == 503  # listening; refuses for want of a configured secret
+
+
+def derived_pos_guest_order() -> bytes:
+    """orders_create.json as a POS sale to a guest: no customer, source_name "pos", a location,
+    not cancelled, and an id above 2^53 that must survive exactly."""
+    order = json.loads(fixture("orders_create.json"))
+    order.update(
+        id=9007199254740993, customer=None, source_name="pos", location_id=48752903,
+        cancelled_at=None, email="walkin.buyer@mail.example",
+    )  # fmt: skip
+    return json.dumps(order).encode()
+
+
+async def test_a_pos_sale_to_a_guest_lands_by_its_email_with_its_location(
+    endpoint: Endpoint,
+) -> None:
+    assert (await endpoint.deliver("orders/create", derived_pos_guest_order()))[0] == 200
+
+    async def pos() -> tuple[int, int, str] | None:
+        try:
+            p = (await endpoint.get("email", "walkin.buyer@mail.example")).purchases
+        except grpc.aio.AioRpcError:
+            return None
+        return p.order_count, p.pos_orders, p.preferred_location
+
+    await eventually(pos, lambda found: found == (1, 1, "48752903"), "the POS sale")
+    rows = await sql(
+        endpoint.settings, "SELECT order_id FROM order_fact WHERE shop_id = $1", endpoint.shop
+    )
+    assert [row["order_id"] for row in rows] == ["9007199254740993"]
