@@ -535,8 +535,9 @@ class IdentityGraph:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    async def lookup(self, shop_id: str, type_: str, value: str) -> str:
-        """The person holding an identifier; NOT_FOUND when nobody does. Creates nothing."""
+    async def lookup(self, shop_id: str, type_: str, value: str) -> tuple[str, str]:
+        """The person holding an identifier, and the identifier's match key; NOT_FOUND when
+        nobody holds it. Creates nothing."""
         policy = await self.policy(shop_id)
         try:
             n = normalize(type_, value, policy.rules)
@@ -547,7 +548,7 @@ class IdentityGraph:
             found = (await tx.identifiers([n.key])).get(n.key)
         if found is None or n.blocked:
             raise NotFound("identifier", type_)
-        return found.root_id
+        return found.root_id, n.match_key
 
     async def person(self, shop_id: str, person_id: str) -> PersonView:
         """The group a person belongs to, seen from its root."""

@@ -139,10 +139,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         if not request.HasField("identifier"):
             violations.add("identifier", "required")
         violations.raise_any()
-        person_id = await self._graph.lookup(
+        person_id, match_key = await self._graph.lookup(
             shop_id, request.identifier.type, request.identifier.value
         )
-        return identity_pb2.LookupResponse(person_id=person_id)
+        return identity_pb2.LookupResponse(
+            person_id=person_id,
+            identifier=common_pb2.Identifier(type=request.identifier.type, value=match_key),
+        )
 
     async def GetPerson(self, request: Any, context: Any) -> identity_pb2.Person:
         violations = Violations()

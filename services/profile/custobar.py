@@ -14,6 +14,8 @@ EXTERNAL_ID = re.compile(r"[A-Za-z0-9-]{1,256}")
 PERMISSIONS = {"can_email": "email", "can_sms": "sms", "can_push": "push"}
 BOOLEANS = frozenset({*PERMISSIONS, "can_post", "can_profile", "is_forgotten", "is_deleted"})
 SETS = ("tags", "mailing_lists")
+LIMITS = {"email": 320, "phone_number": 64, "canonical_id": 256, "first_name": 256,
+          "last_name": 256}  # fmt: skip
 # Keys that say who the customer is: gone from a forgotten record, and never taken again.
 PII = frozenset(
     {
@@ -48,7 +50,10 @@ def problems(record: Any) -> list[tuple[str, str]]:
         found.append(("", "needs at least one of external_id, email, phone_number"))
     external_id = record.get("external_id")
     if external_id not in (None, "") and not EXTERNAL_ID.fullmatch(str(plain(external_id))):
-        found.append(("external_id", "only letters, digits and dashes"))
+        found.append(("external_id", "1-256 letters, digits and dashes"))
+    for name, limit in LIMITS.items():
+        if len(str(record.get(name, ""))) > limit:
+            found.append((name, f"at most {limit} characters"))
     for key, value in record.items():
         base = key.rsplit(".", 1)[0] if key.endswith((".add", ".remove")) else key
         if base in SETS and key != base:
@@ -61,14 +66,16 @@ def problems(record: Any) -> list[tuple[str, str]]:
     return found
 
 
-def key_of(record: dict[str, Any]) -> str:
-    """The record's own key: a later upload with the same identifier updates it."""
+def keys_of(record: dict[str, Any]) -> list[str]:
+    """The keys a record can be found by, one per identifying field it carries (external_id
+    first): a later upload carrying any of them updates it."""
+    keys = []
     for name in IDENTIFYING:
         value = record.get(name)
         if value not in (None, ""):
             text = str(plain(value)).strip()
-            return f"{name}:{text.lower() if name == 'email' else text}"
-    raise ValueError("no identifying field")
+            keys.append(f"{name}:{text.lower() if name == 'email' else text}")
+    return keys
 
 
 def _as_set(value: Any) -> set[str]:
@@ -112,5 +119,6 @@ def identifiers(document: dict[str, Any]) -> list[tuple[str, str]]:
         if document.get(name) not in (None, "")
     ]  # fmt: skip
     if document.get("canonical_id") not in (None, ""):
-        found.append(("external_id", f"canonical-{document['canonical_id']}"))
+        # A colon: a real external_id (letters, digits, dashes) can never look like it.
+        found.append(("external_id", f"canonical:{document['canonical_id']}"))
     return found

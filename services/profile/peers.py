@@ -82,6 +82,10 @@ class IdentityPeer:
         country: str = "",
         skip_invalid: bool = False,
     ) -> Resolved:
+        """Who the identifiers belong to; nobody (no call) when there are none, as for a guest
+        sale with no contact."""
+        if not identifiers:
+            return Resolved("", None)
         answer = await _answer(
             self._stub.Resolve(
                 identity_pb2.ResolveRequest(
@@ -104,6 +108,11 @@ class IdentityPeer:
         return Resolved(answer.person_id, (answer.anchor.type, answer.anchor.value))
 
     async def lookup(self, shop_id: str, type_: str, value: str) -> str:
+        """The person holding an identifier."""
+        return (await self.find(shop_id, type_, value))[0]
+
+    async def find(self, shop_id: str, type_: str, value: str) -> tuple[str, tuple[str, str]]:
+        """The person holding an identifier, and the identifier as facts anchor on it."""
         answer = await _answer(
             self._stub.Lookup(
                 identity_pb2.LookupRequest(
@@ -111,7 +120,7 @@ class IdentityPeer:
                 )
             )
         )
-        return str(answer.person_id)
+        return str(answer.person_id), (answer.identifier.type, answer.identifier.value)
 
     async def forget(self, shop_id: str, person_id: str) -> None:
         await _answer(

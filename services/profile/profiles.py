@@ -2,6 +2,7 @@
 picture out (the facts of every anchor identity groups under one person)."""
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections import Counter
@@ -16,6 +17,7 @@ from services.profile.peers import GatePeer, Group, History, IdentityPeer
 from services.profile.store import (
     Anchor,
     ConsentRow,
+    CustomerRow,
     EventRow,
     Facts,
     OrderTotals,
@@ -135,6 +137,12 @@ class Profile:
     name: tuple[str, str] = ("", "")
     tags: list[str] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def hidden(shop_id: str, key: str) -> str:
+    """The stand-in of a forgotten record's key: a hash, so that a later upload of the same
+    customer is recognised without the key being kept."""
+    return "forgotten-" + hashlib.sha256(f"{shop_id}\0{key}".encode()).hexdigest()[:40]
 
 
 def consent_id(shop_id: str, anchor: Anchor, change: ConsentChange) -> str:
@@ -260,6 +268,8 @@ class Profiles:
             country=customer.country,
             skip_invalid=True,
         )
+        if resolved.erased:
+            return resolved.person_id, False  # an erased person: their details are not taken again
         anchor = resolved.anchor or ("customer", customer.source_id)
         applied = await self._store.put_customer(
             {
@@ -297,13 +307,18 @@ class Profiles:
         return accepted, errors
 
     async def _upsert_custobar(self, shop_id: str, record: dict[str, Any]) -> None:
-        key = custobar.key_of(record)
-        hidden = "forgotten-" + hashlib.sha256(f"{shop_id}\0{key}".encode()).hexdigest()[:40]
-        if await self._store.customer(shop_id, CUSTOBAR, hidden) is not None:
-            return  # forgotten for good: nothing an upload says about them is kept
-        existing = await self._store.customer(shop_id, CUSTOBAR, key)
+        keys = custobar.keys_of(record)
+        for key in keys:
+            if await self._store.customer(shop_id, CUSTOBAR, hidden(shop_id, key)) is not None:
+                return  # forgotten for good: nothing an upload says about them is kept
+        existing = None
+        for key in keys:  # the record it updates: by its own key first,
+            existing = existing or await self._store.customer(shop_id, CUSTOBAR, key)
+        if existing is None:  # else by the person any of its identifiers names
+            existing = await self._uploaded_record_of(shop_id, custobar.identifiers(record))
         if existing is not None and existing.deleted:
             return  # deleted for good
+        key = keys[0] if existing is None else existing.source_id
         before = existing.attributes if existing is not None else {}
         document = custobar.merged(before, record)
         now = self._clock()
@@ -320,17 +335,7 @@ class Profiles:
             "forgotten": False,
         }
         if document.get("is_forgotten"):
-            if existing is not None:
-                person_id = await self._person_of(
-                    shop_id, (existing.anchor_type, existing.anchor_key)
-                )
-                if person_id:
-                    await self.forget(shop_id, person_id)
-            values.update(
-                source_id=hidden, anchor_type="customer", anchor_key=hidden, forgotten=True
-            )
-            old = None if existing is None else (shop_id, CUSTOBAR, key)
-            await self._store.replace_customer(old, values)
+            await self._forget_upload(shop_id, {**before, **record}, existing)
             return
         found = custobar.identifiers(document)
         resolved = await self._identity.resolve(
@@ -342,6 +347,8 @@ class Profiles:
             asserted=False,
             country=str(document.get("country", "")),
         )
+        if resolved.erased:
+            return  # an erased person: their details are not taken again
         anchor = resolved.anchor or ("customer", key)
         values.update(anchor_type=anchor[0], anchor_key=anchor[1])
         await self._store.replace_customer(None, values)
@@ -358,11 +365,48 @@ class Profiles:
                 )
             )  # fmt: skip
 
+    async def _uploaded_record_of(
+        self, shop_id: str, identifiers: list[tuple[str, str]]
+    ) -> CustomerRow | None:
+        """The newest uploaded record of the person one of these identifiers belongs to."""
+        for type_, value in identifiers:
+            try:
+                person_id = await self._identity.lookup(shop_id, type_, value)
+            except PeerRejected:
+                continue
+            group = await self._identity.group(shop_id, person_id)
+            return await self._store.newest_customer(shop_id, CUSTOBAR, group.anchors)
+        return None
+
+    async def _forget_upload(
+        self, shop_id: str, known: dict[str, Any], existing: CustomerRow | None
+    ) -> None:
+        """is_forgotten: the person the record names (by any identifier it or its stored
+        version carries) is forgotten, and each of its keys is kept only as a hash, so that no
+        later upload brings them back."""
+        person_id = ""
+        if existing is not None:
+            person_id = await self._person_of(shop_id, (existing.anchor_type, existing.anchor_key))
+        for type_, value in custobar.identifiers(known):
+            if person_id:
+                break
+            with contextlib.suppress(PeerRejected):
+                person_id = await self._identity.lookup(shop_id, type_, value)
+        if person_id:
+            await self.forget(shop_id, person_id)
+        markers = [hidden(shop_id, key) for key in custobar.keys_of(known)]
+        await self._store.forget_customer_keys(
+            shop_id, CUSTOBAR, [] if existing is None else [existing.source_id], markers,
+            self._clock(),
+        )  # fmt: skip
+
     async def forget(self, shop_id: str, person_id: str) -> None:
-        """Anonymises a person for good: their facts stay, anonymous, under their tombstone, and
-        identity forgets every identifier of theirs."""
+        """Anonymises a person for good: their facts stay, anonymous, under their tombstone, with
+        every customer record's details wiped, and identity forgets every identifier of theirs."""
         group = await self._identity.group(shop_id, person_id)
-        await self._store.reanchor(shop_id, group.anchors, ("person", group.person_id))
+        tombstone = ("person", group.person_id)
+        await self._store.reanchor(shop_id, group.anchors, tombstone)
+        await self._store.scrub_customers(shop_id, tombstone, lambda key: hidden(shop_id, key))
         await self._identity.forget(shop_id, group.person_id)
 
     async def ingest_refund(
@@ -422,10 +466,14 @@ class Profiles:
 
     async def set_consent(self, change: ConsentChange) -> tuple[str, bool]:
         """Stores a consent change and queues the person's contact policy for the gate."""
-        group = await self._person(change.shop_id, change.person)
-        # Recorded against the person id named (or found): it stays theirs through merges.
-        person_id = change.person.person_id or group.person_id
-        anchor = ("person", person_id)
+        # Recorded against what the change names, the person id or the identifier: it follows
+        # that through merges and unmerges.
+        if change.person.identifier is not None:
+            person_id, anchor = await self._identity.find(change.shop_id, *change.person.identifier)
+        else:
+            person_id = change.person.person_id
+            anchor = ("person", person_id)
+        group = await self._identity.group(change.shop_id, person_id)
         applied = await self._store.add_consent(
             {
                 "shop_id": change.shop_id,
@@ -469,7 +517,7 @@ class Profiles:
             self._history(shop_id, group.person_id, include_log),
         )
         consents, unsubscribed = consent_states(facts.consents)
-        newest = facts.customers[-1] if facts.customers else None
+        named = next((c for c in reversed(facts.customers) if c.first_name or c.last_name), None)
         attributes = {k: v for c in facts.customers for k, v in c.attributes.items()}
         return Profile(
             shop_id,
@@ -479,7 +527,7 @@ class Profiles:
             consents,
             unsubscribed,
             history,
-            name=(newest.first_name, newest.last_name) if newest else ("", ""),
+            name=(named.first_name, named.last_name) if named else ("", ""),
             tags=sorted({t for c in facts.customers for t in c.tags}),
             attributes=attributes,
         )

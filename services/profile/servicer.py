@@ -209,6 +209,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
                 "source",
                 "must be ORDER_SOURCE_ONLINE, ORDER_SOURCE_POS or ORDER_SOURCE_MARKETPLACE",
             )
+        if len(request.location) > MAX_ID:
+            violations.add("location", f"at most {MAX_ID} characters")
         for i, item in enumerate(request.line_items):
             _amount(item.price or "0", f"line_items[{i}].price", violations)
             if item.quantity < 0:

@@ -36,5 +36,7 @@ class ProfileSettings(RuntimeSettings):
         "not listed is its own shop id.",
     )
     webhook_max_attempts: int = Field(
-        5, description="Processing attempts of a delivery before it becomes a dead letter."
+        12,
+        description="Processing attempts of a delivery before it becomes a dead letter (backoff "
+        "doubling from 2 s to 5 min: about half an hour of outage is ridden out).",
     )

@@ -126,16 +126,19 @@ def order(shop_id: str, payload: dict[str, Any]) -> Order:
 
 
 def refund(payload: dict[str, Any], received_at: datetime) -> tuple[str, str, Decimal, datetime]:
-    """A refunds/create payload as (refund id, order id, amount, time). The amount is what the
-    successful refund transactions paid back, else the refunded lines with their tax."""
-    transactions = [
-        t
-        for t in payload.get("transactions") or []
-        if t.get("kind") == "refund" and t.get("status") in (None, "success")
-    ]
-    if transactions:
-        amount = sum((_money(t.get("amount"), "transactions.amount") for t in transactions),
-                     Decimal(0))  # fmt: skip
+    """A refunds/create payload as (refund id, order id, amount, time). The amount is what its
+    successful refund transactions paid back; with no refund transaction at all, the refunded
+    lines with their tax."""
+    refunds = [t for t in payload.get("transactions") or [] if t.get("kind") == "refund"]
+    if refunds:  # what was paid back; a failed or pending refund pays nothing
+        amount = sum(
+            (
+                _money(t.get("amount"), "transactions.amount")
+                for t in refunds
+                if t.get("status") in (None, "success")
+            ),
+            Decimal(0),
+        )
     else:
         amount = sum(
             (

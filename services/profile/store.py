@@ -6,7 +6,7 @@ profile is the facts whose anchors the identity service groups under one person,
 unmerges regroup facts without rewriting any.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -128,7 +128,7 @@ class CustomerRow(Base):
     __table_args__ = (Index("customer_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
     shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     source: Mapped[str] = mapped_column(String(32), primary_key=True)
-    source_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(400), primary_key=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     anchor_type: Mapped[str] = mapped_column(String(32))
     anchor_key: Mapped[str] = mapped_column(String(320))
@@ -246,6 +246,67 @@ class ProfileStore:
                     )
                 )
             await session.merge(CustomerRow(**values))
+
+    async def newest_customer(
+        self, shop_id: str, source: str, anchors: Sequence[Anchor]
+    ) -> CustomerRow | None:
+        """The newest record of a source under any of these anchors."""
+        async with self._sessions() as session:
+            return (
+                await session.scalars(
+                    select(CustomerRow)
+                    .where(
+                        CustomerRow.shop_id == shop_id,
+                        CustomerRow.source == source,
+                        _anchored(CustomerRow, anchors),
+                    )
+                    .order_by(CustomerRow.updated_at.desc())
+                    .limit(1)
+                )
+            ).first()
+
+    async def scrub_customers(
+        self, shop_id: str, anchor: Anchor, hide: Callable[[str], str]
+    ) -> None:
+        """Wipes the details of every customer record under an anchor; a key made of an
+        identifier (a Custobar record's) is replaced by its hash."""
+        async with self._sessions.begin() as session:
+            rows = await session.scalars(
+                select(CustomerRow).where(
+                    CustomerRow.shop_id == shop_id,
+                    CustomerRow.anchor_type == anchor[0],
+                    CustomerRow.anchor_key == anchor[1],
+                )
+            )
+            for row in rows:
+                row.first_name, row.last_name, row.tags = "", "", []
+                row.attributes, row.forgotten = {"is_forgotten": True}, True
+                if row.source == "custobar" and not row.source_id.startswith("forgotten-"):
+                    row.source_id = hide(row.source_id)
+
+    async def forget_customer_keys(
+        self, shop_id: str, source: str, old_keys: Sequence[str], markers: Sequence[str],
+        now: datetime,
+    ) -> None:  # fmt: skip
+        """Replaces a source's records under `old_keys` by detail-less markers under `markers`
+        (hashes of every key the forgotten record had)."""
+        async with self._sessions.begin() as session:
+            if old_keys:
+                await session.execute(
+                    delete(CustomerRow).where(
+                        CustomerRow.shop_id == shop_id,
+                        CustomerRow.source == source,
+                        CustomerRow.source_id.in_(old_keys),
+                    )
+                )
+            for marker in markers:
+                await session.merge(
+                    CustomerRow(
+                        shop_id=shop_id, source=source, source_id=marker, updated_at=now,
+                        anchor_type="customer", anchor_key=marker, first_name="", last_name="",
+                        tags=[], attributes={"is_forgotten": True}, deleted=False, forgotten=True,
+                    )
+                )  # fmt: skip
 
     async def reanchor(self, shop_id: str, anchors: Sequence[Anchor], to: Anchor) -> int:
         """Moves every fact anchored on one of `anchors` to `to` (forgetting a person keeps

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from aiohttp import web
+from sqlalchemy.exc import DataError
 
 from c360.common.v1 import common_pb2
 from services.profile import shopify
@@ -34,7 +35,7 @@ UPLOAD_PATH = "/api/customers/upload/"
 MAX_BODY = 5 * 1024 * 1024
 BATCH = 100
 # Failures no retry can cure: the delivery goes straight to the dead letters.
-PERMANENT = (shopify.PayloadError, json.JSONDecodeError, UnicodeDecodeError)
+PERMANENT = (shopify.PayloadError, json.JSONDecodeError, UnicodeDecodeError, DataError)
 
 
 class Webhooks:
@@ -48,7 +49,7 @@ class Webhooks:
         shops: dict[str, str],
         clock: Callable[[], datetime],
         tokens: TokenRegistry,
-        max_attempts: int = 5,
+        max_attempts: int = 12,
         interval: float = 0.5,
     ) -> None:
         self._tokens = tokens

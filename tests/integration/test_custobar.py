@@ -130,7 +130,8 @@ async def test_is_forgotten_leaves_no_pii_and_cannot_be_undone(endpoint: Endpoin
             await endpoint.get(type_, value)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     rows = await endpoint.customer_rows()
-    assert [r["forgotten"] for r in rows] == [True]
+    # One detail-less marker per key the customer had (external id, email, phone).
+    assert [r["forgotten"] for r in rows] == [True, True, True]
     for pii in ("James", "Carroll", "3619490226", "james.carroll", "7757138957"):
         assert pii not in str(rows)
     # The same identifiers again restore nothing.
@@ -170,3 +171,33 @@ async def test_the_grpc_twin_takes_the_same_records(endpoint: Endpoint) -> None:
     assert [(e.index, e.field) for e in answer.errors] == [(1, "")]
     josh = await endpoint.get("email", "josh@example.org")
     assert josh.attributes["COMPANY__customer_group"] == 2
+
+
+async def test_is_forgotten_through_any_identifier_of_the_record(endpoint: Endpoint) -> None:
+    assert (await upload(endpoint, [JAMES]))[1]["accepted"] == 1
+    forget = {"email": "james.carroll@example.org", "is_forgotten": True}
+    assert (await upload(endpoint, [forget]))[1]["accepted"] == 1
+    assert "Carroll" not in str(await endpoint.customer_rows())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await endpoint.get("phone", "+447757138957")
+
+
+async def test_a_partial_update_through_another_identifier_edits_the_same_record(
+    endpoint: Endpoint,
+) -> None:
+    assert (await upload(endpoint, [JAMES]))[1]["accepted"] == 1
+    edit = {"email": "james.carroll@example.org", "tags.remove": ["vip"], "language": ""}
+    assert (await upload(endpoint, [edit]))[1]["accepted"] == 1
+    james = await endpoint.get("email", "james.carroll@example.org")
+    assert list(james.tags) == ["kitchenware"]
+    assert "language" not in james.attributes
+    assert len(await endpoint.customer_rows()) == 1
+
+
+async def test_overlong_values_are_per_record_errors(endpoint: Endpoint) -> None:
+    long_email = "a" * 320 + "@mail.example"
+    status, answer = await upload(
+        endpoint, [{"email": "ok@mail.example"}, {"email": long_email}, {"external_id": "A" * 70}]
+    )
+    assert (status, answer["accepted"]) == (200, 2)
+    assert [(e["index"], e["field"]) for e in answer["errors"]] == [(1, "email")]

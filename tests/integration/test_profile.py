@@ -340,3 +340,36 @@ async def test_the_gate_pulls_the_policy_of_a_customer_it_was_never_told_about(
             for channel in (common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS)
         ]
     assert [(c.allowed, c.reason) for c in checks] == [(True, ""), (False, "no_consent:sms")]
+
+
+async def test_a_consent_given_by_identifier_follows_it_at_unmerge(mesh: Mesh) -> None:
+    ann = await mesh.order("61", "30.00", ("email", "ann@one.example"))
+    bob = await mesh.order("62", "12.00", ("email", "bob@two.example"))
+    merged = await mesh.identity.Merge(
+        identity_pb2.MergeRequest(shop_id=mesh.shop, person_a_id=ann.person_id,
+                                  person_b_id=bob.person_id),
+        metadata=AUTH,
+    )  # fmt: skip
+    await mesh.profile.Unsubscribe(
+        profile_pb2.UnsubscribeRequest(
+            shop_id=mesh.shop, source="footer", at=stamp(JAN),
+            person=common_pb2.PersonRef(
+                identifier=common_pb2.Identifier(type="email", value="BOB@two.example")
+            ),
+        ),
+        metadata=AUTH,
+    )  # fmt: skip
+    assert (await mesh.get(ann.person_id)).global_unsubscribe is True  # one person while merged
+    await mesh.identity.Unmerge(
+        identity_pb2.UnmergeRequest(shop_id=mesh.shop, merge_id=merged.merge.merge_id),
+        metadata=AUTH,
+    )
+    assert (await mesh.get(bob.person_id)).global_unsubscribe is True
+    assert (await mesh.get(ann.person_id)).global_unsubscribe is False
+
+
+async def test_an_overlong_location_is_invalid_argument(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await mesh.order("L1", "1.00", ("email", "loc@mail.example"), location="x" * 300)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(raised.value)[0].field_violations] == ["location"]

@@ -227,3 +227,19 @@ async def test_a_pos_sale_to_a_guest_lands_by_its_email_with_its_location(
         endpoint.settings, "SELECT order_id FROM order_fact WHERE shop_id = $1", endpoint.shop
     )
     assert [row["order_id"] for row in rows] == ["9007199254740993"]
+
+
+async def test_a_pos_sale_with_no_contact_at_all_counts_for_the_shop(endpoint: Endpoint) -> None:
+    order = json.loads(fixture("orders_create.json"))
+    for key in ("customer", "email", "contact_email", "phone", "billing_address",
+                "shipping_address"):  # fmt: skip
+        order.pop(key, None)
+    order.update(source_name="pos", location_id=123, cancelled_at=None, id=5)
+    assert (await endpoint.deliver("orders/create", json.dumps(order).encode()))[0] == 200
+    await eventually(endpoint.inbox, lambda rows: rows == [("orders/create", "done")], "done")
+    rows = await sql(
+        endpoint.settings,
+        "SELECT anchor_type, anchor_key FROM order_fact WHERE shop_id = $1",
+        endpoint.shop,
+    )
+    assert [(r["anchor_type"], r["anchor_key"]) for r in rows] == [("order", "5")]

@@ -39,7 +39,7 @@ def upgrade() -> None:
         "customer_fact",
         sa.Column("shop_id", sa.String(length=128), nullable=False),
         sa.Column("source", sa.String(length=32), nullable=False),
-        sa.Column("source_id", sa.String(length=64), nullable=False),
+        sa.Column("source_id", sa.String(length=400), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("anchor_type", sa.String(length=32), nullable=False),
         sa.Column("anchor_key", sa.String(length=320), nullable=False),
