@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from c360.profile.v1 import profile_pb2
+from services.profile.custobar import BOOLEANS, IDENTIFYING
 
 BATCH = 200
 IN_FLIGHT = 16
@@ -86,11 +87,14 @@ def rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield raw.tell(), line.decode("utf-8", "replace").strip()
 
 
-def customer_record(row: dict[str, Any] | str) -> Any:
+def customer_record(row: dict[str, Any] | str, from_csv: bool) -> Any:
     """A Custobar-format record from a JSON line as is, or from a CSV row (Klaviyo's or
-    Custobar's column names). Empty cells are left out: they must not erase what is known."""
-    if not isinstance(row, dict) or not any(key in row for key in (*KLAVIYO, *SUBSCRIBED)):
+    Custobar's column names). Empty cells are left out: they must not erase what is known; CSV
+    booleans ("true", "1", "yes") become booleans. Identifying numbers travel as strings."""
+    if not isinstance(row, dict):
         return row
+    if not any(key in row for key in (*KLAVIYO, *SUBSCRIBED)):
+        return {k: _cell(k, v, from_csv) for k, v in row.items() if not (from_csv and v == "")}
     record: dict[str, Any] = {}
     for column, value in row.items():
         if value in (None, ""):
@@ -102,6 +106,14 @@ def customer_record(row: dict[str, Any] | str) -> Any:
         elif "__" in column:
             record[column] = value
     return record
+
+
+def _cell(key: str, value: Any, from_csv: bool) -> Any:
+    if key in IDENTIFYING and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a protobuf Struct would make it a double, losing digits
+    if from_csv and key in BOOLEANS:
+        return value.strip().lower() in ("true", "1", "yes")
+    return value
 
 
 def shopify_orders(rows_in: Iterator[tuple[int, dict[str, Any] | str]]) -> Iterator[
@@ -256,7 +268,7 @@ class Importer:
     async def _customers(self, batch: list[Record], outcome: Outcome) -> None:
         records = []
         for record in batch:
-            found = customer_record(record.data)
+            found = customer_record(record.data, self._path.suffix.lower() == ".csv")
             struct = Struct()
             if isinstance(found, dict):
                 struct.update(found)

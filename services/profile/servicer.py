@@ -17,7 +17,7 @@ from services.profile.profiles import (
     Profile,
     Profiles,
 )
-from services.profile.webhooks import Webhooks
+from services.profile.webhooks import MAX_UPLOAD, Webhooks
 from services.runtime.db import utc
 from services.runtime.validation import (
     CHANNEL_ENUMS,
@@ -46,7 +46,6 @@ KINDS = {
 KIND_ENUMS = {name: value for value, name in KINDS.items()}
 CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_ID = 256
-MAX_UPLOAD = 10_000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_TEXT = 4000

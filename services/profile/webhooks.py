@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/webhooks/shopify"
 UPLOAD_PATH = "/api/customers/upload/"
+MAX_UPLOAD = 10_000
 MAX_BODY = 5 * 1024 * 1024
 BATCH = 100
 # Failures no retry can cure: the delivery goes straight to the dead letters.
@@ -86,6 +87,10 @@ class Webhooks:
         ]
         if missing:
             return web.json_response({"error": f"missing {', '.join(missing)}"}, status=400)
+        if self._shops and domain not in self._shops:
+            # With a map configured, only the shops in it may deliver: the domain header is not
+            # covered by the signature.
+            return web.json_response({"error": "unknown shop domain"}, status=401)
         shop_id = self._shops.get(domain, domain)
         if not SHOP_ID.fullmatch(shop_id) or len(webhook_id) > 128:
             return web.json_response({"error": "unusable shop domain or webhook id"}, status=400)
@@ -132,6 +137,10 @@ class Webhooks:
         records = body.get("customers") if isinstance(body, dict) else None
         if not isinstance(records, list):
             return web.json_response({"error": 'expected {"customers": [...]}'}, status=400)
+        if len(records) > MAX_UPLOAD:
+            return web.json_response(
+                {"error": f"at most {MAX_UPLOAD} customers an upload"}, status=413
+            )
         try:
             accepted, errors = await self._profiles.upsert_customers(shop_id, records)
         except Exception as exc:

@@ -243,3 +243,24 @@ async def test_a_pos_sale_with_no_contact_at_all_counts_for_the_shop(endpoint: E
         endpoint.shop,
     )
     assert [(r["anchor_type"], r["anchor_key"]) for r in rows] == [("order", "5")]
+
+
+async def test_with_a_shop_map_only_mapped_domains_may_deliver(
+    start_service: StartService,
+) -> None:
+    profile = await start_service(
+        "profile", webhook_port=0, shopify_api_secret=SECRET,
+        shopify_shops={"acme.myshopify.com": "acme"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
+    body = fixture("orders_create.json")
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for domain in ("acme.myshopify.com", "other.myshopify.com"):
+            headers = {
+                "X-Shopify-Topic": "orders/create", "X-Shopify-Shop-Domain": domain,
+                "X-Shopify-Webhook-Id": domain, "X-Shopify-Hmac-Sha256": signature(SECRET, body),
+            }  # fmt: skip
+            async with http.post(url, data=body, headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 401]
