@@ -572,7 +572,7 @@ class IdentityGraph:
     ) -> list[tuple[CandidateRow, list[tuple[EvidenceRow, list[EvidenceIdentifierRow]]]]]:
         return await self._store.candidates(shop_id, after, limit)
 
-    async def changes(self, shop_id: str, after: int, limit: int) -> list[ChangeRow]:
+    async def changes(self, shop_id: str | None, after: int, limit: int) -> list[ChangeRow]:
         return await self._store.changes(shop_id, after, limit)
 
     # --- decisions ------------------------------------------------------------------------------

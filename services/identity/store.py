@@ -727,13 +727,10 @@ class IdentityStore:
                 for row in rows
             ]
 
-    async def changes(self, shop_id: str, after: int, limit: int) -> list[ChangeRow]:
+    async def changes(self, shop_id: str | None, after: int, limit: int) -> list[ChangeRow]:
+        """Changes after a position, of one shop or (None) of all."""
+        query = select(ChangeRow).where(ChangeRow.seq > after)
+        if shop_id is not None:
+            query = query.where(ChangeRow.shop_id == shop_id)
         async with self._sessions() as session:
-            return list(
-                await session.scalars(
-                    select(ChangeRow)
-                    .where(ChangeRow.shop_id == shop_id, ChangeRow.seq > after)
-                    .order_by(ChangeRow.seq)
-                    .limit(limit)
-                )
-            )
+            return list(await session.scalars(query.order_by(ChangeRow.seq).limit(limit)))

@@ -40,6 +40,7 @@ async def build(
         GatePeer(gate_pb2_grpc.GateStub(gate)),
         clock,
         settings.gate_push_interval_seconds,
+        settings.identity_follow_interval_seconds,
     )
     secrets = [
         secret.get_secret_value()

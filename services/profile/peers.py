@@ -122,6 +122,15 @@ class IdentityPeer:
         )
         return str(answer.person_id), (answer.identifier.type, answer.identifier.value)
 
+    async def changes(self, after: int, limit: int) -> list[identity_pb2.Change]:
+        """Identity's changes of every shop after a sequence."""
+        answer = await _answer(
+            self._stub.ListChanges(
+                identity_pb2.ListChangesRequest(shop_id="", after_sequence=after, limit=limit)
+            )
+        )
+        return list(answer.changes)
+
     async def forget(self, shop_id: str, person_id: str) -> None:
         await _answer(
             self._stub.Forget(identity_pb2.ForgetRequest(shop_id=shop_id, person_id=person_id))

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from c360.identity.v1 import identity_pb2
 from services.profile import custobar
 from services.profile.peers import GatePeer, Group, History, IdentityPeer
 from services.profile.store import (
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
 CUSTOBAR = "custobar"
+IDENTITY = "identity"
+# Identity changes after which consent applies to other people than before.
+REGROUPING = frozenset({identity_pb2.CHANGE_KIND_MERGED, identity_pb2.CHANGE_KIND_UNMERGED})
 # Anchors of facts that identify nobody: the record itself.
 ANONYMOUS = ("order", "event", "customer")
 
@@ -214,12 +218,14 @@ class Profiles:
         gate: GatePeer,
         clock: Callable[[], datetime],
         push_interval: float = 0.2,
+        follow_interval: float = 0.5,
     ) -> None:
         self._store = store
         self._identity = identity
         self._gate = gate
         self._clock = clock
         self._pusher = Worker("gate-push", self.push_pending, push_interval)
+        self._follower = Worker("identity-changes", self.follow_identity, follow_interval)
 
     # --- ingestion ------------------------------------------------------------------------------
 
@@ -569,7 +575,7 @@ class Profiles:
                 states, unsubscribed = consent_states(facts.consents)
                 await self._gate.put_contact_policy(
                     row.shop_id,
-                    group.person_id,
+                    row.person_id,  # a merged person's id too: it gets its group's policy
                     {s.channel: s.granted for s in states},
                     unsubscribed,
                     version=int(row.requested_at.timestamp() * 1_000_000),
@@ -586,11 +592,33 @@ class Profiles:
             pushed += 1
         return pushed
 
+    async def follow_identity(self) -> int:
+        """Reads identity's changes since the last time: a merge or an unmerge changes whose
+        consent applies to whom, so both persons' policies go to the gate again. Returns how
+        many changes it read."""
+        changes = await self._identity.changes(await self._store.cursor(IDENTITY), 500)
+        if not changes:
+            return 0
+        pushes = [
+            (change.shop_id, person_id)
+            for change in changes
+            if change.kind in REGROUPING
+            for person_id in (change.person_id, change.other_person_id)
+            if person_id
+        ]
+        await self._store.request_pushes(pushes, (IDENTITY, changes[-1].sequence), self._clock())
+        if pushes:
+            self._pusher.wake()
+        return len(changes)
+
     def start(self) -> None:
-        """Pushes contact policies in the background, as soon as a consent changes."""
+        """Pushes contact policies in the background, as soon as a consent changes or identity
+        regroups people."""
         self._pusher.start()
+        self._follower.start()
 
     async def stop(self) -> None:
+        await self._follower.stop()
         await self._pusher.stop()
 
 

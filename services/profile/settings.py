@@ -17,6 +17,11 @@ class ProfileSettings(RuntimeSettings):
         description="How often the consent outbox is read when no change woke it: contact "
         "policies reach the gate within about this long.",
     )
+    identity_follow_interval_seconds: float = Field(
+        0.5,
+        description="How often identity's changes are read: a merge or unmerge reaches the "
+        "gate's contact policies within about this long.",
+    )
     webhook_port: int = Field(
         8080, description="Port of the HTTP webhook endpoint (POST /webhooks/shopify); 0 = any."
     )

@@ -165,6 +165,14 @@ class WebhookRow(Base):
     first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class CursorRow(Base):
+    """How far the profile has followed another service's change outbox."""
+
+    __tablename__ = "follow_cursor"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger)
+
+
 @dataclass(frozen=True)
 class OrderTotals:
     """Orders of one currency, source and location."""
@@ -433,6 +441,31 @@ class ProfileStore:
                 )
             )
             return Facts(orders, refunded, engagement, consents, customers)
+
+    async def cursor(self, name: str) -> int:
+        async with self._sessions() as session:
+            row = await session.get(CursorRow, name)
+            return 0 if row is None else row.position
+
+    async def request_pushes(
+        self, pushes: Sequence[tuple[str, str]], cursor: tuple[str, int], now: datetime
+    ) -> None:
+        """Asks for the gate to be given the policies of (shop, person) pairs, and moves a
+        follow cursor, in one transaction."""
+        async with self._sessions.begin() as session:
+            dialect = dialect_of(session)
+            for shop_id, person_id in pushes:
+                push = dialect.insert(GatePushRow).values(
+                    shop_id=shop_id, person_id=person_id, requested_at=now, attempts=0,
+                    not_before=now,
+                )  # fmt: skip
+                await session.execute(
+                    push.on_conflict_do_update(
+                        index_elements=["shop_id", "person_id"],
+                        set_={"requested_at": now, "attempts": 0, "not_before": now},
+                    )
+                )
+            await session.merge(CursorRow(name=cursor[0], position=cursor[1]))
 
     async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
         """Persons whose contact policy is due to be pushed to the gate."""

@@ -85,12 +85,20 @@ class TokenRegistry:
         return self._by_digest.get(_digest(token))
 
 
+def _options(method: str) -> Any:
+    full_name = method.lstrip("/").replace("/", ".")
+    return descriptor_pool.Default().FindMethodByName(full_name).GetOptions()
+
+
 def required_role(method: str) -> common_pb2.Role.ValueType:
     """The role a c360 method declares with the `required_role` option (UNSPECIFIED if none)."""
-    full_name = method.lstrip("/").replace("/", ".")
-    options = descriptor_pool.Default().FindMethodByName(full_name).GetOptions()
-    role: common_pb2.Role.ValueType = options.Extensions[common_pb2.required_role]
+    role: common_pb2.Role.ValueType = _options(method).Extensions[common_pb2.required_role]
     return role
+
+
+def every_shop(method: str) -> bool:
+    """Whether a c360 method takes an empty shop_id to mean every shop (`every_shop`)."""
+    return bool(_options(method).Extensions[common_pb2.every_shop])
 
 
 def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
@@ -138,10 +146,17 @@ def authenticate(
     return principal
 
 
-def check_shops(principal: Principal, request: Any) -> None:
-    """Every shop a request names must be one the caller's token is bound to."""
+def check_shops(principal: Principal, request: Any, all_shops: bool = False) -> None:
+    """Every shop a request names must be one the caller's token is bound to; with `all_shops`
+    (a method marked every_shop) an empty shop id means every shop, for a token bound to all."""
     shops = shops_of(request)
     if shops is None:
+        return
+    if all_shops and shops == [""]:
+        if ALL_SHOPS not in principal.shops:
+            raise PermissionDenied(
+                "OTHER_SHOP", "only a token bound to every shop may ask for every shop"
+            )
         return
     if not shops or any(not shop for shop in shops):
         raise InvalidArgument([("shop_id", "required")])

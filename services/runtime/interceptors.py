@@ -16,6 +16,7 @@ from services.runtime.auth import (
     authenticate,
     check_shops,
     current_principal,
+    every_shop,
     required_role,
 )
 from services.runtime.errors import abort_for
@@ -98,18 +99,19 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: Any, method: str) -> Any:
         role = required_role(method)
+        all_shops = every_shop(method)
         begin = self._begin
 
         async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
-                check_shops(current_principal.get(), request)
+                check_shops(current_principal.get(), request, all_shops)
                 yield request
 
         async def unary(request: Any, context: grpc.aio.ServicerContext, behaviour: Any) -> Any:
             call: Call | None = None
             try:
                 call = begin(method, role, context)
-                check_shops(current_principal.get(), request)
+                check_shops(current_principal.get(), request, all_shops)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -128,7 +130,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 if stream_in:
                     request = checked(request)
                 else:
-                    check_shops(current_principal.get(), request)
+                    check_shops(current_principal.get(), request, all_shops)
                 async for response in behaviour(request, context):
                     yield response
             except grpc.aio.AbortError:

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import grpc
@@ -80,6 +81,7 @@ async def mesh(start_service: StartService) -> AsyncIterator[Mesh]:
         gate_addr=f"127.0.0.1:{gate.port}",
         service_token=ADMIN_TOKEN,
         gate_push_interval_seconds=0.05,
+        identity_follow_interval_seconds=0.05,
     )
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in (profile, identity, gate)]
     yield Mesh(
@@ -373,3 +375,46 @@ async def test_an_overlong_location_is_invalid_argument(mesh: Mesh) -> None:
         await mesh.order("L1", "1.00", ("email", "loc@mail.example"), location="x" * 300)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in details(raised.value)[0].field_violations] == ["location"]
+
+
+async def test_a_merge_in_identity_reaches_the_gate(mesh: Mesh) -> None:
+    cat = await mesh.order("71", "30.00", ("email", "cat@one.example"))
+    kit = await mesh.order("72", "12.00", ("email", "kit@two.example"))
+    await mesh.profile.SetConsent(
+        profile_pb2.SetConsentRequest(
+            shop_id=mesh.shop, person=common_pb2.PersonRef(person_id=cat.person_id),
+            channel=common_pb2.CHANNEL_EMAIL, granted=True, consent_text="yes",
+            source="checkout", at=stamp(JAN),
+        ),
+        metadata=AUTH,
+    )  # fmt: skip
+    await mesh.profile.Unsubscribe(
+        profile_pb2.UnsubscribeRequest(
+            shop_id=mesh.shop, person=common_pb2.PersonRef(person_id=kit.person_id),
+            source="footer", at=stamp(JAN + timedelta(days=1)),
+        ),
+        metadata=AUTH,
+    )  # fmt: skip
+
+    async def reason(person_id: str) -> str:
+        answer = await mesh.gate.Check(
+            gate_pb2.CheckRequest(
+                shop_id=mesh.shop, person_id=person_id, channel=common_pb2.CHANNEL_EMAIL,
+                message_id=secrets.token_hex(4), dry_run=True,
+            ),
+            metadata=AUTH,
+        )  # fmt: skip
+        return str(answer.reason) or "allowed"
+
+    await eventually(lambda: reason(cat.person_id), lambda r: r == "allowed", "cat's consent")
+    await eventually(lambda: reason(kit.person_id), lambda r: r == "global_unsubscribe", "kit")
+    await mesh.identity.Merge(
+        identity_pb2.MergeRequest(shop_id=mesh.shop, person_a_id=cat.person_id,
+                                  person_b_id=kit.person_id),
+        metadata=AUTH,
+    )  # fmt: skip
+    # One person now, unsubscribed after the consent: blocked under either id.
+    for person_id in (cat.person_id, kit.person_id):
+        await eventually(
+            partial(reason, person_id), lambda r: r == "global_unsubscribe", "the merge", 2.0
+        )

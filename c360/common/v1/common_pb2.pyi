@@ -130,7 +130,12 @@ class PersonRef(_message.Message):
 Global___PersonRef: _TypeAlias = PersonRef  # noqa: Y015
 
 REQUIRED_ROLE_FIELD_NUMBER: _builtins.int
+EVERY_SHOP_FIELD_NUMBER: _builtins.int
 required_role: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Role.ValueType]
 """The role a caller's token must hold to call the method. Every c360 RPC declares one;
 the shared auth interceptor enforces it, together with the shop scope of the token.
+"""
+every_shop: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _builtins.bool]
+"""The method takes an empty shop_id to mean every shop, from a token bound to all shops
+(a service following another's changes).
 """

@@ -765,12 +765,14 @@ class Change(_message.Message):
     OTHER_PERSON_ID_FIELD_NUMBER: _builtins.int
     MERGE_ID_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    SHOP_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     kind: Global___ChangeKind.ValueType
     person_id: _builtins.str
     other_person_id: _builtins.str
     merge_id: _builtins.str
     """Set for merges and unmerges."""
+    shop_id: _builtins.str
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -782,10 +784,11 @@ class Change(_message.Message):
         other_person_id: _builtins.str = ...,
         merge_id: _builtins.str = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        shop_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "kind", b"kind", "merge_id", b"merge_id", "other_person_id", b"other_person_id", "person_id", b"person_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "kind", b"kind", "merge_id", b"merge_id", "other_person_id", b"other_person_id", "person_id", b"person_id", "sequence", b"sequence", "shop_id", b"shop_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -173,7 +173,8 @@ class IdentityServicer:
 
     def ListChanges(self, request, context):
         """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
-        happened, after a cursor: what other services follow to regroup their facts.
+        happened, after a cursor: what other services follow to regroup their facts. An empty
+        shop_id follows every shop (for a token bound to all shops, like a service's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

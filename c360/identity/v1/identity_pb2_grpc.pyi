@@ -64,7 +64,8 @@ class IdentityStub:
     """A shop's identity policy, defaults included."""
     ListChanges: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListChangesRequest, _identity_pb2.ListChangesResponse]
     """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
-    happened, after a cursor: what other services follow to regroup their facts.
+    happened, after a cursor: what other services follow to regroup their facts. An empty
+    shop_id follows every shop (for a token bound to all shops, like a service's).
     """
 
 @_typing.type_check_only
@@ -103,7 +104,8 @@ class IdentityAsyncStub(IdentityStub):
     """A shop's identity policy, defaults included."""
     ListChanges: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListChangesRequest, _identity_pb2.ListChangesResponse]  # type: ignore[assignment]
     """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
-    happened, after a cursor: what other services follow to regroup their facts.
+    happened, after a cursor: what other services follow to regroup their facts. An empty
+    shop_id follows every shop (for a token bound to all shops, like a service's).
     """
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
@@ -205,7 +207,8 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.ListChangesResponse, _abc.Awaitable[_identity_pb2.ListChangesResponse]]:
         """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
-        happened, after a cursor: what other services follow to regroup their facts.
+        happened, after a cursor: what other services follow to regroup their facts. An empty
+        shop_id follows every shop (for a token bound to all shops, like a service's).
         """
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -72,6 +72,12 @@ def upgrade() -> None:
         "event_fact_anchor", "event_fact", ["shop_id", "anchor_type", "anchor_key"], unique=False
     )
     op.create_table(
+        "follow_cursor",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("position", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+    op.create_table(
         "gate_push",
         sa.Column("shop_id", sa.String(length=128), nullable=False),
         sa.Column("person_id", sa.String(length=64), nullable=False),
@@ -145,6 +151,7 @@ def downgrade() -> None:
     op.drop_table("refund_fact")
     op.drop_table("order_fact")
     op.drop_table("gate_push")
+    op.drop_table("follow_cursor")
     op.drop_table("event_fact")
     op.drop_table("customer_fact")
     op.drop_table("consent_fact")
