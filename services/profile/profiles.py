@@ -355,9 +355,8 @@ class Profiles:
         )
         if resolved.erased:
             return  # an erased person: their details are not taken again
-        anchor = resolved.anchor or ("customer", key)
-        values.update(anchor_type=anchor[0], anchor_key=anchor[1])
-        await self._store.replace_customer(None, values)
+        # Consents first: if anything fails before the record is saved, a retried upload still
+        # sees the permission as changed and records it.
         changed = {
             channel: bool(document[name])
             for name, channel in custobar.PERMISSIONS.items()
@@ -370,6 +369,9 @@ class Profiles:
                     f"Custobar upload: {channel} permission", CUSTOBAR, now,
                 )
             )  # fmt: skip
+        anchor = resolved.anchor or ("customer", key)
+        values.update(anchor_type=anchor[0], anchor_key=anchor[1])
+        await self._store.replace_customer(None, values)
 
     async def _uploaded_record_of(
         self, shop_id: str, identifiers: list[tuple[str, str]]
