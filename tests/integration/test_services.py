@@ -1,7 +1,12 @@
 """Each of the five services, in process on port 0, over a real channel, on real PostgreSQL."""
 
+import importlib
+from typing import Any
+
 import grpc
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import text
@@ -123,3 +128,34 @@ async def test_migrations_record_their_version_in_the_service_schema(
         await engine.dispose()
     assert current_schema == settings.schema_name
     assert version == LATEST_REVISION[service]
+
+
+# The services whose tables are declared as SQLAlchemy models.
+MODELLED: dict[ServiceName, str] = {
+    "identity": "services.identity.store",
+    "profile": "services.profile.store",
+    "gate": "services.gate.store",
+}
+
+
+@pytest.mark.parametrize("service", sorted(MODELLED))
+async def test_the_migrations_build_exactly_the_models_tables(
+    start_service: StartService, settings_for: object, service: ServiceName
+) -> None:
+    await start_service(service)
+    metadata = importlib.import_module(MODELLED[service]).Base.metadata
+    engine = db.create_engine(settings_for(service))  # type: ignore[operator]
+
+    def differences(connection: Any) -> list[Any]:
+        context = MigrationContext.configure(
+            connection,
+            opts={"include_name": lambda name, kind, _: not str(name).startswith("alembic_")},
+        )
+        return list(compare_metadata(context, metadata))
+
+    try:
+        async with engine.connect() as connection:
+            found = await connection.run_sync(differences)
+    finally:
+        await engine.dispose()
+    assert found == []
