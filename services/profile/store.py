@@ -6,6 +6,7 @@ profile is the facts whose anchors the identity service groups under one person,
 unmerges regroup facts without rewriting any.
 """
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -505,21 +506,49 @@ class ProfileStore:
 
 class Inbox:
     """The webhook inbox: deliveries stored durably before they are answered, processed after,
-    kept as dead letters when they keep failing."""
+    kept as dead letters when they keep failing. Deliveries that arrive together are stored in
+    one transaction (a group commit), each answered once it is committed."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], batch: int = 200) -> None:
         self._sessions = sessions
+        self._batch = batch
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def accept(self, values: dict[str, Any]) -> bool:
         """Stores a delivery unless its webhook id was seen; returns whether it was new."""
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((values, stored))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="webhook-inbox-writer")
+        return await stored
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._batch], self._waiting[self._batch :]
+            try:
+                new = await self._insert([values for values, _ in batch])
+            except Exception as exc:
+                for _, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(exc)
+                continue
+            for values, stored in batch:
+                key = (values["shop_id"], values["webhook_id"])
+                if not stored.done():
+                    stored.set_result(key in new)
+                new.discard(key)  # the same delivery twice in one batch: the second is a repeat
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
         async with self._sessions.begin() as session:
-            result = await session.execute(
+            inserted = await session.execute(
                 dialect_of(session)
                 .insert(WebhookRow)
-                .values(values)
+                .values(rows)
                 .on_conflict_do_nothing(index_elements=["shop_id", "webhook_id"])
+                .returning(WebhookRow.shop_id, WebhookRow.webhook_id)
             )
-            return bool(getattr(result, "rowcount", 0))
+            return {(shop_id, webhook_id) for shop_id, webhook_id in inserted}
 
     async def due(self, now: datetime, limit: int) -> list[WebhookRow]:
         """Pending deliveries whose time has come, oldest first."""
