@@ -371,7 +371,7 @@ class Profiles:
             )  # fmt: skip
         anchor = resolved.anchor or ("customer", key)
         values.update(anchor_type=anchor[0], anchor_key=anchor[1])
-        await self._store.replace_customer(None, values)
+        await self._store.replace_customer(values)
 
     async def _uploaded_record_of(
         self, shop_id: str, identifiers: list[tuple[str, str]]
@@ -553,7 +553,7 @@ class Profiles:
 
     async def contact_policy(
         self, shop_id: str, person_id: str
-    ) -> tuple[str, list[ConsentState], bool] | None:
+    ) -> tuple[list[ConsentState], bool] | None:
         """A person's consents and global unsubscribe as the gate needs them; None for a person
         identity does not know."""
         try:
@@ -563,8 +563,7 @@ class Profiles:
                 return None
             raise
         facts = await self._store.facts(shop_id, group.anchors)
-        states, unsubscribed = consent_states(facts.consents)
-        return group.person_id, states, unsubscribed
+        return consent_states(facts.consents)
 
     async def push_pending(self) -> int:
         """Gives the gate the contact policy of every person whose consent changed; returns how

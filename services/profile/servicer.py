@@ -362,7 +362,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
             found = await self._profiles.contact_policy(shop_id, person_id)
             if found is None:
                 continue
-            _, states, unsubscribed = found
+            states, unsubscribed = found
             policies.append(
                 profile_pb2.ContactPolicy(
                     person_id=person_id,

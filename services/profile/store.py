@@ -241,19 +241,9 @@ class ProfileStore:
         async with self._sessions() as session:
             return await session.get(CustomerRow, (shop_id, source, source_id))
 
-    async def replace_customer(
-        self, old_key: tuple[str, str, str] | None, values: dict[str, Any]
-    ) -> None:
-        """Writes a customer record whatever its version (an upload is always the newest),
-        under a new key when `old_key` differs (a forgotten record loses its identifying key)."""
+    async def replace_customer(self, values: dict[str, Any]) -> None:
+        """Writes a customer record whatever its version (an upload is always the newest)."""
         async with self._sessions.begin() as session:
-            if old_key is not None:
-                await session.execute(
-                    delete(CustomerRow).where(
-                        tuple_(CustomerRow.shop_id, CustomerRow.source, CustomerRow.source_id)
-                        == old_key
-                    )
-                )
             await session.merge(CustomerRow(**values))
 
     async def newest_customer(
