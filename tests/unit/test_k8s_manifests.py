@@ -72,7 +72,7 @@ CALLER_LABEL = "c360/caller"
 # Who may call whom (prod NetworkPolicies): callers inside the mesh by name, others by label.
 MESH_CALLERS = {
     "identity": {"profile", "gdpr"},
-    "profile": {"enrichment", "gdpr"},
+    "profile": {"enrichment", "gdpr", "gate"},
     "enrichment": {"gdpr"},
     "gate": {"profile", "gdpr"},
     "gdpr": {"profile"},
