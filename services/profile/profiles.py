@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
 CUSTOBAR = "custobar"
+UPLOAD_IN_FLIGHT = 16
 IDENTITY = "identity"
 # Identity changes after which consent applies to other people than before.
 REGROUPING = frozenset({identity_pb2.CHANGE_KIND_MERGED, identity_pb2.CHANGE_KIND_UNMERGED})
@@ -295,22 +296,25 @@ class Profiles:
     async def upsert_customers(
         self, shop_id: str, records: Sequence[Any]
     ) -> tuple[int, list[tuple[int, str, str]]]:
-        """Applies a Custobar-format upload record by record; returns how many were accepted and
-        (index, field, why) for each one that was not. Valid records are kept whatever the
-        others do."""
-        accepted, errors = 0, list[tuple[int, str, str]]()
-        for index, record in enumerate(records):
-            found = custobar.problems(record)
-            if not found:
-                try:
-                    await self._upsert_custobar(shop_id, record)
-                except PeerRejected as rejected:
-                    found = [(field, why) for field, why in _violations(rejected, record)]
-            if found:
-                errors.extend((index, field, why) for field, why in found)
-            else:
-                accepted += 1
-        return accepted, errors
+        """Applies a Custobar-format upload; returns how many records were accepted and (index,
+        field, why) for each one that was not. Valid records are kept whatever the others do.
+        Records sharing an identifier are applied in their order, one after the other; the rest
+        UPLOAD_IN_FLIGHT at a time."""
+        problems = {i: custobar.problems(record) for i, record in enumerate(records)}
+        limit = asyncio.Semaphore(UPLOAD_IN_FLIGHT)
+
+        async def apply(indices: list[int]) -> None:
+            for index in indices:
+                async with limit:
+                    try:
+                        await self._upsert_custobar(shop_id, records[index])
+                    except PeerRejected as rejected:
+                        problems[index] = _violations(rejected, records[index])
+
+        valid = [i for i, found in problems.items() if not found]
+        await asyncio.gather(*(apply(group) for group in _sharing(valid, records)))
+        errors = [(i, field, why) for i in sorted(problems) for field, why in problems[i]]
+        return sum(not found for found in problems.values()), errors
 
     async def _upsert_custobar(self, shop_id: str, record: dict[str, Any]) -> None:
         keys = custobar.keys_of(record)
@@ -621,6 +625,26 @@ class Profiles:
     async def stop(self) -> None:
         await self._follower.stop()
         await self._pusher.stop()
+
+
+def _sharing(indices: list[int], records: Sequence[Any]) -> list[list[int]]:
+    """The records grouped so that two sharing an identifying key are in one group, in order."""
+    owner: dict[str, int] = {}
+    group_of: dict[int, int] = {}
+    for index in indices:
+        keys = custobar.keys_of(records[index])
+        joined = {group_of[owner[k]] for k in keys if k in owner}
+        group = min(joined, default=index)
+        for other in joined:  # this record bridges groups: they become one
+            for member, g in list(group_of.items()):
+                if g == other:
+                    group_of[member] = group
+        group_of[index] = group
+        owner.update({k: index for k in keys})
+    groups: dict[int, list[int]] = {}
+    for index in indices:
+        groups.setdefault(group_of[index], []).append(index)
+    return list(groups.values())
 
 
 def _violations(rejected: PeerRejected, record: dict[str, Any]) -> list[tuple[str, str]]:

@@ -201,3 +201,18 @@ async def test_overlong_values_are_per_record_errors(endpoint: Endpoint) -> None
     )
     assert (status, answer["accepted"]) == (200, 2)
     assert [(e["index"], e["field"]) for e in answer["errors"]] == [(1, "email")]
+
+
+async def test_records_of_one_upload_sharing_an_identifier_apply_in_order(
+    endpoint: Endpoint,
+) -> None:
+    records = [
+        {"external_id": "X-1", "email": "ord@mail.example", "tags": ["first"]},
+        *({"email": f"other{n}@mail.example"} for n in range(20)),
+        {"email": "ord@mail.example", "tags.add": ["second"], "first_name": "Ord"},
+        {"external_id": "X-1", "tags.remove": ["first"]},
+    ]
+    assert await upload(endpoint, records) == (200, {"accepted": 23, "errors": []})
+    ord_ = await endpoint.get("email", "ord@mail.example")
+    assert (list(ord_.tags), ord_.name.first_name) == (["second"], "Ord")
+    assert len(await endpoint.customer_rows()) == 21
