@@ -24,9 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
-from sqlalchemy.engine import make_url
 
 from bench.load import drop_schema, free_port, summarize, wait_serving
 from c360.common.v1 import common_pb2
@@ -163,11 +161,7 @@ def drive(address: str, target: str, concurrency: int, seconds: float, persons: 
 
 async def seed(settings: IdentitySettings, persons: int) -> None:
     """`persons` persons with four identifiers each, copied straight into the tables."""
-    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
-    connection = await asyncpg.connect(
-        url.render_as_string(hide_password=False),
-        server_settings={"search_path": settings.schema_name},
-    )
+    connection = await db.plain_connection(settings)
     now = datetime.now(UTC)
     try:
         await connection.copy_records_to_table(

@@ -6,10 +6,10 @@ import statistics
 import time
 from typing import Any
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
+
+from services.runtime import db
 
 
 def free_port() -> int:
@@ -50,8 +50,7 @@ def summarize(latencies_ms: list[float], elapsed: float, errors: int) -> dict[st
 
 async def drop_schema(settings: Any) -> None:
     """Drops the schema a benchmark ran in (its seeded data is large and of no further use)."""
-    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
-    connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    connection = await db.plain_connection(settings)
     try:
         await connection.execute(f'DROP SCHEMA IF EXISTS "{settings.schema_name}" CASCADE')
     finally:

@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import grpc
 from aiohttp import web
-from sqlalchemy.engine import make_url
 
 from bench.load import drop_schema, free_port, summarize, wait_serving
 from c360.common.v1 import common_pb2
@@ -173,19 +171,11 @@ def drive(*args: str) -> dict[str, Any]:
 # --- seeding ------------------------------------------------------------------------------------
 
 
-async def connect(settings: Any) -> asyncpg.Connection:
-    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
-    return await asyncpg.connect(
-        url.render_as_string(hide_password=False),
-        server_settings={"search_path": settings.schema_name},
-    )
-
-
 async def seed(identity: IdentitySettings, profile: ProfileSettings, people: int) -> None:
     """`people` persons with an email each in identity; three orders and a consent each in the
     profile, copied straight into the tables."""
     now = datetime.now(UTC)
-    ids = await connect(identity)
+    ids = await db.plain_connection(identity)
     try:
         await ids.copy_records_to_table(
             "person",
@@ -202,7 +192,7 @@ async def seed(identity: IdentitySettings, profile: ProfileSettings, people: int
         await ids.execute("ANALYZE person; ANALYZE identifier")
     finally:
         await ids.close()
-    facts = await connect(profile)
+    facts = await db.plain_connection(profile)
     try:
         await facts.copy_records_to_table(
             "order_fact",
@@ -247,7 +237,7 @@ def write_backfill(folder: Path, customers: int, orders: int) -> tuple[Path, Pat
 
 async def copy_baseline(profile: ProfileSettings, customers: int, orders: int) -> float:
     """Seconds PostgreSQL takes to COPY the same rows into tables of the same shape."""
-    connection = await connect(profile)
+    connection = await db.plain_connection(profile)
     try:
         await connection.execute(
             "CREATE TEMP TABLE copy_orders (LIKE order_fact INCLUDING ALL);"

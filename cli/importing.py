@@ -20,11 +20,10 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from c360.profile.v1 import profile_pb2
 from services.profile.custobar import BOOLEANS, IDENTIFYING
+from services.runtime.errors import PeerRejected
 
 BATCH = 200
 IN_FLIGHT = 16
@@ -187,13 +186,10 @@ def order_request(shop_id: str, data: Any) -> profile_pb2.IngestOrderRequest:
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:
     """A rejection's reason: its field violations, else its message."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    violations: list[str] = []
-    for detail in status.details if status else ():
-        request = error_details_pb2.BadRequest()
-        if detail.Unpack(request):
-            violations.extend(f"{v.field}: {v.description}" for v in request.field_violations)
-    return "; ".join(violations) or (error.details() or error.code().name)
+    violations = PeerRejected(error).field_violations()
+    return "; ".join(f"{field}: {why}" for field, why in violations) or (
+        error.details() or error.code().name
+    )
 
 
 class Importer:

@@ -2,17 +2,12 @@
 
 from typing import Any
 
-import asyncpg
-from sqlalchemy.engine import make_url
+from services.runtime.db import plain_connection
 
 
 async def sql(settings: Any, query: str, *args: Any) -> list[Any]:
     """Rows of a query in the service's schema."""
-    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
-    connection = await asyncpg.connect(
-        url.render_as_string(hide_password=False),
-        server_settings={"search_path": settings.schema_name},
-    )
+    connection = await plain_connection(settings)
     try:
         return list(await connection.fetch(query, *args))
     finally:

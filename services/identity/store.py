@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.identity.identifiers import NORMALIZER_VERSION, Normalized
-from services.runtime.db import dialect_of, utc
+from services.runtime.db import dialect_of
 
 BIGINT = BigInteger().with_variant(Integer, "sqlite")
 
@@ -230,15 +230,11 @@ def lock_key(shop_id: str, type_: str, match_key: str) -> int:
 
 @dataclass(frozen=True)
 class Stored:
-    """An identifier as stored, with the root person it belongs to now."""
+    """What linking needs of a stored identifier: its home person, the root that person belongs
+    to now, and how many conflicts it was the link of."""
 
-    type: str
-    match_key: str
-    value: str
-    raw_value: str
     home_id: str
     root_id: str
-    first_seen_at: datetime
     conflicts: int
 
 
@@ -292,11 +288,8 @@ class Tx:
             select(
                 IdentifierRow.type,
                 IdentifierRow.match_key,
-                IdentifierRow.value,
-                IdentifierRow.raw_value,
                 IdentifierRow.person_id,
                 PersonRow.root_id,
-                IdentifierRow.first_seen_at,
                 IdentifierRow.conflicts,
             )
             .join(
@@ -310,8 +303,8 @@ class Tx:
             )
         )
         return {
-            (type_, key): Stored(type_, key, value, raw, home, root, utc(seen), conflicts)
-            for type_, key, value, raw, home, root, seen, conflicts in rows
+            (type_, key): Stored(home, root, conflicts)
+            for type_, key, home, root, conflicts in rows
         }
 
     async def lock_persons(self, person_ids: Iterable[str]) -> dict[str, PersonRow]:

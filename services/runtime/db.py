@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
+import asyncpg
 from alembic import command, context
 from alembic.config import Config
 from sqlalchemy import Connection, text
@@ -38,6 +39,16 @@ def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     if url.database:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     return create_async_engine(url, pool_pre_ping=True)
+
+
+async def plain_connection(settings: RuntimeSettings) -> asyncpg.Connection:
+    """A bare asyncpg connection to the service's PostgreSQL schema, for what SQLAlchemy is not
+    made for (COPY of a benchmark's seed, reading tables in tests)."""
+    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
+    return await asyncpg.connect(
+        url.render_as_string(hide_password=False),
+        server_settings={"search_path": settings.schema_name},
+    )
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
