@@ -21,6 +21,7 @@ from services.profile.store import (
     CustomerRow,
     EventRow,
     Facts,
+    GatePushRow,
     OrderTotals,
     ProfileStore,
     RefundRow,
@@ -34,6 +35,7 @@ CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
 CUSTOBAR = "custobar"
 UPLOAD_IN_FLIGHT = 16
+PUSHES_IN_FLIGHT = 16
 IDENTITY = "identity"
 # Identity changes after which consent applies to other people than before.
 REGROUPING = frozenset({identity_pb2.CHANGE_KIND_MERGED, identity_pb2.CHANGE_KIND_UNMERGED})
@@ -570,32 +572,38 @@ class Profiles:
         return consent_states(facts.consents)
 
     async def push_pending(self) -> int:
-        """Gives the gate the contact policy of every person whose consent changed; returns how
-        many were pushed. A failed push is retried with backoff."""
-        pushed = 0
-        for row in await self._store.pending_pushes(self._clock(), limit=100):
-            try:
-                group = await self._identity.group(row.shop_id, row.person_id)
-                facts = await self._store.facts(row.shop_id, group.anchors)
-                states, unsubscribed = consent_states(facts.consents)
-                await self._gate.put_contact_policy(
-                    row.shop_id,
-                    row.person_id,  # a merged person's id too: it gets its group's policy
-                    {s.channel: s.granted for s in states},
-                    unsubscribed,
-                    version=int(row.requested_at.timestamp() * 1_000_000),
-                )
-            except Exception as exc:
-                delay = min(60.0, 0.5 * 2 ** min(row.attempts, 7))
-                log.warning(
-                    "contact policy push failed; retrying",
-                    extra={"error": type(exc).__name__, "attempts": row.attempts + 1},
-                )
-                await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
-                continue
-            await self._store.pushed(row)
-            pushed += 1
-        return pushed
+        """Gives the gate the contact policy of every person whose consent changed (or whose
+        grouping did), PUSHES_IN_FLIGHT at a time so that a burst of merges does not hold a
+        consent change back; returns how many were pushed. A failed push is retried with
+        backoff."""
+        limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
+
+        async def push(row: GatePushRow) -> bool:
+            async with limit:
+                try:
+                    group = await self._identity.group(row.shop_id, row.person_id)
+                    facts = await self._store.facts(row.shop_id, group.anchors)
+                    states, unsubscribed = consent_states(facts.consents)
+                    await self._gate.put_contact_policy(
+                        row.shop_id,
+                        row.person_id,  # a merged person's id too: it gets its group's policy
+                        {s.channel: s.granted for s in states},
+                        unsubscribed,
+                        version=int(row.requested_at.timestamp() * 1_000_000),
+                    )
+                except Exception as exc:
+                    delay = min(60.0, 0.5 * 2 ** min(row.attempts, 7))
+                    log.warning(
+                        "contact policy push failed; retrying",
+                        extra={"error": type(exc).__name__, "attempts": row.attempts + 1},
+                    )
+                    await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
+                    return False
+                await self._store.pushed(row)
+                return True
+
+        rows = await self._store.pending_pushes(self._clock(), limit=500)
+        return sum(await asyncio.gather(*(push(row) for row in rows)))
 
     async def follow_identity(self) -> int:
         """Reads identity's changes since the last time: a merge or an unmerge changes whose

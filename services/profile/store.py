@@ -119,6 +119,8 @@ class GatePushRow(Base):
     requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # A consent change goes first; a regrouping after a merge may queue many people at once.
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class CustomerRow(Base):
@@ -196,6 +198,27 @@ class Facts:
     engagement: list[tuple[str, str, int, datetime]]
     consents: list[ConsentRow]
     customers: list[CustomerRow]
+
+
+async def _request_push(
+    session: AsyncSession, shop_id: str, person_id: str, now: datetime, urgent: bool
+) -> None:
+    """Queues a person's contact policy for the gate (once, however often it is asked)."""
+    push = dialect_of(session).insert(GatePushRow).values(
+        shop_id=shop_id, person_id=person_id, requested_at=now, attempts=0, not_before=now,
+        urgent=urgent,
+    )  # fmt: skip
+    await session.execute(
+        push.on_conflict_do_update(
+            index_elements=["shop_id", "person_id"],
+            set_={
+                "requested_at": now,
+                "attempts": 0,
+                "not_before": now,
+                "urgent": GatePushRow.urgent | push.excluded.urgent,
+            },
+        )
+    )
 
 
 def _anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
@@ -336,19 +359,7 @@ class ProfileStore:
             result = await session.execute(
                 dialect.insert(ConsentRow).values(values).on_conflict_do_nothing()
             )
-            push = dialect.insert(GatePushRow).values(
-                shop_id=values["shop_id"],
-                person_id=person_id,
-                requested_at=now,
-                attempts=0,
-                not_before=now,
-            )
-            await session.execute(
-                push.on_conflict_do_update(
-                    index_elements=["shop_id", "person_id"],
-                    set_={"requested_at": now, "attempts": 0, "not_before": now},
-                )
-            )
+            await _request_push(session, values["shop_id"], person_id, now, urgent=True)
             return bool(getattr(result, "rowcount", 0))
 
     async def order_anchor(self, shop_id: str, order_id: str) -> Anchor | None:
@@ -444,18 +455,8 @@ class ProfileStore:
         """Asks for the gate to be given the policies of (shop, person) pairs, and moves a
         follow cursor, in one transaction."""
         async with self._sessions.begin() as session:
-            dialect = dialect_of(session)
             for shop_id, person_id in pushes:
-                push = dialect.insert(GatePushRow).values(
-                    shop_id=shop_id, person_id=person_id, requested_at=now, attempts=0,
-                    not_before=now,
-                )  # fmt: skip
-                await session.execute(
-                    push.on_conflict_do_update(
-                        index_elements=["shop_id", "person_id"],
-                        set_={"requested_at": now, "attempts": 0, "not_before": now},
-                    )
-                )
+                await _request_push(session, shop_id, person_id, now, urgent=False)
             await session.merge(CursorRow(name=cursor[0], position=cursor[1]))
 
     async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
@@ -465,7 +466,7 @@ class ProfileStore:
                 await session.scalars(
                     select(GatePushRow)
                     .where(GatePushRow.not_before <= now)
-                    .order_by(GatePushRow.requested_at)
+                    .order_by(GatePushRow.urgent.desc(), GatePushRow.requested_at)
                     .limit(limit)
                 )
             )

@@ -84,6 +84,7 @@ def upgrade() -> None:
         sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("not_before", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("urgent", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("shop_id", "person_id"),
     )
     op.create_table(
