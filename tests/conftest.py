@@ -113,5 +113,5 @@ async def start_service(settings_for: Callable[..., Any]) -> AsyncIterator[Start
         return server
 
     yield start
-    for server in started:
+    for server in reversed(started):  # callers before the services they call
         await server.stop(grace=1.0)

@@ -51,6 +51,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         redis_client(settings),
         timeout=settings.redis_timeout_ms / 1000,
         log_retention=settings.log_retention_seconds,
+        write_timeout=settings.dependency_timeout_seconds,
     )
     # Customers the gate holds no policy for are asked of their profile, when one is configured.
     profile = None

@@ -255,18 +255,22 @@ class Counters:
     seconds: long enough for the durable log to be written, even by the next process to start
     if this one is killed first."""
 
-    def __init__(self, client: Redis, timeout: float, log_retention: float = 60.0) -> None:
+    def __init__(
+        self, client: Redis, timeout: float, log_retention: float = 60.0, write_timeout: float = 0.0
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        # Policy writes are off the send path: they may wait longer than a check.
+        self._write_timeout = max(timeout, write_timeout)
         self._log_retention_ms = int(log_retention * 1000)
         self._check = client.register_script(CHECK)
         self._put_policy = client.register_script(PUT_POLICY)
         self._rebuild = client.register_script(REBUILD)
         self._release = client.register_script(RELEASE)
 
-    async def _bounded(self, call: Any) -> Any:
+    async def _bounded(self, call: Any, seconds: float = 0.0) -> Any:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(seconds or self._timeout):
                 return await call
         except (TimeoutError, RedisError) as e:
             raise CountersUnavailable(type(e).__name__) from e
@@ -316,7 +320,8 @@ class Counters:
     async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
         """Replaces the customer's contact policy; the next check sees it."""
         await self._bounded(
-            self._put_policy(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS])
+            self._put_policy(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS]),
+            self._write_timeout,
         )
 
     async def rebuild_many(

@@ -2,6 +2,7 @@
 brings the shop's policy, the customer's calendar, recovery from a lost Redis and the log."""
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -201,8 +202,9 @@ class Gate:
         await self._store.put_contact_policy(shop_id, person_id, policy, now)
         await self._counters.put_policy(CustomerKeys.of(shop_id, person_id), policy)
         # Brings the customer's counters into Redis now (a no-op when they are there), so that
-        # their next check is one round trip.
-        await self._rebuild(shop_id, [person_id], now)
+        # their next check is one round trip; if Redis is slow, that check does it instead.
+        with contextlib.suppress(CountersUnavailable):
+            await self._rebuild(shop_id, [person_id], now)
         self._learn_zone(shop_id, policy.time_zone)
 
     def _learn_zone(self, shop_id: str, zone: str) -> None:

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.identity.identifiers import NORMALIZER_VERSION, Normalized
-from services.runtime.db import dialect_of
+from services.runtime.db import append_to_outbox, dialect_of
 
 BIGINT = BigInteger().with_variant(Integer, "sqlite")
 
@@ -245,6 +245,7 @@ class Tx:
         self.session = session
         self.shop_id = shop_id
         self.postgres = session.get_bind().dialect.name == "postgresql"
+        self.changes: list[dict[str, Any]] = []
 
     async def lock_identifiers(self, keys: Iterable[tuple[str, str]]) -> None:
         """Takes the advisory locks of the identifiers, in one order for every transaction
@@ -540,15 +541,16 @@ class Tx:
         merge_id: str | None,
         now: datetime,
     ) -> None:
-        self.session.add(
-            ChangeRow(
-                shop_id=self.shop_id,
-                kind=kind,
-                person_id=person_id,
-                other_person_id=other_person_id,
-                merge_id=merge_id,
-                at=now,
-            )
+        """Queues a change for the outbox; written when the transaction ends."""
+        self.changes.append(
+            {
+                "shop_id": self.shop_id,
+                "kind": kind,
+                "person_id": person_id,
+                "other_person_id": other_person_id,
+                "merge_id": merge_id,
+                "at": now,
+            }
         )
 
     async def merge(self, merge_id: str) -> MergeRow | None:
@@ -665,7 +667,9 @@ class IdentityStore:
             if self._serial:
                 await stack.enter_async_context(self._turns)
             session = await stack.enter_async_context(self._sessions.begin())
-            yield Tx(session, shop_id)
+            tx = Tx(session, shop_id)
+            yield tx
+            await append_to_outbox(session, ChangeRow, tx.changes)
 
     async def shop_policy(self, shop_id: str) -> ShopPolicyRow | None:
         async with self._sessions() as session:

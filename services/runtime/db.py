@@ -1,14 +1,17 @@
 """SQLAlchemy 2 async engines (PostgreSQL via asyncpg, SQLite via aiosqlite) and migrations."""
 
 import asyncio
+import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import asyncpg
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -70,6 +73,22 @@ def utc(instant: datetime) -> datetime:
 def dialect_of(session: AsyncSession) -> ModuleType:
     """The SQLAlchemy dialect module of a session's database, for its INSERT … ON CONFLICT."""
     return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
+async def append_to_outbox(
+    session: AsyncSession, model: Any, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Appends rows to an outbox whose sequence its readers follow, as the transaction's last
+    write. On PostgreSQL the transaction first takes the outbox's advisory lock and holds it to
+    commit, so sequence numbers are handed out in commit order: a reader that has seen sequence
+    n never later finds a row below n commit (SQLite has one writer at a time anyway)."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        digest = hashlib.sha256(f"outbox\0{model.__tablename__}".encode()).digest()
+        lock = int.from_bytes(digest[:8], "big", signed=True)
+        await session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock})
+    await session.execute(insert(model), list(rows))
 
 
 def version_table(settings: RuntimeSettings) -> str:

@@ -1,5 +1,6 @@
-"""A background task of a service: runs its step as soon as it is woken, and at least every
-interval; a failing step is logged and tried again at the next turn."""
+"""A background task of a service: runs its step as soon as it is woken, at least every
+interval, and again at once while the step reports work done (a backlog drains without waiting
+an interval per batch); a failing step is logged and tried again at the next turn."""
 
 import asyncio
 import contextlib
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 class Worker:
     """Runs `step` in the background until stopped."""
 
-    def __init__(self, name: str, step: Callable[[], Awaitable[object]], interval: float) -> None:
+    def __init__(self, name: str, step: Callable[[], Awaitable[int]], interval: float) -> None:
         self._name = name
         self._step = step
         self._interval = interval
@@ -31,7 +32,8 @@ class Worker:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self._step()
+                if await self._step():
+                    self._wake.set()
             except Exception as exc:
                 log.warning(
                     "background step failed; retrying",

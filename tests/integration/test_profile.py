@@ -416,5 +416,5 @@ async def test_a_merge_in_identity_reaches_the_gate(mesh: Mesh) -> None:
     # One person now, unsubscribed after the consent: blocked under either id.
     for person_id in (cat.person_id, kit.person_id):
         await eventually(
-            partial(reason, person_id), lambda r: r == "global_unsubscribe", "the merge", 2.0
+            partial(reason, person_id), lambda r: r == "global_unsubscribe", "the merge"
         )
