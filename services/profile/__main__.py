@@ -7,6 +7,8 @@ from pathlib import Path
 from c360.gate.v1 import gate_pb2_grpc
 from c360.identity.v1 import identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.audience_store import AudienceStore
+from services.profile.audiences import Audiences
 from services.profile.peers import GatePeer, IdentityPeer
 from services.profile.profiles import Profiles
 from services.profile.servicer import ProfileServicer
@@ -34,13 +36,26 @@ async def build(
     engine = db.create_engine(settings)
     identity = connect(settings.address("identity"), settings.service_token, telemetry)
     gate = connect(settings.address("gate"), settings.service_token, telemetry)
+    sessions = db.session_factory(engine)
+    facts = ProfileStore(sessions)
+    identity_peer = IdentityPeer(identity_pb2_grpc.IdentityStub(identity))
+    gate_peer = GatePeer(gate_pb2_grpc.GateStub(gate))
     profiles = Profiles(
-        ProfileStore(db.session_factory(engine)),
-        IdentityPeer(identity_pb2_grpc.IdentityStub(identity)),
-        GatePeer(gate_pb2_grpc.GateStub(gate)),
+        facts,
+        identity_peer,
+        gate_peer,
         clock,
         settings.gate_push_interval_seconds,
         settings.identity_follow_interval_seconds,
+    )
+    audiences = Audiences(
+        AudienceStore(sessions),
+        facts,
+        identity_peer,
+        gate_peer,
+        clock,
+        settings.summary_refresh_interval_seconds,
+        settings.feed_poll_interval_seconds,
     )
     secrets = [
         secret.get_secret_value()
@@ -48,7 +63,7 @@ async def build(
         if secret is not None
     ]
     webhooks = Webhooks(
-        Inbox(db.session_factory(engine)),
+        Inbox(sessions),
         profiles,
         secrets,
         settings.shopify_shops,
@@ -58,7 +73,7 @@ async def build(
     )
     registration = Registration(
         profile_pb2.DESCRIPTOR.services_by_name["Profile"],
-        ProfileServicer(profiles, webhooks),  # type: ignore[abstract]  # the rest: #5 and #6
+        ProfileServicer(profiles, audiences, webhooks),  # type: ignore[abstract]  # Erase: #8
         profile_pb2_grpc.add_ProfileServicer_to_server,
     )
 
@@ -67,13 +82,14 @@ async def build(
         await gate.close(None)
 
     profiles.start()
+    audiences.start()
     webhook_port = await webhooks.start(settings.host, settings.webhook_port)
     server = await start_service(
         settings,
         telemetry,
         [registration],
         engine,
-        on_stop=[webhooks.stop, profiles.stop, close_peers],
+        on_stop=[webhooks.stop, audiences.stop, profiles.stop, close_peers],
     )
     server.http_ports["webhooks"] = webhook_port
     return server

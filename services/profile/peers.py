@@ -1,7 +1,7 @@
 """The profile service's calls to its peers: identity (who a record belongs to) and the gate
 (contact policies, contact history)."""
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
@@ -178,6 +178,24 @@ class GatePeer:
                 )
             )
         )
+
+    async def allowed(self, shop_id: str, person_ids: Sequence[str], channel: str) -> list[bool]:
+        """Whether the gate would let a marketing message through to each person now (dry-run
+        checks, counting nothing)."""
+        answer = await _answer(
+            self._stub.CheckBatch(
+                gate_pb2.CheckBatchRequest(
+                    shop_id=shop_id,
+                    channel=CHANNEL_ENUMS[channel],
+                    dry_run=True,
+                    items=[
+                        gate_pb2.BatchItem(person_id=p, message_id=f"segment-probe:{p}")
+                        for p in person_ids
+                    ],
+                )
+            )
+        )
+        return [result.allowed for result in answer.results]
 
     async def history(self, shop_id: str, person_id: str, include_log: bool) -> History:
         answer = await _answer(

@@ -8,7 +8,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -39,6 +39,12 @@ PUSHES_IN_FLIGHT = 16
 IDENTITY = "identity"
 # Identity changes after which consent applies to other people than before.
 REGROUPING = frozenset({identity_pb2.CHANGE_KIND_MERGED, identity_pb2.CHANGE_KIND_UNMERGED})
+# Identity changes that go on the change feed, by the feed's name for them.
+FEED_KINDS = {
+    identity_pb2.CHANGE_KIND_MERGED: "merged",
+    identity_pb2.CHANGE_KIND_UNMERGED: "unmerged",
+    identity_pb2.CHANGE_KIND_FORGOTTEN: "gdpr_erasure",
+}
 # Anchors of facts that identify nobody: the record itself.
 ANONYMOUS = ("order", "event", "customer")
 
@@ -211,6 +217,24 @@ def consent_states(rows: Sequence[ConsentRow]) -> tuple[list[ConsentState], bool
     return sorted(latest.values(), key=lambda s: s.channel), stands
 
 
+def assemble(shop_id: str, group: Group, facts: Facts, history: History | None) -> Profile:
+    """A person's profile from their facts."""
+    consents, unsubscribed = consent_states(facts.consents)
+    named = next((c for c in reversed(facts.customers) if c.first_name or c.last_name), None)
+    return Profile(
+        shop_id,
+        group,
+        purchases(facts),
+        facts.engagement,
+        consents,
+        unsubscribed,
+        history,
+        name=(named.first_name, named.last_name) if named else ("", ""),
+        tags=sorted({t for c in facts.customers for t in c.tags}),
+        attributes={k: v for c in facts.customers for k, v in c.attributes.items()},
+    )
+
+
 class Profiles:
     """Ingestion and assembly of profiles, and the consent outbox to the gate."""
 
@@ -260,7 +284,8 @@ class Profiles:
                 "cancelled": order.cancelled,
                 "line_items": order.line_items,
                 "received_at": self._clock(),
-            }
+            },
+            resolved.person_id,
         )
         return resolved.person_id, applied
 
@@ -291,7 +316,9 @@ class Profiles:
                 "first_name": customer.first_name,
                 "last_name": customer.last_name,
                 "tags": customer.tags,
-            }
+            },
+            resolved.person_id,
+            self._clock(),
         )
         return resolved.person_id, applied
 
@@ -377,7 +404,7 @@ class Profiles:
             )  # fmt: skip
         anchor = resolved.anchor or ("customer", key)
         values.update(anchor_type=anchor[0], anchor_key=anchor[1])
-        await self._store.replace_customer(values)
+        await self._store.replace_customer(values, resolved.person_id)
 
     async def _uploaded_record_of(
         self, shop_id: str, identifiers: list[tuple[str, str]]
@@ -419,7 +446,7 @@ class Profiles:
         every customer record's details wiped, and identity forgets every identifier of theirs."""
         group = await self._identity.group(shop_id, person_id)
         tombstone = ("person", group.person_id)
-        await self._store.reanchor(shop_id, group.anchors, tombstone)
+        await self._store.reanchor(shop_id, group.anchors, tombstone, self._clock())
         await self._store.scrub_customers(shop_id, tombstone, lambda key: hidden(shop_id, key))
         await self._identity.forget(shop_id, group.person_id)
 
@@ -433,6 +460,8 @@ class Profiles:
         is_return: bool,
     ) -> tuple[str, bool]:
         """Stores a refund against its order (which may not have arrived yet)."""
+        anchor = await self._store.order_anchor(shop_id, order_id)
+        person_id = await self._person_of(shop_id, anchor) if anchor else ""
         applied = await self._store.add_fact(
             RefundRow,
             {
@@ -444,9 +473,9 @@ class Profiles:
                 "is_return": is_return,
                 "received_at": self._clock(),
             },
+            person_id,
+            self._clock(),
         )
-        anchor = await self._store.order_anchor(shop_id, order_id)
-        person_id = await self._person_of(shop_id, anchor) if anchor else ""
         return person_id, applied
 
     async def ingest_event(
@@ -475,6 +504,8 @@ class Profiles:
                 "channel": channel,
                 "at": at,
             },
+            resolved.person_id,
+            self._clock(),
         )
         return resolved.person_id, applied
 
@@ -530,21 +561,7 @@ class Profiles:
             self._store.facts(shop_id, group.anchors),
             self._history(shop_id, group.person_id, include_log),
         )
-        consents, unsubscribed = consent_states(facts.consents)
-        named = next((c for c in reversed(facts.customers) if c.first_name or c.last_name), None)
-        attributes = {k: v for c in facts.customers for k, v in c.attributes.items()}
-        return Profile(
-            shop_id,
-            group,
-            purchases(facts),
-            facts.engagement,
-            consents,
-            unsubscribed,
-            history,
-            name=(named.first_name, named.last_name) if named else ("", ""),
-            tags=sorted({t for c in facts.customers for t in c.tags}),
-            attributes=attributes,
-        )
+        return assemble(shop_id, group, facts, history)
 
     async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:
         """The gate's contact history; absent (not invented) while the gate cannot answer."""
@@ -607,11 +624,13 @@ class Profiles:
 
     async def follow_identity(self) -> int:
         """Reads identity's changes since the last time: a merge or an unmerge changes whose
-        consent applies to whom, so both persons' policies go to the gate again. Returns how
-        many changes it read."""
+        consent applies to whom and what each profile holds, so both persons' policies go to
+        the gate again, their summaries are refreshed and the change goes on the change feed.
+        Returns how many changes it read."""
         changes = await self._identity.changes(await self._store.cursor(IDENTITY), 500)
         if not changes:
             return 0
+        now = self._clock()
         pushes = [
             (change.shop_id, person_id)
             for change in changes
@@ -619,7 +638,20 @@ class Profiles:
             for person_id in (change.person_id, change.other_person_id)
             if person_id
         ]
-        await self._store.request_pushes(pushes, (IDENTITY, changes[-1].sequence), self._clock())
+        feed = [
+            {
+                "shop_id": change.shop_id,
+                "person_id": change.person_id,
+                "kind": FEED_KINDS[change.kind],
+                "data": {"other_person_id": change.other_person_id}
+                if change.other_person_id
+                else {},
+                "at": change.at.ToDatetime(tzinfo=UTC),
+            }
+            for change in changes
+            if change.kind in FEED_KINDS
+        ]
+        await self._store.regrouped(pushes, feed, (IDENTITY, changes[-1].sequence), now)
         if pushes:
             self._pusher.wake()
         return len(changes)

@@ -1,14 +1,19 @@
 """Profile RPCs: requests validated and turned into profile calls, answers into protos."""
 
+import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.audiences import Audiences, Signals
+from services.profile.loyalty import Programme, Standing, Tier
 from services.profile.profiles import (
     ALL_CHANNELS,
     ConsentChange,
@@ -17,8 +22,11 @@ from services.profile.profiles import (
     Profile,
     Profiles,
 )
+from services.profile.segments import STAGES
+from services.profile.store import SegmentRow, SignalRow
 from services.profile.webhooks import MAX_UPLOAD, Webhooks
 from services.runtime.db import utc
+from services.runtime.errors import NotFound
 from services.runtime.validation import (
     CHANNEL_ENUMS,
     Violations,
@@ -50,6 +58,18 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_TEXT = 4000
 MAX_AMOUNT = Decimal("1e15")
+MAX_NAME = 128
+MAX_RATE = Decimal(1000)
+MAX_EXPIRY_DAYS = 3650
+SEGMENT_ID = re.compile(r"[0-9a-f]{32}")
+DATASETS = {
+    profile_pb2.EXPORT_DATASET_CRM360: "crm360",
+    profile_pb2.EXPORT_DATASET_LOYALTY: "loyalty",
+}
+FEED_KINDS = frozenset(
+    {"lifecycle_stage_changed", "churn_risk_crossed", "consent_changed", "merged", "unmerged",
+     "replenishment_due", "gdpr_erasure"}
+)  # fmt: skip
 
 
 def _id(value: str, field: str, violations: Violations, limit: int = MAX_ID) -> str:
@@ -178,11 +198,110 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
     return answer
 
 
+def _segment_id(value: str, field: str, violations: Violations) -> None:
+    if not SEGMENT_ID.fullmatch(value):
+        violations.add(field, "must be a segment id as CreateSegment returned it")
+
+
+def _segment(row: SegmentRow) -> profile_pb2.Segment:
+    return profile_pb2.Segment(
+        segment_id=row.segment_id, shop_id=row.shop_id, name=row.name, filter=row.filter,
+        member_count=row.member_count, created_at=timestamp(utc(row.created_at)),
+    )  # fmt: skip
+
+
+def _loyalty(standing: Standing) -> profile_pb2.Loyalty:
+    expiry = standing.points_expiration_date
+    return profile_pb2.Loyalty(
+        member=standing.member,
+        tier=standing.tier,
+        points_balance=standing.points_balance,
+        points_to_next_tier=standing.points_to_next_tier,
+        next_tier=standing.next_tier,
+        benefits=standing.benefits,
+        points_expiring=standing.points_expiring,
+        points_expiration_date=timestamp(
+            datetime(expiry.year, expiry.month, expiry.day, tzinfo=UTC) if expiry else None
+        ),
+        member_since=timestamp(standing.member_since),
+        lifetime_points=standing.lifetime_points,
+    )
+
+
+def _predictions(row: SignalRow) -> profile_pb2.Predictions:
+    predictions = profile_pb2.Predictions()
+    ParseDict(row.predictions, predictions)
+    return predictions
+
+
+def _programme(request: Any, violations: Violations) -> Programme:
+    names: set[str] = set()
+    tiers, previous = [], -1
+    for i, tier in enumerate(request.tiers):
+        _id(tier.name, f"tiers[{i}].name", violations, limit=64)
+        if tier.name in names:
+            violations.add(f"tiers[{i}].name", "tier names must be unique")
+        names.add(tier.name)
+        if tier.threshold <= previous:
+            violations.add(f"tiers[{i}].threshold", "thresholds must increase from 0 or more")
+        previous = tier.threshold
+        for j, benefit in enumerate(tier.benefits):
+            _id(benefit, f"tiers[{i}].benefits[{j}]", violations)
+        tiers.append(Tier(tier.name, tier.threshold, list(tier.benefits)))
+    if not tiers:
+        violations.add("tiers", "at least one tier")
+    rate = _amount(request.points_per_currency_unit, "points_per_currency_unit", violations)
+    if rate > MAX_RATE:
+        violations.add("points_per_currency_unit", f"at most {MAX_RATE}")
+    if not 0 <= request.expiry_days <= MAX_EXPIRY_DAYS:
+        violations.add("expiry_days", f"0 (never) to {MAX_EXPIRY_DAYS}")
+    return Programme(tiers, rate, request.expiry_days)
+
+
+def _programme_message(shop_id: str, programme: Programme) -> profile_pb2.LoyaltyProgramme:
+    return profile_pb2.LoyaltyProgramme(
+        shop_id=shop_id,
+        tiers=[
+            profile_pb2.LoyaltyTier(name=t.name, threshold=t.threshold, benefits=t.benefits)
+            for t in programme.tiers
+        ],
+        points_per_currency_unit=str(programme.points_per_unit.normalize()),
+        expiry_days=programme.expiry_days,
+    )
+
+
+def _signals(item: Any, field: str, violations: Violations) -> Signals:
+    person(item.person_id, f"{field}.person_id", violations)
+    p = item.predictions
+    if p.lifecycle_stage and p.lifecycle_stage not in STAGES:
+        violations.add(f"{field}.predictions.lifecycle_stage", f"one of {', '.join(STAGES)}")
+    rfm = None
+    if p.HasField("rfm"):
+        rfm = (p.rfm.r, p.rfm.f, p.rfm.m)
+        if not all(1 <= score <= 5 for score in rfm):
+            violations.add(f"{field}.predictions.rfm", "each score is 1 to 5")
+    for name in ("churn_risk", "p_order_30d", "p_order_90d"):
+        if p.HasField(name) and not 0 <= getattr(p, name) <= 1:
+            violations.add(f"{field}.predictions.{name}", "a probability, 0 to 1")
+    engagement = item.engagement_score if item.HasField("engagement_score") else None
+    if engagement is not None and not 0 <= engagement <= 1:
+        violations.add(f"{field}.engagement_score", "0 to 1")
+    return Signals(
+        item.person_id,
+        p.lifecycle_stage,
+        rfm,
+        p.churn_risk if p.HasField("churn_risk") else None,
+        engagement,
+        MessageToDict(p, preserving_proto_field_name=True),
+    )
+
+
 class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     """The Profile service over the profiles."""
 
-    def __init__(self, profiles: Profiles, webhooks: Webhooks) -> None:
+    def __init__(self, profiles: Profiles, audiences: Audiences, webhooks: Webhooks) -> None:
         self._profiles = profiles
+        self._audiences = audiences
         self._webhooks = webhooks
 
     async def Get(self, request: Any, context: Any) -> profile_pb2.CustomerProfile:
@@ -191,7 +310,127 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         ref = _person_ref(request, violations)
         violations.raise_any()
         found = await self._profiles.get(shop_id, ref, request.include_message_log)
-        return _profile(found, request.include_message_log)
+        standing, signals = await asyncio.gather(
+            self._audiences.standing(shop_id, found.group),
+            self._audiences.signals(shop_id, found.group.person_id),
+        )
+        answer = _profile(found, request.include_message_log)
+        answer.loyalty.CopyFrom(_loyalty(standing))
+        if signals is not None:
+            answer.predictions.CopyFrom(_predictions(signals))
+            if signals.engagement is not None:
+                answer.engagement.score = signals.engagement
+        return answer
+
+    # --- audiences ------------------------------------------------------------------------------
+
+    async def CreateSegment(self, request: Any, context: Any) -> profile_pb2.Segment:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        _id(request.name, "name", violations, limit=MAX_NAME)
+        if not request.filter.strip():
+            violations.add("filter", "a filter is required")
+        violations.raise_any()
+        row = await self._audiences.create_segment(shop_id, request.name, request.filter)
+        return _segment(row)
+
+    async def ListSegments(self, request: Any, context: Any) -> profile_pb2.ListSegmentsResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        violations.raise_any()
+        rows = await self._audiences.list_segments(shop_id)
+        return profile_pb2.ListSegmentsResponse(segments=[_segment(row) for row in rows])
+
+    async def StreamSegmentMembers(
+        self, request: Any, context: Any
+    ) -> AsyncIterator[profile_pb2.SegmentMember]:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        _segment_id(request.segment_id, "segment_id", violations)
+        channel = ""
+        if request.allowed_now_on:
+            channel = channel_name(request.allowed_now_on, "allowed_now_on", violations)
+        violations.raise_any()
+        async for batch in self._audiences.members(shop_id, request.segment_id, channel):
+            for person_id in batch:
+                yield profile_pb2.SegmentMember(person_id=person_id)
+
+    async def WatchChanges(self, request: Any, context: Any) -> AsyncIterator[profile_pb2.Change]:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        after = cursor(request.from_cursor, "from_cursor", violations)
+        for i, kind in enumerate(request.kinds):
+            if kind not in FEED_KINDS:
+                violations.add(f"kinds[{i}]", f"must be one of {', '.join(sorted(FEED_KINDS))}")
+        violations.raise_any()
+        async for row in self._audiences.watch(shop_id, after, list(request.kinds)):
+            change = profile_pb2.Change(
+                cursor=str(row.seq), shop_id=row.shop_id, person_id=row.person_id,
+                kind=row.kind, at=timestamp(utc(row.at)),
+            )  # fmt: skip
+            change.data.update(row.data)
+            yield change
+
+    async def Export(self, request: Any, context: Any) -> AsyncIterator[profile_pb2.ExportChunk]:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        dataset = DATASETS.get(request.dataset, "")
+        if not dataset:
+            violations.add("dataset", "must be EXPORT_DATASET_CRM360 or EXPORT_DATASET_LOYALTY")
+        if request.format not in (profile_pb2.EXPORT_FORMAT_JSONL, profile_pb2.EXPORT_FORMAT_CSV):
+            violations.add("format", "must be EXPORT_FORMAT_JSONL or EXPORT_FORMAT_CSV")
+        if request.segment_id:
+            _segment_id(request.segment_id, "segment_id", violations)
+        violations.raise_any()
+        as_csv = request.format == profile_pb2.EXPORT_FORMAT_CSV
+        async for data in self._audiences.export(shop_id, dataset, as_csv, request.segment_id):
+            yield profile_pb2.ExportChunk(data=data)
+
+    async def LookupTraits(self, request: Any, context: Any) -> profile_pb2.Traits:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        _id(request.identifier.type, "identifier.type", violations)
+        _id(request.identifier.value, "identifier.value", violations)
+        violations.raise_any()
+        found = await self._audiences.traits(
+            shop_id, request.identifier.type, request.identifier.value
+        )
+        if found is None:
+            return profile_pb2.Traits(found=False)
+        first_name, stage, standing = found
+        return profile_pb2.Traits(
+            found=True, first_name=first_name, lifecycle_stage=stage,
+            loyalty_tier=standing.tier, points_balance=standing.points_balance,
+        )  # fmt: skip
+
+    async def PutLoyaltyProgramme(self, request: Any, context: Any) -> profile_pb2.LoyaltyProgramme:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        programme = _programme(request, violations)
+        violations.raise_any()
+        await self._audiences.put_programme(shop_id, programme)
+        return _programme_message(shop_id, programme)
+
+    async def GetLoyaltyProgramme(self, request: Any, context: Any) -> profile_pb2.LoyaltyProgramme:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        violations.raise_any()
+        programme = await self._audiences.programme(shop_id)
+        if programme is None:
+            raise NotFound("loyalty_programme", shop_id)
+        return _programme_message(shop_id, programme)
+
+    async def PutSignals(self, request: Any, context: Any) -> profile_pb2.PutSignalsResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if len(request.signals) > MAX_PAGE:
+            violations.add("signals", f"at most {MAX_PAGE} a call")
+        signals = [
+            _signals(item, f"signals[{i}]", violations) for i, item in enumerate(request.signals)
+        ]
+        violations.raise_any()
+        changes = await self._audiences.put_signals(shop_id, signals)
+        return profile_pb2.PutSignalsResponse(changes=changes)
 
     async def IngestOrder(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()

@@ -22,6 +22,15 @@ class ProfileSettings(RuntimeSettings):
         description="How often identity's changes are read: a merge or unmerge reaches the "
         "gate's contact policies within about this long.",
     )
+    summary_refresh_interval_seconds: float = Field(
+        0.5,
+        description="How often persons' summaries (what segments and exports read) are "
+        "refreshed when no change woke the refresher: they follow facts within about this long.",
+    )
+    feed_poll_interval_seconds: float = Field(
+        0.1,
+        description="How often a caught-up change feed stream looks for new changes.",
+    )
     webhook_port: int = Field(
         8080, description="Port of the HTTP webhook endpoint (POST /webhooks/shopify); 0 = any."
     )

@@ -9,7 +9,7 @@ unmerges regroup facts without rewriting any.
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -34,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.runtime.db import dialect_of, utc
+from services.runtime.db import append_to_outbox, dialect_of, utc
 
 BIGINT = BigInteger().with_variant(Integer, "sqlite")
 MONEY = Numeric(20, 4)
@@ -49,7 +50,10 @@ class OrderRow(Base):
     """An order as of its newest version (`updated_at`)."""
 
     __tablename__ = "order_fact"
-    __table_args__ = (Index("order_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    __table_args__ = (
+        Index("order_fact_anchor", "shop_id", "anchor_type", "anchor_key"),
+        Index("order_fact_placed", "shop_id", "placed_at"),
+    )
     shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -83,7 +87,10 @@ class EventRow(Base):
     """A storefront visit or a message engagement (open, click, reply, dismiss)."""
 
     __tablename__ = "event_fact"
-    __table_args__ = (Index("event_fact_anchor", "shop_id", "anchor_type", "anchor_key"),)
+    __table_args__ = (
+        Index("event_fact_anchor", "shop_id", "anchor_type", "anchor_key"),
+        Index("event_fact_at", "shop_id", "at"),
+    )
     shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     anchor_type: Mapped[str] = mapped_column(String(32))
@@ -176,6 +183,140 @@ class CursorRow(Base):
     position: Mapped[int] = mapped_column(BigInteger)
 
 
+class PersonAnchorRow(Base):
+    """Which person an anchor belongs to now, as identity grouped it when the person's summary
+    was last refreshed: what segments and exports join facts to persons through."""
+
+    __tablename__ = "person_anchor"
+    __table_args__ = (Index("person_anchor_person", "shop_id", "person_id"),)
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    anchor_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    anchor_key: Mapped[str] = mapped_column(String(320), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64))
+
+
+class SummaryRow(Base):
+    """One person's profile in columns (refreshed whenever their facts or grouping change):
+    what segments filter on and exports read."""
+
+    __tablename__ = "person_summary"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    first_name: Mapped[str] = mapped_column(String(256))
+    locale: Mapped[str] = mapped_column(String(35))
+    currency: Mapped[str] = mapped_column(String(3))
+    order_count: Mapped[int] = mapped_column(Integer)
+    spend: Mapped[Decimal] = mapped_column(MONEY)
+    aov: Mapped[Decimal] = mapped_column(MONEY)
+    first_order_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_order_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    acquisition: Mapped[str] = mapped_column(String(16))
+    online_orders: Mapped[int] = mapped_column(Integer)
+    pos_orders: Mapped[int] = mapped_column(Integer)
+    marketplace_orders: Mapped[int] = mapped_column(Integer)
+    location: Mapped[str] = mapped_column(String(256))
+    preferred_category: Mapped[str] = mapped_column(String(256))
+    consent_email: Mapped[bool] = mapped_column(Boolean)
+    consent_sms: Mapped[bool] = mapped_column(Boolean)
+    consent_whatsapp: Mapped[bool] = mapped_column(Boolean)
+    consent_push: Mapped[bool] = mapped_column(Boolean)
+    unsubscribed: Mapped[bool] = mapped_column(Boolean)
+    app_installed: Mapped[bool] = mapped_column(Boolean)
+    loyalty_member: Mapped[bool] = mapped_column(Boolean)
+    member_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lifetime_points: Mapped[int] = mapped_column(BIGINT)
+    tier: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TagRow(Base):
+    """A tag of a person (from any of their customer records), for segments."""
+
+    __tablename__ = "person_tag"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(256), primary_key=True)
+
+
+class SignalRow(Base):
+    """What the enrichment service computed for a person (absent until it has run)."""
+
+    __tablename__ = "person_signal"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lifecycle_stage: Mapped[str] = mapped_column(String(16))
+    rfm_r: Mapped[int | None] = mapped_column(Integer)
+    rfm_f: Mapped[int | None] = mapped_column(Integer)
+    rfm_m: Mapped[int | None] = mapped_column(Integer)
+    churn_risk: Mapped[float | None] = mapped_column(Float)
+    engagement: Mapped[float | None] = mapped_column(Float)
+    predictions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SummaryDueRow(Base):
+    """A person whose summary must be refreshed (their facts or their grouping changed)."""
+
+    __tablename__ = "summary_due"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ChangeRow(Base):
+    """The change feed: a transactional outbox, in commit order (see `append_to_outbox`)."""
+
+    __tablename__ = "profile_change"
+    __table_args__ = (Index("profile_change_shop", "shop_id", "seq"),)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    person_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SegmentRow(Base):
+    """A segment: a named filter over profiles, evaluated in the database when read."""
+
+    __tablename__ = "segment"
+    __table_args__ = (UniqueConstraint("shop_id", "name", name="segment_name"),)
+    segment_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    filter: Mapped[str] = mapped_column(String(2000))
+    member_count: Mapped[int] = mapped_column(BIGINT)
+    counted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ProgrammeRow(Base):
+    """A shop's loyalty programme."""
+
+    __tablename__ = "loyalty_programme"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # [{"name", "threshold", "benefits"}], lowest threshold first.
+    tiers: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    points_per_unit: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    expiry_days: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EarningRow(Base):
+    """The loyalty ledger's terms for one order, fixed when the order first arrived under a
+    programme: its rate and when its points expire. The points are the order's total net of
+    its refunds and returns times the rate, rounded down, so a clawback is always against the
+    original order and a replayed order or refund changes nothing."""
+
+    __tablename__ = "loyalty_earning"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rate: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    earned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 @dataclass(frozen=True)
 class OrderTotals:
     """Orders of one currency, source and location."""
@@ -221,8 +362,30 @@ async def _request_push(
     )
 
 
+async def _mark_due(session: AsyncSession, shop_id: str, person_id: str, now: datetime) -> None:
+    """Asks for a person's summary to be refreshed (once, however often it is asked)."""
+    if not person_id:
+        return
+    due = (
+        dialect_of(session)
+        .insert(SummaryDueRow)
+        .values(shop_id=shop_id, person_id=person_id, requested_at=now)
+    )
+    await session.execute(
+        due.on_conflict_do_update(
+            index_elements=["shop_id", "person_id"], set_={"requested_at": now}
+        )
+    )
+
+
 def _anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
     return tuple_(model.anchor_type, model.anchor_key).in_(anchors)
+
+
+def _change(
+    shop_id: str, person_id: str, kind: str, data: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {"shop_id": shop_id, "person_id": person_id, "kind": kind, "data": data, "at": now}
 
 
 class ProfileStore:
@@ -231,10 +394,12 @@ class ProfileStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def put_order(self, values: dict[str, Any]) -> bool:
-        """Stores an order unless a version as new is stored; returns whether it did."""
+    async def put_order(self, values: dict[str, Any], person_id: str) -> bool:
+        """Stores an order unless a version as new is stored; returns whether it did. The first
+        time an order arrives under a loyalty programme, its earning terms are fixed."""
         async with self._sessions.begin() as session:
-            insert = dialect_of(session).insert(OrderRow).values(values)
+            dialect = dialect_of(session)
+            insert = dialect.insert(OrderRow).values(values)
             result = await session.execute(
                 insert.on_conflict_do_update(
                     index_elements=["shop_id", "order_id"],
@@ -244,9 +409,27 @@ class ProfileStore:
                     where=OrderRow.updated_at < insert.excluded.updated_at,
                 )
             )
-            return bool(getattr(result, "rowcount", 0))
+            applied = bool(getattr(result, "rowcount", 0))
+            if applied:
+                programme = await session.get(ProgrammeRow, values["shop_id"])
+                if programme is not None:
+                    await session.execute(
+                        dialect.insert(EarningRow)
+                        .values(
+                            shop_id=values["shop_id"],
+                            order_id=values["order_id"],
+                            rate=programme.points_per_unit,
+                            earned_at=values["placed_at"],
+                            expires_at=values["placed_at"] + timedelta(days=programme.expiry_days)
+                            if programme.expiry_days
+                            else None,
+                        )
+                        .on_conflict_do_nothing()
+                    )
+                await _mark_due(session, values["shop_id"], person_id, values["received_at"])
+            return applied
 
-    async def put_customer(self, values: dict[str, Any]) -> bool:
+    async def put_customer(self, values: dict[str, Any], person_id: str, now: datetime) -> bool:
         """Stores a customer record unless a version as new is stored; returns whether it did."""
         async with self._sessions.begin() as session:
             insert = dialect_of(session).insert(CustomerRow).values(values)
@@ -258,16 +441,20 @@ class ProfileStore:
                     where=CustomerRow.updated_at < insert.excluded.updated_at,
                 )
             )
-            return bool(getattr(result, "rowcount", 0))
+            applied = bool(getattr(result, "rowcount", 0))
+            if applied:
+                await _mark_due(session, values["shop_id"], person_id, now)
+            return applied
 
     async def customer(self, shop_id: str, source: str, source_id: str) -> CustomerRow | None:
         async with self._sessions() as session:
             return await session.get(CustomerRow, (shop_id, source, source_id))
 
-    async def replace_customer(self, values: dict[str, Any]) -> None:
+    async def replace_customer(self, values: dict[str, Any], person_id: str) -> None:
         """Writes a customer record whatever its version (an upload is always the newest)."""
         async with self._sessions.begin() as session:
             await session.merge(CustomerRow(**values))
+            await _mark_due(session, values["shop_id"], person_id, values["updated_at"])
 
     async def newest_customer(
         self, shop_id: str, source: str, anchors: Sequence[Anchor]
@@ -330,11 +517,14 @@ class ProfileStore:
                     )
                 )  # fmt: skip
 
-    async def reanchor(self, shop_id: str, anchors: Sequence[Anchor], to: Anchor) -> int:
+    async def reanchor(
+        self, shop_id: str, anchors: Sequence[Anchor], to: Anchor, now: datetime
+    ) -> int:
         """Moves every fact anchored on one of `anchors` to `to` (forgetting a person keeps
         their facts, anonymous, under the tombstone); returns how many moved."""
         moved = 0
         async with self._sessions.begin() as session:
+            await _mark_due(session, shop_id, to[1], now)
             for model in (OrderRow, EventRow, ConsentRow, CustomerRow):
                 result = await session.execute(
                     update(model)
@@ -344,23 +534,43 @@ class ProfileStore:
                 moved += getattr(result, "rowcount", 0)
         return moved
 
-    async def add_fact(self, model: Any, values: dict[str, Any]) -> bool:
-        """Stores a refund, an event or a consent unless stored already; returns whether it did."""
+    async def add_fact(
+        self, model: Any, values: dict[str, Any], person_id: str, now: datetime
+    ) -> bool:
+        """Stores a refund or an event unless stored already; returns whether it did."""
         async with self._sessions.begin() as session:
             result = await session.execute(
                 dialect_of(session).insert(model).values(values).on_conflict_do_nothing()
             )
-            return bool(getattr(result, "rowcount", 0))
+            applied = bool(getattr(result, "rowcount", 0))
+            if applied:
+                await _mark_due(session, values["shop_id"], person_id, now)
+            return applied
 
     async def add_consent(self, values: dict[str, Any], person_id: str, now: datetime) -> bool:
-        """Stores a consent and, in the same transaction, asks for the gate to be told."""
+        """Stores a consent and, in the same transaction, asks for the gate to be told and
+        puts the change on the change feed."""
         async with self._sessions.begin() as session:
             dialect = dialect_of(session)
             result = await session.execute(
                 dialect.insert(ConsentRow).values(values).on_conflict_do_nothing()
             )
+            applied = bool(getattr(result, "rowcount", 0))
             await _request_push(session, values["shop_id"], person_id, now, urgent=True)
-            return bool(getattr(result, "rowcount", 0))
+            await _mark_due(session, values["shop_id"], person_id, now)
+            if applied:
+                change = {
+                    "channel": values["channel"],
+                    "granted": values["granted"],
+                    "source": values["source"],
+                    "at": values["at"].isoformat(),
+                }
+                await append_to_outbox(
+                    session,
+                    ChangeRow,
+                    [_change(values["shop_id"], person_id, "consent_changed", change, now)],
+                )
+            return applied
 
     async def order_anchor(self, shop_id: str, order_id: str) -> Anchor | None:
         async with self._sessions() as session:
@@ -449,15 +659,22 @@ class ProfileStore:
             row = await session.get(CursorRow, name)
             return 0 if row is None else row.position
 
-    async def request_pushes(
-        self, pushes: Sequence[tuple[str, str]], cursor: tuple[str, int], now: datetime
+    async def regrouped(
+        self,
+        pushes: Sequence[tuple[str, str]],
+        changes: Sequence[dict[str, Any]],
+        cursor: tuple[str, int],
+        now: datetime,
     ) -> None:
-        """Asks for the gate to be given the policies of (shop, person) pairs, and moves a
-        follow cursor, in one transaction."""
+        """After identity regrouped people: asks for the gate to be given the policies of
+        (shop, person) pairs and for their summaries to be refreshed, puts the changes on the
+        change feed and moves the follow cursor, in one transaction."""
         async with self._sessions.begin() as session:
             for shop_id, person_id in pushes:
                 await _request_push(session, shop_id, person_id, now, urgent=False)
+                await _mark_due(session, shop_id, person_id, now)
             await session.merge(CursorRow(name=cursor[0], position=cursor[1]))
+            await append_to_outbox(session, ChangeRow, changes)
 
     async def pending_pushes(self, now: datetime, limit: int) -> list[GatePushRow]:
         """Persons whose contact policy is due to be pushed to the gate."""

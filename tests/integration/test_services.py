@@ -58,6 +58,15 @@ BUILT = {
         "ReplayDeadLetters",
         "UpsertCustomers",
         "GetContactPolicies",
+        "CreateSegment",
+        "ListSegments",
+        "StreamSegmentMembers",
+        "WatchChanges",
+        "Export",
+        "LookupTraits",
+        "PutLoyaltyProgramme",
+        "GetLoyaltyProgramme",
+        "PutSignals",
     },
     "c360.identity.v1.Identity": {
         "Resolve",
@@ -104,7 +113,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
 
 LATEST_REVISION: dict[ServiceName, str] = {
     "identity": "0002",
-    "profile": "0002",
+    "profile": "0003",
     "enrichment": "0001",
     "gate": "0002",
     "gdpr": "0001",

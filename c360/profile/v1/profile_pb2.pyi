@@ -860,7 +860,7 @@ class Change(_message.Message):
     person_id: _builtins.str
     kind: _builtins.str
     """lifecycle_stage_changed, churn_risk_crossed, consent_changed, merged, unmerged,
-    replenishment_due, erased.
+    replenishment_due, gdpr_erasure.
     """
     @_builtins.property
     def data(self) -> _struct_pb2.Struct: ...
@@ -986,6 +986,99 @@ class Traits(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Traits: _TypeAlias = Traits  # noqa: Y015
+
+@_typing.final
+class GetLoyaltyProgrammeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLoyaltyProgrammeRequest: _TypeAlias = GetLoyaltyProgrammeRequest  # noqa: Y015
+
+@_typing.final
+class PersonSignals(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_SCORE_FIELD_NUMBER: _builtins.int
+    person_id: _builtins.str
+    engagement_score: _builtins.float
+    """0–1."""
+    @_builtins.property
+    def predictions(self) -> Global___Predictions: ...
+    def __init__(
+        self,
+        *,
+        person_id: _builtins.str = ...,
+        predictions: Global___Predictions | None = ...,
+        engagement_score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_engagement_score", b"_engagement_score", "engagement_score", b"engagement_score", "predictions", b"predictions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engagement_score", b"_engagement_score", "engagement_score", b"engagement_score", "person_id", b"person_id", "predictions", b"predictions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__engagement_score: _TypeAlias = _typing.Literal["engagement_score"]  # noqa: Y015
+    _WhichOneofArgType__engagement_score: _TypeAlias = _typing.Literal["_engagement_score", b"_engagement_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__engagement_score) -> _WhichOneofReturnType__engagement_score | None: ...
+
+Global___PersonSignals: _TypeAlias = PersonSignals  # noqa: Y015
+
+@_typing.final
+class PutSignalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PersonSignals]:
+        """At most 1000."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        signals: _abc.Iterable[Global___PersonSignals] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id", "signals", b"signals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutSignalsRequest: _TypeAlias = PutSignalsRequest  # noqa: Y015
+
+@_typing.final
+class PutSignalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    changes: _builtins.int
+    """Entries the signals put on the change feed."""
+    def __init__(
+        self,
+        *,
+        changes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutSignalsResponse: _TypeAlias = PutSignalsResponse  # noqa: Y015
 
 @_typing.final
 class LoyaltyTier(_message.Message):

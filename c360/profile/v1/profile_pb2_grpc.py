@@ -121,6 +121,16 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.FromString,
                 _registered_method=True)
+        self.GetLoyaltyProgramme = channel.unary_unary(
+                '/c360.profile.v1.Profile/GetLoyaltyProgramme',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetLoyaltyProgrammeRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.FromString,
+                _registered_method=True)
+        self.PutSignals = channel.unary_unary(
+                '/c360.profile.v1.Profile/PutSignals',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.FromString,
+                _registered_method=True)
         self.Erase = channel.unary_unary(
                 '/c360.profile.v1.Profile/Erase',
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseRequest.SerializeToString,
@@ -247,7 +257,23 @@ class ProfileServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutLoyaltyProgramme(self, request, context):
-        """Sets a shop's loyalty programme: tiers, points per currency unit, expiry.
+        """Sets a shop's loyalty programme: tiers, points per currency unit, expiry. Orders that
+        arrive from then on earn under it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoyaltyProgramme(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutSignals(self, request, context):
+        """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
+        predictions, engagement score). A changed stage, a churn risk crossing a threshold and
+        newly due products go on the change feed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,6 +374,16 @@ def add_ProfileServicer_to_server(servicer, server):
                     servicer.PutLoyaltyProgramme,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.SerializeToString,
+            ),
+            'GetLoyaltyProgramme': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoyaltyProgramme,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetLoyaltyProgrammeRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.SerializeToString,
+            ),
+            'PutSignals': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSignals,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.SerializeToString,
             ),
             'Erase': grpc.unary_unary_rpc_method_handler(
                     servicer.Erase,
@@ -816,6 +852,60 @@ class Profile:
             '/c360.profile.v1.Profile/PutLoyaltyProgramme',
             c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoyaltyProgramme(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/GetLoyaltyProgramme',
+            c360_dot_profile_dot_v1_dot_profile__pb2.GetLoyaltyProgrammeRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.LoyaltyProgramme.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSignals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/PutSignals',
+            c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,7 +71,15 @@ class ProfileStub:
     LookupTraits: _grpc.UnaryUnaryMultiCallable[_profile_pb2.LookupTraitsRequest, _profile_pb2.Traits]
     """Read-only traits for email personalisation. Never creates a member; returns no PII."""
     PutLoyaltyProgramme: _grpc.UnaryUnaryMultiCallable[_profile_pb2.LoyaltyProgramme, _profile_pb2.LoyaltyProgramme]
-    """Sets a shop's loyalty programme: tiers, points per currency unit, expiry."""
+    """Sets a shop's loyalty programme: tiers, points per currency unit, expiry. Orders that
+    arrive from then on earn under it.
+    """
+    GetLoyaltyProgramme: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetLoyaltyProgrammeRequest, _profile_pb2.LoyaltyProgramme]
+    PutSignals: _grpc.UnaryUnaryMultiCallable[_profile_pb2.PutSignalsRequest, _profile_pb2.PutSignalsResponse]
+    """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
+    predictions, engagement score). A changed stage, a churn risk crossing a threshold and
+    newly due products go on the change feed.
+    """
     Erase: _grpc.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]
     """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
     keeping anonymous totals.
@@ -120,7 +128,15 @@ class ProfileAsyncStub(ProfileStub):
     LookupTraits: _aio.UnaryUnaryMultiCallable[_profile_pb2.LookupTraitsRequest, _profile_pb2.Traits]  # type: ignore[assignment]
     """Read-only traits for email personalisation. Never creates a member; returns no PII."""
     PutLoyaltyProgramme: _aio.UnaryUnaryMultiCallable[_profile_pb2.LoyaltyProgramme, _profile_pb2.LoyaltyProgramme]  # type: ignore[assignment]
-    """Sets a shop's loyalty programme: tiers, points per currency unit, expiry."""
+    """Sets a shop's loyalty programme: tiers, points per currency unit, expiry. Orders that
+    arrive from then on earn under it.
+    """
+    GetLoyaltyProgramme: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetLoyaltyProgrammeRequest, _profile_pb2.LoyaltyProgramme]  # type: ignore[assignment]
+    PutSignals: _aio.UnaryUnaryMultiCallable[_profile_pb2.PutSignalsRequest, _profile_pb2.PutSignalsResponse]  # type: ignore[assignment]
+    """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
+    predictions, engagement score). A changed stage, a churn risk crossing a threshold and
+    newly due products go on the change feed.
+    """
     Erase: _aio.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]  # type: ignore[assignment]
     """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
     keeping anonymous totals.
@@ -268,7 +284,27 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_pb2.LoyaltyProgramme,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.LoyaltyProgramme, _abc.Awaitable[_profile_pb2.LoyaltyProgramme]]:
-        """Sets a shop's loyalty programme: tiers, points per currency unit, expiry."""
+        """Sets a shop's loyalty programme: tiers, points per currency unit, expiry. Orders that
+        arrive from then on earn under it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLoyaltyProgramme(
+        self,
+        request: _profile_pb2.GetLoyaltyProgrammeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.LoyaltyProgramme, _abc.Awaitable[_profile_pb2.LoyaltyProgramme]]: ...
+
+    @_abc_1.abstractmethod
+    def PutSignals(
+        self,
+        request: _profile_pb2.PutSignalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.PutSignalsResponse, _abc.Awaitable[_profile_pb2.PutSignalsResponse]]:
+        """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
+        predictions, engagement score). A changed stage, a churn risk crossing a threshold and
+        newly due products go on the change feed.
+        """
 
     @_abc_1.abstractmethod
     def Erase(

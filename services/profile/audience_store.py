@@ -1,0 +1,292 @@
+"""The queries behind audiences: persons' summaries, the change feed, segments, enrichment's
+signals and the loyalty ledger."""
+
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.profile.loyalty import Earning, Programme, Tier
+from services.profile.store import (
+    Anchor,
+    ChangeRow,
+    EarningRow,
+    OrderRow,
+    PersonAnchorRow,
+    ProgrammeRow,
+    RefundRow,
+    SegmentRow,
+    SignalRow,
+    SummaryDueRow,
+    SummaryRow,
+    TagRow,
+)
+from services.runtime.db import append_to_outbox, dialect_of, utc
+
+STREAM_BATCH = 1000
+
+
+def _ledger(shop_id: str) -> Select:
+    """Each earning order of a shop with what was refunded of it."""
+    refunds = (
+        select(RefundRow.order_id, func.sum(RefundRow.amount).label("refunded"))
+        .where(RefundRow.shop_id == shop_id)
+        .group_by(RefundRow.order_id)
+        .subquery()
+    )
+    return (
+        select(
+            OrderRow.total,
+            func.coalesce(refunds.c.refunded, 0),
+            EarningRow.rate,
+            EarningRow.earned_at,
+            EarningRow.expires_at,
+        )
+        .select_from(OrderRow)
+        .join(
+            EarningRow,
+            (EarningRow.shop_id == OrderRow.shop_id) & (EarningRow.order_id == OrderRow.order_id),
+        )
+        .outerjoin(refunds, refunds.c.order_id == OrderRow.order_id)
+        .where(OrderRow.shop_id == shop_id, OrderRow.cancelled.is_(False))
+    )
+
+
+def earning(row: Sequence[Any]) -> Earning:
+    total, refunded, rate, earned_at, expires_at = row
+    return Earning(
+        Decimal(total),
+        Decimal(refunded),
+        Decimal(rate),
+        utc(earned_at),
+        utc(expires_at) if expires_at else None,
+    )
+
+
+class AudienceStore:
+    """Reads and writes of the audience tables."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    # --- summaries ------------------------------------------------------------------------------
+
+    async def due_summaries(self, limit: int) -> list[SummaryDueRow]:
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(SummaryDueRow).order_by(SummaryDueRow.requested_at).limit(limit)
+                )
+            )
+
+    async def save_summary(
+        self,
+        due: SummaryDueRow,
+        root: str,
+        gone: Sequence[str],
+        anchors: Sequence[Anchor],
+        summary: dict[str, Any] | None,
+        tags: Sequence[str],
+    ) -> None:
+        """Replaces a group's summary, tags and anchors (or, with no summary, removes them);
+        removes those of persons merged into it; done with the request unless it was made
+        again meanwhile."""
+        shop_id = due.shop_id
+        async with self._sessions.begin() as session:
+            removed = [*gone, root] if summary is None else list(gone)
+            for model in (SummaryRow, TagRow, PersonAnchorRow):
+                await session.execute(
+                    delete(model).where(model.shop_id == shop_id, model.person_id.in_(removed))
+                )
+            if summary is not None:
+                await session.merge(SummaryRow(shop_id=shop_id, person_id=root, **summary))
+                await session.execute(
+                    delete(TagRow).where(TagRow.shop_id == shop_id, TagRow.person_id == root)
+                )
+                if tags:
+                    await session.execute(
+                        dialect_of(session).insert(TagRow),
+                        [{"shop_id": shop_id, "person_id": root, "tag": t} for t in tags],
+                    )
+                await session.execute(
+                    delete(PersonAnchorRow).where(
+                        PersonAnchorRow.shop_id == shop_id, PersonAnchorRow.person_id == root
+                    )
+                )
+                if anchors:
+                    insert = dialect_of(session).insert(PersonAnchorRow)
+                    await session.execute(
+                        insert.on_conflict_do_update(
+                            index_elements=["shop_id", "anchor_type", "anchor_key"],
+                            set_={"person_id": insert.excluded.person_id},
+                        ),
+                        [
+                            {"shop_id": shop_id, "anchor_type": t, "anchor_key": k,
+                             "person_id": root}
+                            for t, k in anchors
+                        ],
+                    )  # fmt: skip
+            await session.execute(
+                delete(SummaryDueRow).where(
+                    SummaryDueRow.shop_id == shop_id,
+                    SummaryDueRow.person_id == due.person_id,
+                    SummaryDueRow.requested_at == due.requested_at,
+                )
+            )
+
+    async def summary(self, shop_id: str, person_id: str) -> SummaryRow | None:
+        async with self._sessions() as session:
+            return await session.get(SummaryRow, (shop_id, person_id))
+
+    async def categories(self, shop_id: str, anchors: Sequence[Anchor]) -> list[list[Any]]:
+        """The line items of a person's live orders."""
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(OrderRow.line_items).where(
+                        OrderRow.shop_id == shop_id,
+                        tuple_(OrderRow.anchor_type, OrderRow.anchor_key).in_(anchors),
+                        OrderRow.cancelled.is_(False),
+                    )
+                )
+            )
+
+    # --- the change feed ------------------------------------------------------------------------
+
+    async def changes(
+        self, shop_id: str, after: int, kinds: Sequence[str], limit: int
+    ) -> list[ChangeRow]:
+        query = select(ChangeRow).where(ChangeRow.shop_id == shop_id, ChangeRow.seq > after)
+        if kinds:
+            query = query.where(ChangeRow.kind.in_(kinds))
+        async with self._sessions() as session:
+            return list(await session.scalars(query.order_by(ChangeRow.seq).limit(limit)))
+
+    # --- signals --------------------------------------------------------------------------------
+
+    async def signals(self, shop_id: str, person_id: str) -> SignalRow | None:
+        async with self._sessions() as session:
+            return await session.get(SignalRow, (shop_id, person_id))
+
+    async def put_signals(
+        self, shop_id: str, rows: Sequence[dict[str, Any]], changes: Sequence[dict[str, Any]]
+    ) -> None:
+        """Stores enrichment's signals and the changes they make, in one transaction."""
+        async with self._sessions.begin() as session:
+            for row in rows:
+                await session.merge(SignalRow(shop_id=shop_id, **row))
+            await append_to_outbox(session, ChangeRow, changes)
+
+    async def signals_of(self, shop_id: str, person_ids: Sequence[str]) -> dict[str, SignalRow]:
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(SignalRow).where(
+                    SignalRow.shop_id == shop_id, SignalRow.person_id.in_(person_ids)
+                )
+            )
+            return {row.person_id: row for row in rows}
+
+    # --- segments -------------------------------------------------------------------------------
+
+    async def add_segment(self, row: SegmentRow) -> bool:
+        """Stores a segment unless the shop has one of that name; returns whether it did."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                dialect_of(session)
+                .insert(SegmentRow)
+                .values({c.name: getattr(row, c.name) for c in SegmentRow.__table__.columns})
+                .on_conflict_do_nothing()
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def segments(self, shop_id: str) -> list[SegmentRow]:
+        async with self._sessions() as session:
+            return list(
+                await session.scalars(
+                    select(SegmentRow)
+                    .where(SegmentRow.shop_id == shop_id)
+                    .order_by(SegmentRow.created_at, SegmentRow.name)
+                )
+            )
+
+    async def segment(self, shop_id: str, segment_id: str) -> SegmentRow | None:
+        async with self._sessions() as session:
+            row = await session.get(SegmentRow, segment_id)
+            return row if row is not None and row.shop_id == shop_id else None
+
+    async def counted(self, segment_id: str, count: int, now: datetime) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(SegmentRow)
+                .where(SegmentRow.segment_id == segment_id)
+                .values(member_count=count, counted_at=now)
+            )
+
+    async def count(self, query: Select) -> int:
+        async with self._sessions() as session:
+            counted = await session.scalar(select(func.count()).select_from(query.subquery()))
+            return int(counted or 0)
+
+    async def stream(self, query: Select) -> AsyncIterator[list[Any]]:
+        """The rows of a query in batches, read with a server-side cursor in one snapshot."""
+        async with self._sessions() as session:
+            result = await session.stream(
+                query.execution_options(yield_per=STREAM_BATCH, stream_results=True)
+            )
+            async for partition in result.partitions(STREAM_BATCH):
+                yield list(partition)
+
+    # --- loyalty --------------------------------------------------------------------------------
+
+    async def put_programme(self, shop_id: str, programme: Programme, now: datetime) -> None:
+        async with self._sessions.begin() as session:
+            await session.merge(
+                ProgrammeRow(
+                    shop_id=shop_id,
+                    tiers=[
+                        {"name": t.name, "threshold": t.threshold, "benefits": t.benefits}
+                        for t in programme.tiers
+                    ],
+                    points_per_unit=programme.points_per_unit,
+                    expiry_days=programme.expiry_days,
+                    updated_at=now,
+                )
+            )
+
+    async def programme(self, shop_id: str) -> Programme | None:
+        async with self._sessions() as session:
+            row = await session.get(ProgrammeRow, shop_id)
+        if row is None:
+            return None
+        tiers = [Tier(t["name"], int(t["threshold"]), list(t["benefits"])) for t in row.tiers]
+        return Programme(tiers, Decimal(row.points_per_unit), row.expiry_days)
+
+    async def ledger(self, shop_id: str, anchors: Sequence[Anchor]) -> list[Earning]:
+        """The ledger entries of one person's orders."""
+        query = _ledger(shop_id).where(
+            tuple_(OrderRow.anchor_type, OrderRow.anchor_key).in_(anchors)
+        )
+        async with self._sessions() as session:
+            return [earning(row) for row in await session.execute(query)]
+
+    def ledgers(self, shop_id: str, persons: Select | None) -> Select:
+        """The ledger entries of every person of a shop (or of the persons a query selects),
+        each with its person id, in person id order."""
+        A = PersonAnchorRow
+        query = (
+            _ledger(shop_id)
+            .add_columns(A.person_id)
+            .join(
+                A,
+                (A.shop_id == OrderRow.shop_id)
+                & (A.anchor_type == OrderRow.anchor_type)
+                & (A.anchor_key == OrderRow.anchor_key),
+            )
+            .order_by(A.person_id)
+        )
+        if persons is not None:
+            query = query.where(A.person_id.in_(persons.order_by(None)))
+        return query
