@@ -83,6 +83,57 @@ def _summary(outcome: Outcome, path: Path, shop: str) -> None:
         click.echo(f"details: {path.name}.{shop}.rejected.jsonl")
 
 
+@main.command("export")
+@click.argument("dataset", type=click.Choice(["crm360", "loyalty"]))
+@click.option("--shop", required=True, help="The shop to export.")
+@click.option("--format", "format_", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--segment", default="", help="Only this segment's members (a segment id).")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File (default stdout)."
+)
+@click.pass_obj
+def export(
+    mesh: Mesh, dataset: str, shop: str, format_: str, segment: str, output: Path | None
+) -> None:
+    """Export the CRM 360 or Loyalty Programme datasource (seed field names) as JSON lines or
+    CSV, streamed as it is read. A file is written under a temporary name and renamed once
+    complete, so a failed export never leaves a partial file behind."""
+    request = profile_pb2.ExportRequest(
+        shop_id=shop,
+        dataset=profile_pb2.EXPORT_DATASET_CRM360
+        if dataset == "crm360"
+        else profile_pb2.EXPORT_DATASET_LOYALTY,
+        format=profile_pb2.EXPORT_FORMAT_CSV
+        if format_ == "csv"
+        else profile_pb2.EXPORT_FORMAT_JSONL,
+        segment_id=segment,
+    )
+
+    async def stream(sink: Any) -> int:
+        written = 0
+        async with connect(mesh) as channel:
+            call = profile_pb2_grpc.ProfileStub(channel).Export(request, metadata=mesh.metadata)
+            async for chunk in call:
+                sink.write(chunk.data)
+                written += len(chunk.data)
+        return written
+
+    try:
+        if output is None:
+            written = asyncio.run(stream(sys.stdout.buffer))
+        else:
+            partial = output.with_name(output.name + ".partial")
+            try:
+                with partial.open("wb") as sink:
+                    written = asyncio.run(stream(sink))
+                partial.replace(output)
+            finally:
+                partial.unlink(missing_ok=True)
+    except grpc.aio.AioRpcError as error:
+        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+    click.echo(f"exported {written} bytes of {dataset} for {shop}", err=True)
+
+
 @main.group()
 def dlq() -> None:
     """Dead letters: deliveries that failed processing, kept with their error."""

@@ -114,12 +114,10 @@ def tokenize(text: str) -> list[Token]:
         if match is None or match.end() == position:
             start = position + len(text[position:]) - len(text[position:].lstrip())
             raise FilterError(start, text[start : start + 10], "unexpected character")
-        kind = next(k for k in ("number", "string", "op", "word") if match.group(k) is not None)
-        if kind == "number" and match.group("unit"):
-            kind = "days"
-        start = match.start(kind)
-        end = match.end("unit") if kind == "days" else match.end(kind)
-        tokens.append(Token(kind, text[start:end], start))
+        group = next(k for k in ("number", "string", "op", "word") if match.group(k) is not None)
+        kind = "days" if group == "number" and match.group("unit") else group
+        end = match.end("unit") if kind == "days" else match.end(group)
+        tokens.append(Token(kind, text[match.start(group) : end], match.start(group)))
         position = match.end()
     tokens.append(Token("end", "", len(text)))
     return tokens
