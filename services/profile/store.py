@@ -666,12 +666,13 @@ class ProfileStore:
         cursor: tuple[str, int],
         now: datetime,
     ) -> None:
-        """After identity regrouped people: asks for the gate to be given the policies of
-        (shop, person) pairs and for their summaries to be refreshed, puts the changes on the
-        change feed and moves the follow cursor, in one transaction."""
+        """After identity regrouped or forgot people: asks for the gate to be given the
+        policies of (shop, person) pairs, for every changed person's summary to be refreshed,
+        puts the changes on the change feed and moves the follow cursor, in one transaction."""
         async with self._sessions.begin() as session:
             for shop_id, person_id in pushes:
                 await _request_push(session, shop_id, person_id, now, urgent=False)
+            for shop_id, person_id in {*pushes, *((c["shop_id"], c["person_id"]) for c in changes)}:
                 await _mark_due(session, shop_id, person_id, now)
             await session.merge(CursorRow(name=cursor[0], position=cursor[1]))
             await append_to_outbox(session, ChangeRow, changes)

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from c360.common.v1 import common_pb2
+from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from c360.profile.v1 import profile_pb2
 from tests.integration.conftest import AUTH, Endpoint
 from tests.integration.test_import import cli
@@ -455,3 +456,45 @@ async def test_signals_put_stage_and_risk_changes_on_the_feed_and_in_segments(
     ]  # fmt: skip
     assert seen[1][1] == {"from": "converted", "to": "at_risk"}
     assert [d["threshold"] for _, d in seen[2:]] == [0.5, 0.7]
+
+
+async def test_merges_and_erasures_reach_the_feed_and_the_summaries(endpoint: Endpoint) -> None:
+    ana = (await order(endpoint, "m1", "ana@merge.example", "20.00", NOW)).person_id
+    bea = (await order(endpoint, "m2", "bea@merge.example", "30.00", NOW)).person_id
+    await settled(endpoint, 2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{endpoint.identity_proxy.port}") as channel:
+        identity = identity_pb2_grpc.IdentityStub(channel)
+        await identity.Merge(
+            identity_pb2.MergeRequest(shop_id=endpoint.shop, person_a_id=ana, person_b_id=bea),
+            metadata=AUTH,
+        )
+        await settled(endpoint, 1, "orders = 2 and spend = 50")
+        await identity.Forget(
+            identity_pb2.ForgetRequest(shop_id=endpoint.shop, person_id=ana), metadata=AUTH
+        )
+    await settled(endpoint, 0)
+    call = endpoint.profile.WatchChanges(
+        profile_pb2.WatchChangesRequest(shop_id=endpoint.shop, kinds=["merged", "gdpr_erasure"]),
+        metadata=AUTH,
+    )
+    seen = []
+    async for change in call:
+        seen.append((change.kind, change.person_id, dict(change.data)))
+        if len(seen) == 2:
+            call.cancel()
+            break
+    assert seen == [("merged", ana, {"other_person_id": bea}), ("gdpr_erasure", ana, {})]
+
+
+async def test_members_can_be_only_those_the_gate_allows_now(endpoint: Endpoint) -> None:
+    opted = (await order(endpoint, "g1", "opted@gate.example", "20.00", NOW)).person_id
+    await order(endpoint, "g2", "silent@gate.example", "20.00", NOW)
+    await consent(endpoint, opted, common_pb2.CHANNEL_EMAIL, True)
+    await settled(endpoint, 1, "consent.email")
+    segment = await create_segment(endpoint, "everyone", "orders >= 1")
+    assert len(await members(endpoint, segment.segment_id)) == 2
+    await eventually(
+        lambda: members(endpoint, segment.segment_id, allowed_now_on=common_pb2.CHANNEL_EMAIL),
+        lambda found: found == [opted],
+        "the gate's answer",
+    )
