@@ -30,7 +30,13 @@ import grpc
 import redis.asyncio as redis
 from pydantic import SecretStr
 
-from bench.load import drop_schema, free_port, summarize, wait_serving
+from bench.load import (
+    bench_database_url,
+    drop_schema,
+    free_port,
+    summarize,
+    wait_serving,
+)
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ContactPolicy, Counters, CustomerKeys
@@ -235,9 +241,7 @@ async def batch(gate: str, redis_url: str, people: int) -> dict[str, float]:
 
 async def run(seconds: float, customers: int) -> dict[str, Any]:
     redis_url = on_db(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), 12)
-    database_url = os.environ.get(
-        "DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-    )
+    database_url = bench_database_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     settings = GateSettings(database_url=database_url, db_schema_prefix=prefix)
     await asyncio.to_thread(db.migrate, settings, ROOT / "services" / "gate" / "migrations")

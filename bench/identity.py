@@ -26,7 +26,13 @@ from typing import Any
 
 import grpc
 
-from bench.load import drop_schema, free_port, summarize, wait_serving
+from bench.load import (
+    bench_database_url,
+    drop_schema,
+    free_port,
+    summarize,
+    wait_serving,
+)
 from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.settings import IdentitySettings
@@ -185,9 +191,7 @@ async def seed(settings: IdentitySettings, persons: int) -> None:
 
 
 async def run(seconds: float, persons: int) -> dict[str, Any]:
-    database_url = os.environ.get(
-        "DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-    )
+    database_url = bench_database_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity_port, baseline_port = free_port(), free_port()
     common = {"DATABASE_URL": database_url, "C360_DB_SCHEMA_PREFIX": prefix, "C360_TOKENS": TOKENS}

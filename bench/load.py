@@ -1,6 +1,7 @@
 """What every benchmark's load generator shares: free ports, readiness, latency figures."""
 
 import asyncio
+import os
 import socket
 import statistics
 import time
@@ -10,6 +11,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime import db
+
+
+def bench_database_url() -> str:
+    """The PostgreSQL a benchmark runs against (DATABASE_URL, else the local one)."""
+    return os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+
+def bench_redis_url() -> str:
+    """The Redis a benchmark runs against, in a database (13) of its own."""
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
 
 
 def free_port() -> int:

@@ -33,7 +33,14 @@ import aiohttp
 import grpc
 from aiohttp import web
 
-from bench.load import drop_schema, free_port, summarize, wait_serving
+from bench.load import (
+    bench_database_url,
+    bench_redis_url,
+    drop_schema,
+    free_port,
+    summarize,
+    wait_serving,
+)
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from cli.importing import Importer
@@ -271,10 +278,8 @@ async def copy_baseline(profile: ProfileSettings, customers: int, orders: int) -
 
 
 async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
-    database_url = os.environ.get(
-        "DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-    )
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
+    database_url = bench_database_url()
+    redis_url = bench_redis_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
     profile = ProfileSettings(database_url=database_url, db_schema_prefix=prefix)
