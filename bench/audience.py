@@ -20,7 +20,6 @@ bench/results/audience.json.
 import argparse
 import asyncio
 import json
-import os
 import random
 import secrets
 import signal
@@ -36,7 +35,13 @@ from typing import Any
 
 import grpc
 
-from bench.load import bench_database_url, bench_redis_url, drop_schema, free_port, wait_serving
+from bench.load import (
+    bench_database_url,
+    drop_schema,
+    free_port,
+    mesh_env,
+    wait_serving,
+)
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.gate.settings import GateSettings
 from services.identity.settings import IdentitySettings
@@ -286,7 +291,6 @@ async def export(stub: Any) -> dict[str, Any]:
 
 async def run(count: int, events: int) -> dict[str, Any]:
     database_url = bench_database_url()
-    redis_url = bench_redis_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
     profile = ProfileSettings(database_url=database_url, db_schema_prefix=prefix)
@@ -304,17 +308,7 @@ async def run(count: int, events: int) -> dict[str, Any]:
         expected = await seed(profile, count, events, datetime.now(UTC))
         results["seed_seconds"] = time.perf_counter() - started
         ports = {name: free_port() for name in (*SERVICES, "webhooks")}
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))},
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "C360_DB_SCHEMA_PREFIX": prefix,
-            "C360_TOKENS": TOKENS,
-            "C360_SERVICE_TOKEN": TOKEN,
-            "C360_WEBHOOK_PORT": str(ports["webhooks"]),
-            **{f"C360_{s.upper()}_PORT": str(ports[s]) for s in SERVICES},
-            **{f"C360_{s.upper()}_ADDR": f"127.0.0.1:{ports[s]}" for s in SERVICES},
-        }
+        env = mesh_env(ports, SERVICES, prefix, TOKENS, TOKEN)
         servers = [
             subprocess.Popen([sys.executable, "-m", f"services.{s}"], env=env, cwd=ROOT,
                              stdout=log, stderr=log)

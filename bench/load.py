@@ -23,6 +23,26 @@ def bench_redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
 
 
+def mesh_env(
+    ports: dict[str, int], services: tuple[str, ...], prefix: str, tokens: str, token: str,
+    **extra: str,
+) -> dict[str, str]:  # fmt: skip
+    """The environment of service processes started by a benchmark: the caller's, minus its c360
+    and OpenTelemetry settings, plus the benchmark's backing stores, schemas, tokens and ports."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))},
+        "DATABASE_URL": bench_database_url(),
+        "REDIS_URL": bench_redis_url(),
+        "C360_DB_SCHEMA_PREFIX": prefix,
+        "C360_TOKENS": tokens,
+        "C360_SERVICE_TOKEN": token,
+        "C360_WEBHOOK_PORT": str(ports["webhooks"]),
+        **{f"C360_{s.upper()}_PORT": str(ports[s]) for s in services},
+        **{f"C360_{s.upper()}_ADDR": f"127.0.0.1:{ports[s]}" for s in services},
+        **extra,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

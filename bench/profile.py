@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import random
 import secrets
 import signal
@@ -35,9 +34,9 @@ from aiohttp import web
 
 from bench.load import (
     bench_database_url,
-    bench_redis_url,
     drop_schema,
     free_port,
+    mesh_env,
     summarize,
     wait_serving,
 )
@@ -279,7 +278,6 @@ async def copy_baseline(profile: ProfileSettings, customers: int, orders: int) -
 
 async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
     database_url = bench_database_url()
-    redis_url = bench_redis_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
     profile = ProfileSettings(database_url=database_url, db_schema_prefix=prefix)
@@ -291,18 +289,7 @@ async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
     ports = {
         name: free_port() for name in ("identity", "profile", "gate", "echo", "webhooks", "ok")
     }
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("C360_", "OTEL_"))},
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "C360_DB_SCHEMA_PREFIX": prefix,
-        "C360_TOKENS": TOKENS,
-        "C360_SERVICE_TOKEN": TOKEN,
-        "SHOPIFY_API_SECRET": SECRET,
-        "C360_WEBHOOK_PORT": str(ports["webhooks"]),
-        **{f"C360_{s.upper()}_PORT": str(ports[s]) for s in SERVICES},
-        **{f"C360_{s.upper()}_ADDR": f"127.0.0.1:{ports[s]}" for s in SERVICES},
-    }
+    env = mesh_env(ports, SERVICES, prefix, TOKENS, TOKEN, SHOPIFY_API_SECRET=SECRET)
     log = open(ROOT / "bench" / "results" / "profile-server.log", "w")  # noqa: SIM115
     servers = [
         subprocess.Popen([sys.executable, "-m", f"services.{s}"], env=env, cwd=ROOT, stdout=log,
