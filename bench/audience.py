@@ -124,7 +124,7 @@ def summary_of(person: Person, now: datetime) -> tuple[Any, ...]:
         len(person.orders), person.spend, person.aov,
         placed[0], placed[-1], first_source, by_source["online"], by_source["pos"],
         by_source["marketplace"], "", "", person.email, person.sms, person.whatsapp, False,
-        False, False, False, None, 0, "", now,
+        False, False, False, 0, "", now,
     )  # fmt: skip
 
 
@@ -133,7 +133,7 @@ SUMMARY_COLUMNS = [
     "aov", "first_order_at", "last_order_at", "acquisition", "online_orders", "pos_orders",
     "marketplace_orders", "location", "preferred_category", "consent_email", "consent_sms",
     "consent_whatsapp", "consent_push", "unsubscribed", "app_installed", "loyalty_member",
-    "member_since", "lifetime_points", "tier", "updated_at",
+    "lifetime_points", "tier", "updated_at",
 ]  # fmt: skip
 ORDER_COLUMNS = [
     "shop_id", "order_id", "updated_at", "placed_at", "anchor_type", "anchor_key", "total",

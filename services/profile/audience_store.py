@@ -217,12 +217,12 @@ class AudienceStore:
             row = await session.get(SegmentRow, segment_id)
             return row if row is not None and row.shop_id == shop_id else None
 
-    async def counted(self, segment_id: str, count: int, now: datetime) -> None:
+    async def counted(self, segment_id: str, count: int) -> None:
         async with self._sessions.begin() as session:
             await session.execute(
                 update(SegmentRow)
                 .where(SegmentRow.segment_id == segment_id)
-                .values(member_count=count, counted_at=now)
+                .values(member_count=count)
             )
 
     async def count(self, query: Select) -> int:

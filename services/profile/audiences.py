@@ -39,6 +39,11 @@ FEED_BATCH = 1000
 GATE_BATCH = 1000
 EXPORT_CHUNK = 64 * 1024
 CHANNELS = ("email", "sms", "whatsapp", "push")
+# Every kind of change the change feed carries.
+CHANGE_KINDS = frozenset(
+    {"lifecycle_stage_changed", "churn_risk_crossed", "consent_changed", "merged", "unmerged",
+     "replenishment_due", "gdpr_erasure"}
+)  # fmt: skip
 # Churn risk crossing one of these (either way) goes on the change feed.
 CHURN_THRESHOLDS = (0.5, 0.7)
 
@@ -101,7 +106,6 @@ def summary_of(profile: Profile, items: Sequence[Any], standing: Standing) -> di
         "unsubscribed": profile.global_unsubscribe,
         "app_installed": "push" in granted or push_engaged,
         "loyalty_member": standing.member,
-        "member_since": standing.member_since,
         "lifetime_points": standing.lifetime_points,
         "tier": standing.tier,
     }
@@ -321,7 +325,7 @@ class Audiences:
         now = self._clock()
         row = SegmentRow(
             segment_id=secrets.token_hex(16), shop_id=shop_id, name=name, filter=text,
-            member_count=await self._store.count(query), counted_at=now, created_at=now,
+            member_count=await self._store.count(query), created_at=now,
         )  # fmt: skip
         if not await self._store.add_segment(row):
             raise AlreadyExists(f"the shop has a segment named {name!r} already")
@@ -351,7 +355,7 @@ class Audiences:
                 ids = await self._allowed(shop_id, ids, allowed_on)
             if ids:
                 yield ids
-        await self._store.counted(segment_id, count, self._clock())
+        await self._store.counted(segment_id, count)
 
     async def _allowed(self, shop_id: str, person_ids: list[str], channel: str) -> list[str]:
         kept = []

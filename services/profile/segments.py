@@ -387,11 +387,6 @@ class Compiler:
         raise FilterError(token.position, token.text, expected)
 
 
-def validate(text: str) -> None:
-    """Raises FilterError unless the filter parses and type-checks."""
-    Compiler(text, "", datetime(2000, 1, 1)).parse()
-
-
 def members(text: str, shop_id: str, now: datetime) -> Select:
     """The query of the person ids the filter selects in a shop, in person id order."""
     compiler = Compiler(text, shop_id, now)

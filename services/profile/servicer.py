@@ -12,7 +12,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
-from services.profile.audiences import Audiences, Signals
+from services.profile.audiences import CHANGE_KINDS, Audiences, Signals
 from services.profile.loyalty import Programme, Standing, Tier
 from services.profile.profiles import (
     ALL_CHANNELS,
@@ -66,10 +66,6 @@ DATASETS = {
     profile_pb2.EXPORT_DATASET_CRM360: "crm360",
     profile_pb2.EXPORT_DATASET_LOYALTY: "loyalty",
 }
-FEED_KINDS = frozenset(
-    {"lifecycle_stage_changed", "churn_risk_crossed", "consent_changed", "merged", "unmerged",
-     "replenishment_due", "gdpr_erasure"}
-)  # fmt: skip
 
 
 def _id(value: str, field: str, violations: Violations, limit: int = MAX_ID) -> str:
@@ -360,8 +356,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         shop_id = shop(request.shop_id, violations)
         after = cursor(request.from_cursor, "from_cursor", violations)
         for i, kind in enumerate(request.kinds):
-            if kind not in FEED_KINDS:
-                violations.add(f"kinds[{i}]", f"must be one of {', '.join(sorted(FEED_KINDS))}")
+            if kind not in CHANGE_KINDS:
+                violations.add(f"kinds[{i}]", f"must be one of {', '.join(sorted(CHANGE_KINDS))}")
         violations.raise_any()
         async for row in self._audiences.watch(shop_id, after, list(request.kinds)):
             change = profile_pb2.Change(

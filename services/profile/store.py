@@ -224,7 +224,6 @@ class SummaryRow(Base):
     unsubscribed: Mapped[bool] = mapped_column(Boolean)
     app_installed: Mapped[bool] = mapped_column(Boolean)
     loyalty_member: Mapped[bool] = mapped_column(Boolean)
-    member_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lifetime_points: Mapped[int] = mapped_column(BIGINT)
     tier: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -286,8 +285,8 @@ class SegmentRow(Base):
     shop_id: Mapped[str] = mapped_column(String(128))
     name: Mapped[str] = mapped_column(String(128))
     filter: Mapped[str] = mapped_column(String(2000))
+    # As of the segment's last evaluation (its creation, or its last member stream).
     member_count: Mapped[int] = mapped_column(BIGINT)
-    counted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

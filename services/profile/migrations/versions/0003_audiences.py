@@ -83,7 +83,6 @@ def upgrade() -> None:
         sa.Column("unsubscribed", sa.Boolean(), nullable=False),
         sa.Column("app_installed", sa.Boolean(), nullable=False),
         sa.Column("loyalty_member", sa.Boolean(), nullable=False),
-        sa.Column("member_since", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "lifetime_points", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
@@ -123,7 +122,6 @@ def upgrade() -> None:
         sa.Column(
             "member_count", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
-        sa.Column("counted_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("segment_id"),
         sa.UniqueConstraint("shop_id", "name", name="segment_name"),
