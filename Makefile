@@ -51,7 +51,7 @@ fmt: $(INSTALLED) ## Format and autofix our code
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: bench
-bench: bench-gate bench-identity bench-profile bench-audience ## Run every benchmark (ratios against in-run baselines)
+bench: bench-gate bench-identity bench-profile bench-audience bench-enrichment ## Run every benchmark (ratios against in-run baselines)
 
 .PHONY: bench-gate
 bench-gate: protos ## Gate.Check and CheckBatch against a bare EVALSHA server, same run
@@ -64,6 +64,10 @@ bench-profile: protos ## Profile.Get, webhook intake and backfill against echo, 
 .PHONY: bench-audience
 bench-audience: protos ## Segments, change feed and export at 1M profiles against plain SQL scans
 	$(PY) -m bench.audience
+
+.PHONY: bench-enrichment
+bench-enrichment: protos ## The daily enrichment run of 1M customers / 5M orders against the SQL aggregate
+	$(PY) -m bench.enrichment
 
 .PHONY: bench-identity
 bench-identity: protos ## Identity.Resolve at 1M identifiers against a primary-key SELECT, same run

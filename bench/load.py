@@ -67,6 +67,21 @@ async def wait_serving(address: str) -> None:
     raise SystemExit(f"{address} never became SERVING")
 
 
+async def wait_listening(port: int) -> None:
+    """Waits (at most a minute) until something accepts connections on the local port."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise SystemExit(f"nothing ever listened on port {port}")
+
+
 def summarize(latencies_ms: list[float], elapsed: float, errors: int) -> dict[str, Any]:
     """Calls per second, p50 and p99 of the successful calls."""
     latencies_ms.sort()

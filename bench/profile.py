@@ -38,6 +38,7 @@ from bench.load import (
     free_port,
     mesh_env,
     summarize,
+    wait_listening,
     wait_serving,
 )
 from c360.common.v1 import common_pb2
@@ -305,7 +306,8 @@ async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
     try:
         for service in ("identity", "gate", "profile"):
             await wait_serving(f"127.0.0.1:{ports[service]}")
-        await asyncio.sleep(1)  # the bare baselines have no health service
+        for bare in ("echo", "ok"):  # the bare baselines have no health service
+            await wait_listening(ports[bare])
         results["get"] = {}
         for concurrency in (1, 16):
             echo = drive("load-get", f"127.0.0.1:{ports['echo']}", str(concurrency), str(seconds),

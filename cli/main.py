@@ -2,29 +2,35 @@
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import grpc
 
+from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from cli.importing import Importer, Outcome
+from cli.reports import model_lines, write_plot
 
 # Each command's own connection: a run never inherits another's failed one (gRPC shares
 # subchannels between channels of one process otherwise).
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+RUN_TIMEOUT_SECONDS = 3600.0
 
 
-def connect(mesh: "Mesh") -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(mesh.profile, options=CHANNEL_OPTIONS)
+def connect(mesh: "Mesh", address: str = "") -> grpc.aio.Channel:
+    """A channel to the profile service (or to the address given)."""
+    return grpc.aio.insecure_channel(address or mesh.profile, options=CHANNEL_OPTIONS)
 
 
 class Mesh:
     """Where the mesh is and the token to call it with."""
 
-    def __init__(self, profile: str, token: str) -> None:
+    def __init__(self, profile: str, enrichment: str, token: str) -> None:
         self.profile = profile
+        self.enrichment = enrichment
         self.token = token
 
     @property
@@ -40,11 +46,19 @@ class Mesh:
     show_default=True,
     help="Address of the profile service.",
 )
+@click.option(
+    "--enrichment",
+    envvar="C360_ENRICHMENT_ADDR",
+    default="localhost:50053",
+    show_default=True,
+    help="Address of the enrichment service.",
+)
 @click.option("--token", envvar="C360_TOKEN", required=True, help="Bearer token (or C360_TOKEN).")
 @click.pass_context
-def main(context: click.Context, profile: str, token: str) -> None:
-    """Operate a c360 mesh: import data, inspect and replay dead letters."""
-    context.obj = Mesh(profile, token)
+def main(context: click.Context, profile: str, enrichment: str, token: str) -> None:
+    """Operate a c360 mesh: import and export data, run enrichment and read its report,
+    inspect and replay dead letters."""
+    context.obj = Mesh(profile, enrichment, token)
 
 
 @main.command("import")
@@ -132,6 +146,74 @@ def export(
     except grpc.aio.AioRpcError as error:
         raise click.ClickException(f"{error.code().name}: {error.details()}") from error
     click.echo(f"exported {written} bytes of {dataset} for {shop}", err=True)
+
+
+@main.group()
+def enrich() -> None:
+    """Enrichment: run a shop's models, read their report."""
+
+
+@enrich.command("run")
+@click.option("--shop", required=True)
+@click.option(
+    "--as-of",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Back-test as of this UTC time (fitted and reported, nothing published).",
+)
+@click.pass_obj
+def enrich_run(mesh: Mesh, shop: str, as_of: datetime | None) -> None:
+    """Run the shop's daily enrichment now (or a back-test), with progress."""
+    request = enrichment_pb2.RunShopRequest(shop_id=shop)
+    if as_of is not None:
+        request.as_of.FromDatetime(as_of.replace(tzinfo=UTC))
+
+    async def run() -> None:
+        async with connect(mesh, mesh.enrichment) as channel:
+            call = enrichment_pb2_grpc.EnrichmentStub(channel).RunShop(
+                request, metadata=mesh.metadata, timeout=RUN_TIMEOUT_SECONDS
+            )
+            with click.progressbar(length=0, label="publishing", file=sys.stderr) as bar:
+                async for progress in call:
+                    if progress.phase == "publish":
+                        bar.length = progress.total
+                        bar.update(progress.done - bar.pos)
+                    elif progress.phase == "done":
+                        click.echo(f"done: {progress.done} persons", err=True)
+                    else:
+                        click.echo(f"{progress.phase}: {progress.done}", err=True)
+
+    try:
+        asyncio.run(run())
+    except grpc.aio.AioRpcError as error:
+        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+
+
+@enrich.command("report")
+@click.option("--shop", required=True)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the churn calibration plot: a .png file, or an .html page.",
+)
+@click.pass_obj
+def enrich_report(mesh: Mesh, shop: str, plot: Path | None) -> None:
+    """The shop's fitted parameters, sample sizes and churn calibration."""
+
+    async def fetch() -> Any:
+        async with connect(mesh, mesh.enrichment) as channel:
+            return await enrichment_pb2_grpc.EnrichmentStub(channel).GetModelReport(
+                enrichment_pb2.GetModelReportRequest(shop_id=shop), metadata=mesh.metadata
+            )
+
+    try:
+        report = asyncio.run(fetch())
+    except grpc.aio.AioRpcError as error:
+        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+    for line in model_lines(report):
+        click.echo(line)
+    if plot is not None:
+        write_plot(report, plot)
+        click.echo(f"plot written to {plot}", err=True)
 
 
 @main.group()

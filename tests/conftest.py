@@ -4,6 +4,7 @@ import asyncio
 import importlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +104,16 @@ async def start_service(settings_for: Callable[..., Any]) -> AsyncIterator[Start
     started: list[Server] = []
 
     async def start(
-        service: ServiceName, telemetry: Telemetry | None = None, **overrides: Any
+        service: ServiceName,
+        telemetry: Telemetry | None = None,
+        clock: Callable[[], datetime] | None = None,
+        **overrides: Any,
     ) -> Server:
         settings = settings_for(service, **overrides)
         module = service_module(service)
         await asyncio.to_thread(db.migrate, settings, Path(module.MIGRATIONS))
-        server: Server = await module.build(settings, telemetry or Telemetry())
+        timed = {"clock": clock} if clock else {}
+        server: Server = await module.build(settings, telemetry or Telemetry(), **timed)
         started.append(server)
         return server
 

@@ -1,7 +1,7 @@
 """Runs the identity service: `python -m services.identity [serve|migrate]`."""
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -10,15 +10,11 @@ from services.identity.servicer import IdentityServicer
 from services.identity.settings import IdentitySettings
 from services.identity.store import IdentityStore
 from services.runtime import db
-from services.runtime.process import run, start_service
+from services.runtime.process import now, run, start_service
 from services.runtime.server import Registration, Server
 from services.runtime.telemetry import Telemetry
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def build(

@@ -11,7 +11,15 @@ from services.identity.graph import IdentityGraph, Observation, Policy
 from services.identity.store import IdentifierRow, MergeRow
 from services.runtime.auth import current_principal
 from services.runtime.db import utc
-from services.runtime.validation import Violations, cursor, person, shop, time_field, timestamp
+from services.runtime.validation import (
+    Violations,
+    bounded,
+    cursor,
+    person,
+    shop,
+    time_field,
+    timestamp,
+)
 
 OUTCOMES = {
     "created": identity_pb2.RESOLVE_OUTCOME_CREATED,
@@ -41,12 +49,6 @@ def _text(value: str, field: str, violations: Violations, required: bool = True)
     if (required and not value) or len(value) > MAX_TEXT or not value.isprintable():
         violations.add(field, f"must be {'1' if required else '0'}-{MAX_TEXT} printable characters")
     return value
-
-
-def _page(value: int, field: str, violations: Violations) -> int:
-    if value < 0 or value > MAX_PAGE:
-        violations.add(field, f"must be 0-{MAX_PAGE} (0 = {DEFAULT_PAGE})")
-    return value or DEFAULT_PAGE
 
 
 def _by() -> str:
@@ -168,7 +170,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     ) -> identity_pb2.ListMergeCandidatesResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        size = _page(request.page_size, "page_size", violations)
+        size = bounded(request.page_size, "page_size", DEFAULT_PAGE, MAX_PAGE, violations)
         after = cursor(request.page_token, "page_token", violations)
         violations.raise_any()
         found = await self._graph.candidates(shop_id, after, size + 1)
@@ -278,7 +280,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         violations = Violations()
         # Empty: every shop (the interceptor lets only a token bound to all shops ask that).
         shop_id = shop(request.shop_id, violations) if request.shop_id else None
-        limit = _page(request.limit, "limit", violations)
+        limit = bounded(request.limit, "limit", DEFAULT_PAGE, MAX_PAGE, violations)
         if request.after_sequence < 0:
             violations.add("after_sequence", "must be 0 or a sequence already seen")
         violations.raise_any()

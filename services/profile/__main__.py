@@ -1,7 +1,7 @@
 """Runs the profile service: `python -m services.profile [serve|migrate]`."""
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from c360.gate.v1 import gate_pb2_grpc
@@ -9,6 +9,7 @@ from c360.identity.v1 import identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.audience_store import AudienceStore
 from services.profile.audiences import Audiences
+from services.profile.history_store import HistoryStore
 from services.profile.peers import GatePeer, IdentityPeer
 from services.profile.profiles import Profiles
 from services.profile.servicer import ProfileServicer
@@ -18,15 +19,11 @@ from services.profile.webhooks import Webhooks
 from services.runtime import db
 from services.runtime.auth import TokenRegistry
 from services.runtime.channels import connect
-from services.runtime.process import run, start_service
+from services.runtime.process import now, run, start_service
 from services.runtime.server import Registration, Server
 from services.runtime.telemetry import Telemetry
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 async def build(
@@ -73,7 +70,9 @@ async def build(
     )
     registration = Registration(
         profile_pb2.DESCRIPTOR.services_by_name["Profile"],
-        ProfileServicer(profiles, audiences, webhooks),  # type: ignore[abstract]  # Erase: #8
+        ProfileServicer(  # type: ignore[abstract]  # Erase: #8
+            profiles, audiences, webhooks, HistoryStore(sessions), clock
+        ),
         profile_pb2_grpc.add_ProfileServicer_to_server,
     )
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.profile.loyalty import Earning, Programme, Tier
 from services.profile.store import (
+    ActivityRow,
     Anchor,
     ChangeRow,
     EarningRow,
@@ -136,23 +137,30 @@ class AudienceStore:
                     SummaryDueRow.requested_at == due.requested_at,
                 )
             )
+            if summary is not None:
+                await append_to_outbox(
+                    session, ActivityRow, [{"shop_id": shop_id, "person_id": root}]
+                )
 
     async def summary(self, shop_id: str, person_id: str) -> SummaryRow | None:
         async with self._sessions() as session:
             return await session.get(SummaryRow, (shop_id, person_id))
 
-    async def categories(self, shop_id: str, anchors: Sequence[Anchor]) -> list[list[Any]]:
-        """The line items of a person's live orders."""
+    async def purchases(
+        self, shop_id: str, anchors: Sequence[Anchor]
+    ) -> list[tuple[datetime, list[Any]]]:
+        """When each of a person's live orders was placed, and its line items."""
         async with self._sessions() as session:
-            return list(
-                await session.scalars(
-                    select(OrderRow.line_items).where(
+            return [
+                (placed_at, items)
+                for placed_at, items in await session.execute(
+                    select(OrderRow.placed_at, OrderRow.line_items).where(
                         OrderRow.shop_id == shop_id,
                         tuple_(OrderRow.anchor_type, OrderRow.anchor_key).in_(anchors),
                         OrderRow.cancelled.is_(False),
                     )
                 )
-            )
+            ]
 
     # --- the change feed ------------------------------------------------------------------------
 
@@ -176,8 +184,16 @@ class AudienceStore:
     ) -> None:
         """Stores enrichment's signals and the changes they make, in one transaction."""
         async with self._sessions.begin() as session:
-            for row in rows:
-                await session.merge(SignalRow(shop_id=shop_id, **row))
+            if rows:
+                insert = dialect_of(session).insert(SignalRow)
+                columns = [c for c in rows[0] if c != "person_id"]
+                await session.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=["shop_id", "person_id"],
+                        set_={c: insert.excluded[c] for c in columns},
+                    ),
+                    [{"shop_id": shop_id, **row} for row in rows],
+                )
             await append_to_outbox(session, ChangeRow, changes)
 
     async def signals_of(self, shop_id: str, person_ids: Sequence[str]) -> dict[str, SignalRow]:

@@ -28,12 +28,14 @@ from services.profile.store import (
     SummaryDueRow,
     SummaryRow,
 )
+from services.runtime.db import utc
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PeerRejected
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
 REFRESH_BATCH = 200
+REPEAT_DAYS_KEPT = 12
 REFRESH_IN_FLIGHT = 16
 FEED_BATCH = 1000
 GATE_BATCH = 1000
@@ -71,13 +73,33 @@ class Signals:
     predictions: dict[str, Any]
 
 
-def summary_of(profile: Profile, items: Sequence[Any], standing: Standing) -> dict[str, Any]:
-    """A person's summary columns from their assembled profile."""
+def product_key(item: dict[str, Any]) -> str:
+    """What identifies a line item's product: its product id, else its SKU, else its title."""
+    return str(item.get("product_id") or item.get("sku") or item.get("title") or "")
+
+
+def repeat_products(purchases: Sequence[tuple[datetime, list[Any]]]) -> dict[str, list[int]]:
+    """Products bought on two or more days: their purchase days (days since 1970-01-01 UTC,
+    ascending, the last REPEAT_DAYS_KEPT of them)."""
+    days: dict[str, set[int]] = {}
+    for placed_at, order_items in purchases:
+        day = int(utc(placed_at).timestamp() // 86400)
+        for item in order_items or []:
+            if key := product_key(item):
+                days.setdefault(key, set()).add(day)
+    return {k: sorted(v)[-REPEAT_DAYS_KEPT:] for k, v in sorted(days.items()) if len(v) > 1}
+
+
+def summary_of(
+    profile: Profile, purchases: Sequence[tuple[datetime, list[Any]]], standing: Standing
+) -> dict[str, Any]:
+    """A person's summary columns from their assembled profile and the line items of their
+    live orders."""
     p = profile.purchases
     emails = [value for type_, value, _ in profile.group.identifiers if type_ == "email"]
     granted = {s.channel for s in profile.consents if s.granted}
     categories: Counter[str] = Counter()
-    for order_items in items:
+    for _, order_items in purchases:
         for item in order_items or []:
             if item.get("category"):
                 categories[item["category"]] += int(item.get("quantity") or 1)
@@ -108,6 +130,7 @@ def summary_of(profile: Profile, items: Sequence[Any], standing: Standing) -> di
         "loyalty_member": standing.member,
         "lifetime_points": standing.lifetime_points,
         "tier": standing.tier,
+        "repeat_products": repeat_products(purchases),
     }
 
 
@@ -277,9 +300,9 @@ class Audiences:
             return
         facts = await self._facts.facts(due.shop_id, group.anchors)
         profile = assemble(due.shop_id, group, facts, None)
-        items = await self._store.categories(due.shop_id, group.anchors)
+        purchases = await self._store.purchases(due.shop_id, group.anchors)
         standing = await self.standing(due.shop_id, group)
-        summary = summary_of(profile, items, standing)
+        summary = summary_of(profile, purchases, standing)
         summary["updated_at"] = self._clock()
         gone = [m for m in {*group.members, due.person_id} if m != group.person_id]
         await self._store.save_summary(

@@ -1,32 +1,15 @@
 """The profile service's calls to its peers: identity (who a record belongs to) and the gate
 (contact policies, contact history)."""
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
-
-import grpc
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.runtime.errors import PeerRejected, as_c360_error
+from services.runtime.channels import peer_answer
 from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES
-
-T = TypeVar("T")
-
-
-async def _answer(call: Awaitable[T]) -> T:
-    """A peer's answer; a refusal of the caller's input (INVALID_ARGUMENT, NOT_FOUND, …) as the
-    PeerRejected it will be passed on as."""
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        error = as_c360_error(exc)
-        if isinstance(error, PeerRejected):
-            raise error from exc
-        raise
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ class IdentityPeer:
         sale with no contact."""
         if not identifiers:
             return Resolved("", None)
-        answer = await _answer(
+        answer = await peer_answer(
             self._stub.Resolve(
                 identity_pb2.ResolveRequest(
                     shop_id=shop_id,
@@ -113,7 +96,7 @@ class IdentityPeer:
 
     async def find(self, shop_id: str, type_: str, value: str) -> tuple[str, tuple[str, str]]:
         """The person holding an identifier, and the identifier as facts anchor on it."""
-        answer = await _answer(
+        answer = await peer_answer(
             self._stub.Lookup(
                 identity_pb2.LookupRequest(
                     shop_id=shop_id, identifier=common_pb2.Identifier(type=type_, value=value)
@@ -124,7 +107,7 @@ class IdentityPeer:
 
     async def changes(self, after: int, limit: int) -> list[identity_pb2.Change]:
         """Identity's changes of every shop after a sequence."""
-        answer = await _answer(
+        answer = await peer_answer(
             self._stub.ListChanges(
                 identity_pb2.ListChangesRequest(shop_id="", after_sequence=after, limit=limit)
             )
@@ -132,12 +115,12 @@ class IdentityPeer:
         return list(answer.changes)
 
     async def forget(self, shop_id: str, person_id: str) -> None:
-        await _answer(
+        await peer_answer(
             self._stub.Forget(identity_pb2.ForgetRequest(shop_id=shop_id, person_id=person_id))
         )
 
     async def group(self, shop_id: str, person_id: str) -> Group:
-        person = await _answer(
+        person = await peer_answer(
             self._stub.GetPerson(
                 identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
             )
@@ -164,7 +147,7 @@ class GatePeer:
         global_unsubscribe: bool,
         version: int,
     ) -> None:
-        await _answer(
+        await peer_answer(
             self._stub.PutContactPolicy(
                 gate_pb2.PutContactPolicyRequest(
                     shop_id=shop_id,
@@ -182,7 +165,7 @@ class GatePeer:
     async def allowed(self, shop_id: str, person_ids: Sequence[str], channel: str) -> list[bool]:
         """Whether the gate would let a marketing message through to each person now (dry-run
         checks, counting nothing)."""
-        answer = await _answer(
+        answer = await peer_answer(
             self._stub.CheckBatch(
                 gate_pb2.CheckBatchRequest(
                     shop_id=shop_id,
@@ -198,7 +181,7 @@ class GatePeer:
         return [result.allowed for result in answer.results]
 
     async def history(self, shop_id: str, person_id: str, include_log: bool) -> History:
-        answer = await _answer(
+        answer = await peer_answer(
             self._stub.GetContactHistory(
                 gate_pb2.GetContactHistoryRequest(
                     shop_id=shop_id, person_id=person_id, include_log=include_log, log_limit=100

@@ -27,6 +27,7 @@ from services.profile.store import (
     RefundRow,
 )
 from services.runtime.errors import PeerRejected
+from services.runtime.validation import PersonRef
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,6 @@ class Customer:
     last_name: str
     tags: list[str]
     country: str = ""
-
-
-@dataclass(frozen=True)
-class PersonRef:
-    """Who a request is about: a person id, or an identifier (type, value)."""
-
-    person_id: str = ""
-    identifier: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

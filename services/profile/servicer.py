@@ -3,7 +3,7 @@
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -13,12 +13,12 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.audiences import CHANGE_KINDS, Audiences, Signals
+from services.profile.history_store import HistoryStore
 from services.profile.loyalty import Programme, Standing, Tier
 from services.profile.profiles import (
     ALL_CHANNELS,
     ConsentChange,
     Order,
-    PersonRef,
     Profile,
     Profiles,
 )
@@ -30,9 +30,11 @@ from services.runtime.errors import NotFound
 from services.runtime.validation import (
     CHANNEL_ENUMS,
     Violations,
+    bounded,
     channel_name,
     cursor,
     person,
+    person_ref,
     required_time,
     shop,
     time_field,
@@ -56,6 +58,8 @@ CURRENCY = re.compile(r"[A-Z]{3}")
 MAX_ID = 256
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+DEFAULT_HISTORY_PAGE = 5000
+MAX_HISTORY_PAGE = 20_000
 MAX_TEXT = 4000
 MAX_AMOUNT = Decimal("1e15")
 MAX_NAME = 128
@@ -88,19 +92,6 @@ def _amount(value: str, field: str, violations: Violations) -> Decimal:
 
 def _identifiers(request: Any) -> list[tuple[str, str]]:
     return [(i.type, i.value) for i in request.identifiers]
-
-
-def _person_ref(request: Any, violations: Violations) -> PersonRef:
-    which = request.person.WhichOneof("ref")
-    if which == "person_id":
-        return PersonRef(person_id=person(request.person.person_id, "person.person_id", violations))
-    if which == "identifier":
-        identifier = request.person.identifier
-        _id(identifier.type, "person.identifier.type", violations)
-        _id(identifier.value, "person.identifier.value", violations)
-        return PersonRef(identifier=(identifier.type, identifier.value))
-    violations.add("person", "a person_id or an identifier is required")
-    return PersonRef()
 
 
 def _money(amount: Decimal) -> str:
@@ -224,9 +215,16 @@ def _loyalty(standing: Standing) -> profile_pb2.Loyalty:
     )
 
 
-def _predictions(row: SignalRow) -> profile_pb2.Predictions:
+def _predictions(row: SignalRow, now: datetime) -> profile_pb2.Predictions:
+    """Enrichment's predictions as stored; a predicted next order day that has since passed
+    shows as overdue, never as a date in the past."""
     predictions = profile_pb2.Predictions()
     ParseDict(row.predictions, predictions)
+    if predictions.HasField("predicted_next_order_at") and (
+        predictions.predicted_next_order_at.ToDatetime(UTC).date() < now.date()
+    ):
+        predictions.ClearField("predicted_next_order_at")
+        predictions.next_order_overdue = True
     return predictions
 
 
@@ -295,15 +293,24 @@ def _signals(item: Any, field: str, violations: Violations) -> Signals:
 class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     """The Profile service over the profiles."""
 
-    def __init__(self, profiles: Profiles, audiences: Audiences, webhooks: Webhooks) -> None:
+    def __init__(
+        self,
+        profiles: Profiles,
+        audiences: Audiences,
+        webhooks: Webhooks,
+        histories: HistoryStore,
+        clock: Callable[[], datetime],
+    ) -> None:
         self._profiles = profiles
         self._audiences = audiences
         self._webhooks = webhooks
+        self._histories = histories
+        self._clock = clock
 
     async def Get(self, request: Any, context: Any) -> profile_pb2.CustomerProfile:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        ref = _person_ref(request, violations)
+        ref = person_ref(request, "person", violations)
         violations.raise_any()
         found = await self._profiles.get(shop_id, ref, request.include_message_log)
         standing, signals = await asyncio.gather(
@@ -313,7 +320,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         answer = _profile(found, request.include_message_log)
         answer.loyalty.CopyFrom(_loyalty(standing))
         if signals is not None:
-            answer.predictions.CopyFrom(_predictions(signals))
+            answer.predictions.CopyFrom(_predictions(signals, self._clock()))
             if signals.engagement is not None:
                 answer.engagement.score = signals.engagement
         return answer
@@ -428,6 +435,57 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         changes = await self._audiences.put_signals(shop_id, signals)
         return profile_pb2.PutSignalsResponse(changes=changes)
 
+    async def ListHistories(self, request: Any, context: Any) -> profile_pb2.HistoryPage:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        as_of = time_field(request, "as_of", violations, required=False) or self._clock()
+        if len(request.person_ids) > MAX_PAGE:
+            violations.add("person_ids", f"at most {MAX_PAGE}")
+        for i, person_id in enumerate(request.person_ids):
+            person(person_id, f"person_ids[{i}]", violations)
+        if request.after_person_id:
+            person(request.after_person_id, "after_person_id", violations)
+        limit = bounded(request.limit, "limit", DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE, violations)
+        days = bounded(request.engagement_days, "engagement_days", 90, 365, violations)
+        violations.raise_any()
+        page = await self._histories.page(
+            shop_id, as_of, list(request.person_ids), request.after_person_id, limit, days
+        )
+        more = not request.person_ids and len(page.person_ids) == limit
+        return profile_pb2.HistoryPage(
+            person_ids=page.person_ids,
+            order_days=page.order_days,
+            order_day=page.order_day,
+            order_count=page.order_count,
+            order_value=page.order_value,
+            last_order_at=page.last_order_at,
+            events=page.events,
+            event_at=page.event_at,
+            event_kind=[KIND_ENUMS[kind] for kind in page.event_kind],
+            repeat_products=page.repeat_products,
+            product=page.product,
+            product_days=page.product_days,
+            product_first_day=page.product_first_day,
+            product_last_day=page.product_last_day,
+            next_after_person_id=page.person_ids[-1] if more else "",
+        )
+
+    async def ListActivity(self, request: Any, context: Any) -> profile_pb2.ListActivityResponse:
+        violations = Violations()
+        if request.shop_id:
+            shop(request.shop_id, violations)
+        if request.after_sequence < 0:
+            violations.add("after_sequence", "must not be negative")
+        limit = bounded(request.limit, "limit", 1000, 10_000, violations)
+        violations.raise_any()
+        rows = await self._histories.activity(request.shop_id, request.after_sequence, limit)
+        return profile_pb2.ListActivityResponse(
+            activity=[
+                profile_pb2.Activity(sequence=r.seq, shop_id=r.shop_id, person_id=r.person_id)
+                for r in rows
+            ]
+        )
+
     async def IngestOrder(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
@@ -505,7 +563,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     async def SetConsent(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        ref = _person_ref(request, violations)
+        ref = person_ref(request, "person", violations)
         channel = channel_name(request.channel, "channel", violations)
         if len(request.consent_text) > MAX_TEXT:
             violations.add("consent_text", f"at most {MAX_TEXT} characters")
@@ -520,7 +578,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     async def Unsubscribe(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        ref = _person_ref(request, violations)
+        ref = person_ref(request, "person", violations)
         source = _id(request.source, "source", violations, limit=64)
         at = required_time(request, "at", violations)
         violations.raise_any()
@@ -534,9 +592,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     ) -> profile_pb2.ListDeadLettersResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        size = request.page_size or DEFAULT_PAGE
-        if not 0 <= request.page_size <= MAX_PAGE:
-            violations.add("page_size", f"must be 0-{MAX_PAGE} (0 = {DEFAULT_PAGE})")
+        size = bounded(request.page_size, "page_size", DEFAULT_PAGE, MAX_PAGE, violations)
         after = cursor(request.page_token, "page_token", violations)
         violations.raise_any()
         rows = await self._webhooks.dead_letters(shop_id, after, size + 1)

@@ -226,6 +226,7 @@ class SummaryRow(Base):
     loyalty_member: Mapped[bool] = mapped_column(Boolean)
     lifetime_points: Mapped[int] = mapped_column(BIGINT)
     tier: Mapped[str] = mapped_column(String(64))
+    repeat_products: Mapped[dict[str, list[int]]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -274,6 +275,16 @@ class ChangeRow(Base):
     kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ActivityRow(Base):
+    """Persons whose summary was rebuilt from changed facts, in commit order: what enrichment
+    follows to keep lifecycle stages current (see `append_to_outbox`)."""
+
+    __tablename__ = "person_activity"
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    shop_id: Mapped[str] = mapped_column(String(128))
+    person_id: Mapped[str] = mapped_column(String(64))
 
 
 class SegmentRow(Base):

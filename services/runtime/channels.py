@@ -1,16 +1,18 @@
 """Channels to peer services: the service's own token, the caller's deadline, trace context."""
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from pydantic import SecretStr
 
+from services.runtime.errors import PeerRejected, as_c360_error
 from services.runtime.interceptors import deadline
 from services.runtime.telemetry import Telemetry
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+T = TypeVar("T")
 
 
 def _details(
@@ -70,3 +72,15 @@ def connect(
         PeerInterceptor(token, default_timeout),
     ]
     return grpc.aio.insecure_channel(address, interceptors=interceptors)
+
+
+async def peer_answer(call: Awaitable[T]) -> T:
+    """A peer's answer; a refusal of the caller's input (INVALID_ARGUMENT, NOT_FOUND, …) as the
+    PeerRejected it will be passed on as."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        error = as_c360_error(exc)
+        if isinstance(error, PeerRejected):
+            raise error from exc
+        raise

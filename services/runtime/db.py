@@ -26,7 +26,9 @@ from services.runtime.settings import RuntimeSettings
 
 def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     """The service's engine. On PostgreSQL every connection works in the service's own schema,
-    so services sharing one database never see each other's tables."""
+    so services sharing one database never see each other's tables, and plans every statement
+    for its actual parameters: a cached generic plan of a prepared `IN (...)` of many ids can
+    filter the ids over a whole shop instead of looking each one up (seconds instead of ms)."""
     url = make_url(settings.sqlalchemy_url)
     if url.get_backend_name() == "postgresql":
         return create_async_engine(
@@ -35,7 +37,10 @@ def create_engine(settings: RuntimeSettings) -> AsyncEngine:
             pool_size=10,
             max_overflow=10,
             connect_args={
-                "server_settings": {"search_path": settings.schema_name},
+                "server_settings": {
+                    "search_path": settings.schema_name,
+                    "plan_cache_mode": "force_custom_plan",
+                },
                 "timeout": settings.dependency_timeout_seconds * 5,
             },
         )

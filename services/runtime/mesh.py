@@ -110,6 +110,8 @@ async def run_mesh() -> int:
         "C360_SERVICE_TOKEN": os.environ.get("C360_SERVICE_TOKEN", token),
         # The gate asks the profile for the consent of customers it has not been told about.
         "C360_PROFILE_ADDR": settings.address("profile"),
+        # Enrichment's daily run of every shop, in process (Kubernetes uses a CronJob).
+        "C360_DAILY_RUN_HOUR_UTC": os.environ.get("C360_DAILY_RUN_HOUR_UTC", "3"),
     }
     await asyncio.gather(*(_migrate(service, env) for service in SERVICES))
     processes: dict[ServiceName, asyncio.subprocess.Process] = {}

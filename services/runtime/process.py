@@ -1,13 +1,15 @@
-"""One service process: `python -m services.<name> [serve|migrate]`, until SIGTERM or SIGINT."""
+"""One service process: `python -m services.<name> [serve|migrate|job]`, until SIGTERM or
+SIGINT."""
 
 import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -45,6 +47,11 @@ async def start_service(
 S = TypeVar("S", bound=RuntimeSettings)
 
 
+def now() -> datetime:
+    """The services' clock: the current time in UTC (tests pass their own clock instead)."""
+    return datetime.now(UTC)
+
+
 async def serve(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]]) -> None:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
     telemetry = telemetry_from_environment(settings.service)
@@ -61,14 +68,24 @@ async def serve(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]])
     log.info("stopped")
 
 
-def run(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]], migrations: Path) -> None:
-    """The command line of a service: `serve` (default) or `migrate`."""
+def run(
+    settings: S,
+    build: Callable[[S, Telemetry], Awaitable[Server]],
+    migrations: Path,
+    jobs: Mapping[str, Callable[[S], Coroutine[Any, Any, None]]] | None = None,
+) -> None:
+    """The command line of a service: `serve` (default), `migrate`, or one of its one-shot
+    `jobs` (e.g. the enrichment's daily run, for a Kubernetes CronJob)."""
+    jobs = jobs or {}
     parser = argparse.ArgumentParser(prog=f"python -m services.{settings.service}")
-    parser.add_argument("command", nargs="?", choices=["serve", "migrate"], default="serve")
+    parser.add_argument("command", nargs="?", choices=["serve", "migrate", *jobs], default="serve")
     command = parser.parse_args().command
     configure_logging(settings.service, settings.log_level)
     if command == "migrate":
         db.migrate(settings, migrations)
         log.info("migrated")
+        return
+    if command in jobs:
+        asyncio.run(jobs[command](settings))
         return
     asyncio.run(serve(settings, build))

@@ -2,6 +2,7 @@
 ids that travel between services, and timestamps between protobuf and Python."""
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ PERSON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # The range of google.protobuf.Timestamp: 0001-01-01 to 9999-12-31.
 MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_IDENTIFIER = 256
 
 CHANNEL_NAMES: dict[common_pb2.Channel.ValueType, str] = {
     common_pb2.CHANNEL_EMAIL: "email",
@@ -54,6 +56,33 @@ def person(value: str, field: str, violations: Violations) -> str:
     if not PERSON_ID.fullmatch(value):
         violations.add(field, "must be 1-128 letters, digits, '.', '_', ':' or '-'")
     return value
+
+
+@dataclass(frozen=True)
+class PersonRef:
+    """Who a request is about: a person id, or an identifier (type, value)."""
+
+    person_id: str = ""
+    identifier: tuple[str, str] | None = None
+
+
+def person_ref(message: Any, field: str, violations: Violations) -> PersonRef:
+    """A c360.common.v1.PersonRef field: a valid person id, or an identifier of 1-256 printable
+    characters of type and value; a violation of `field` when neither is given."""
+    ref = getattr(message, field)
+    which = ref.WhichOneof("ref")
+    if which == "person_id":
+        return PersonRef(person_id=person(ref.person_id, f"{field}.person_id", violations))
+    if which == "identifier":
+        for part in ("type", "value"):
+            value = getattr(ref.identifier, part)
+            if not value or len(value) > MAX_IDENTIFIER or not value.isprintable():
+                violations.add(
+                    f"{field}.identifier.{part}", f"must be 1-{MAX_IDENTIFIER} printable characters"
+                )
+        return PersonRef(identifier=(ref.identifier.type, ref.identifier.value))
+    violations.add(field, "a person_id or an identifier is required")
+    return PersonRef()
 
 
 def channel_name(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:
@@ -97,6 +126,13 @@ def required_time(message: Any, name: str, violations: Violations) -> datetime:
     pending."""
     found = time_field(message, name, violations)
     return EPOCH if found is None else found
+
+
+def bounded(value: int, field: str, default: int, maximum: int, violations: Violations) -> int:
+    """A page size or similar count: 0 means the default, more than the maximum is a violation."""
+    if not 0 <= value <= maximum:
+        violations.add(field, f"must be 0-{maximum} (0 = {default})")
+    return value or default
 
 
 def cursor(value: str, field: str, violations: Violations) -> int:

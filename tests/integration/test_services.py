@@ -67,6 +67,15 @@ BUILT = {
         "PutLoyaltyProgramme",
         "GetLoyaltyProgramme",
         "PutSignals",
+        "ListHistories",
+        "ListActivity",
+    },
+    "c360.enrichment.v1.Enrichment": {
+        "RunShop",
+        "Recompute",
+        "GetModelReport",
+        "PutShopConfig",
+        "GetShopConfig",
     },
     "c360.identity.v1.Identity": {
         "Resolve",
@@ -113,8 +122,8 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
 
 LATEST_REVISION: dict[ServiceName, str] = {
     "identity": "0002",
-    "profile": "0003",
-    "enrichment": "0001",
+    "profile": "0004",
+    "enrichment": "0002",
     "gate": "0002",
     "gdpr": "0001",
 }
@@ -143,6 +152,7 @@ async def test_migrations_record_their_version_in_the_service_schema(
 MODELLED: dict[ServiceName, str] = {
     "identity": "services.identity.store",
     "profile": "services.profile.store",
+    "enrichment": "services.enrichment.store",
     "gate": "services.gate.store",
 }
 

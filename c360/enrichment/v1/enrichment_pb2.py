@@ -26,7 +26,7 @@ from c360.common.v1 import common_pb2 as c360_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#c360/enrichment/v1/enrichment.proto\x12\x12\x63\x33\x36\x30.enrichment.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x0eRunShopRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x0bRunProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"N\n\x10RecomputeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12)\n\x06person\x18\x02 \x01(\x0b\x32\x19.c360.common.v1.PersonRef\"g\n\x11RecomputeResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x17\n\x0flifecycle_stage\x18\x02 \x01(\t\x12\x17\n\nchurn_risk\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_churn_risk\"(\n\x15GetModelReportRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"O\n\x05\x42gNbd\x12\t\n\x01r\x18\x01 \x01(\x01\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\t\n\x01\x61\x18\x03 \x01(\x01\x12\t\n\x01\x62\x18\x04 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x05 \x01(\x01\"1\n\nGammaGamma\x12\t\n\x01p\x18\x01 \x01(\x01\x12\t\n\x01q\x18\x02 \x01(\x01\x12\r\n\x05gamma\x18\x03 \x01(\x01\"N\n\x0eReliabilityBin\x12\x16\n\x0emean_predicted\x18\x01 \x01(\x01\x12\x15\n\robserved_rate\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\xc3\x01\n\x0b\x43\x61libration\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x14\n\x0chorizon_days\x18\x02 \x01(\x05\x12\x13\n\x0b\x62rier_score\x18\x03 \x01(\x01\x12\x1c\n\x14\x62\x61seline_brier_score\x18\x04 \x01(\x01\x12\"\n\x1a\x65xpected_calibration_error\x18\x05 \x01(\x01\x12\x37\n\x0breliability\x18\x06 \x03(\x0b\x32\".c360.enrichment.v1.ReliabilityBin\"\xa2\x02\n\x0bModelReport\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12-\n\tfitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x62gnbd\x18\x03 \x01(\x0b\x32\x19.c360.enrichment.v1.BgNbd\x12\x33\n\x0bgamma_gamma\x18\x04 \x01(\x0b\x32\x1e.c360.enrichment.v1.GammaGamma\x12\x11\n\tcustomers\x18\x05 \x01(\x03\x12\x18\n\x10repeat_customers\x18\x06 \x01(\x03\x12\x11\n\tltv_model\x18\x07 \x01(\t\x12\x34\n\x0b\x63\x61libration\x18\x08 \x01(\x0b\x32\x1f.c360.enrichment.v1.Calibration2\xa8\x02\n\nEnrichment\x12V\n\x07RunShop\x12\".c360.enrichment.v1.RunShopRequest\x1a\x1f.c360.enrichment.v1.RunProgress\"\x04\x88\xb5\x18\x02\x30\x01\x12^\n\tRecompute\x12$.c360.enrichment.v1.RecomputeRequest\x1a%.c360.enrichment.v1.RecomputeResponse\"\x04\x88\xb5\x18\x02\x12\x62\n\x0eGetModelReport\x12).c360.enrichment.v1.GetModelReportRequest\x1a\x1f.c360.enrichment.v1.ModelReport\"\x04\x88\xb5\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#c360/enrichment/v1/enrichment.proto\x12\x12\x63\x33\x36\x30.enrichment.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x01\n\nShopConfig\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61t_risk_days\x18\x02 \x01(\x05\x12\x14\n\x0c\x63hurned_days\x18\x03 \x01(\x05\x12\x14\n\x0c\x65ngaged_days\x18\x04 \x01(\x05\x12\x1a\n\x12\x65ngaged_min_events\x18\x05 \x01(\x05\x12\x14\n\x0chorizon_days\x18\x06 \x01(\x05\x12\x15\n\rrecency_bands\x18\x07 \x03(\x05\"\'\n\x14GetShopConfigRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"L\n\x0eRunShopRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x0bRunProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"N\n\x10RecomputeRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12)\n\x06person\x18\x02 \x01(\x0b\x32\x19.c360.common.v1.PersonRef\"x\n\x11RecomputeResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x17\n\x0flifecycle_stage\x18\x02 \x01(\t\x12\x17\n\nchurn_risk\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63hanges\x18\x04 \x01(\x05\x42\r\n\x0b_churn_risk\"(\n\x15GetModelReportRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"O\n\x05\x42gNbd\x12\t\n\x01r\x18\x01 \x01(\x01\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\t\n\x01\x61\x18\x03 \x01(\x01\x12\t\n\x01\x62\x18\x04 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x05 \x01(\x01\"1\n\nGammaGamma\x12\t\n\x01p\x18\x01 \x01(\x01\x12\t\n\x01q\x18\x02 \x01(\x01\x12\r\n\x05gamma\x18\x03 \x01(\x01\"N\n\x0eReliabilityBin\x12\x16\n\x0emean_predicted\x18\x01 \x01(\x01\x12\x15\n\robserved_rate\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\xd4\x01\n\x0b\x43\x61libration\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x14\n\x0chorizon_days\x18\x02 \x01(\x05\x12\x13\n\x0b\x62rier_score\x18\x03 \x01(\x01\x12\x1c\n\x14\x62\x61seline_brier_score\x18\x04 \x01(\x01\x12\"\n\x1a\x65xpected_calibration_error\x18\x05 \x01(\x01\x12\x37\n\x0breliability\x18\x06 \x03(\x0b\x32\".c360.enrichment.v1.ReliabilityBin\x12\x0f\n\x07samples\x18\x07 \x01(\x03\"\xe2\x02\n\x0bModelReport\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12-\n\tfitted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x62gnbd\x18\x03 \x01(\x0b\x32\x19.c360.enrichment.v1.BgNbd\x12\x33\n\x0bgamma_gamma\x18\x04 \x01(\x0b\x32\x1e.c360.enrichment.v1.GammaGamma\x12\x11\n\tcustomers\x18\x05 \x01(\x03\x12\x18\n\x10repeat_customers\x18\x06 \x01(\x03\x12\x11\n\tltv_model\x18\x07 \x01(\t\x12\x34\n\x0b\x63\x61libration\x18\x08 \x01(\x0b\x32\x1f.c360.enrichment.v1.Calibration\x12)\n\x05\x61s_of\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66it_seconds\x18\n \x01(\x01\x32\xe0\x03\n\nEnrichment\x12V\n\x07RunShop\x12\".c360.enrichment.v1.RunShopRequest\x1a\x1f.c360.enrichment.v1.RunProgress\"\x04\x88\xb5\x18\x02\x30\x01\x12^\n\tRecompute\x12$.c360.enrichment.v1.RecomputeRequest\x1a%.c360.enrichment.v1.RecomputeResponse\"\x04\x88\xb5\x18\x02\x12\x62\n\x0eGetModelReport\x12).c360.enrichment.v1.GetModelReportRequest\x1a\x1f.c360.enrichment.v1.ModelReport\"\x04\x88\xb5\x18\x01\x12U\n\rPutShopConfig\x12\x1e.c360.enrichment.v1.ShopConfig\x1a\x1e.c360.enrichment.v1.ShopConfig\"\x04\x88\xb5\x18\x04\x12_\n\rGetShopConfig\x12(.c360.enrichment.v1.GetShopConfigRequest\x1a\x1e.c360.enrichment.v1.ShopConfig\"\x04\x88\xb5\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,26 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENRICHMENT'].methods_by_name['Recompute']._serialized_options = b'\210\265\030\002'
   _globals['_ENRICHMENT'].methods_by_name['GetModelReport']._loaded_options = None
   _globals['_ENRICHMENT'].methods_by_name['GetModelReport']._serialized_options = b'\210\265\030\001'
-  _globals['_RUNSHOPREQUEST']._serialized_start=121
-  _globals['_RUNSHOPREQUEST']._serialized_end=197
-  _globals['_RUNPROGRESS']._serialized_start=199
-  _globals['_RUNPROGRESS']._serialized_end=256
-  _globals['_RECOMPUTEREQUEST']._serialized_start=258
-  _globals['_RECOMPUTEREQUEST']._serialized_end=336
-  _globals['_RECOMPUTERESPONSE']._serialized_start=338
-  _globals['_RECOMPUTERESPONSE']._serialized_end=441
-  _globals['_GETMODELREPORTREQUEST']._serialized_start=443
-  _globals['_GETMODELREPORTREQUEST']._serialized_end=483
-  _globals['_BGNBD']._serialized_start=485
-  _globals['_BGNBD']._serialized_end=564
-  _globals['_GAMMAGAMMA']._serialized_start=566
-  _globals['_GAMMAGAMMA']._serialized_end=615
-  _globals['_RELIABILITYBIN']._serialized_start=617
-  _globals['_RELIABILITYBIN']._serialized_end=695
-  _globals['_CALIBRATION']._serialized_start=698
-  _globals['_CALIBRATION']._serialized_end=893
-  _globals['_MODELREPORT']._serialized_start=896
-  _globals['_MODELREPORT']._serialized_end=1186
-  _globals['_ENRICHMENT']._serialized_start=1189
-  _globals['_ENRICHMENT']._serialized_end=1485
+  _globals['_ENRICHMENT'].methods_by_name['PutShopConfig']._loaded_options = None
+  _globals['_ENRICHMENT'].methods_by_name['PutShopConfig']._serialized_options = b'\210\265\030\004'
+  _globals['_ENRICHMENT'].methods_by_name['GetShopConfig']._loaded_options = None
+  _globals['_ENRICHMENT'].methods_by_name['GetShopConfig']._serialized_options = b'\210\265\030\001'
+  _globals['_SHOPCONFIG']._serialized_start=122
+  _globals['_SHOPCONFIG']._serialized_end=290
+  _globals['_GETSHOPCONFIGREQUEST']._serialized_start=292
+  _globals['_GETSHOPCONFIGREQUEST']._serialized_end=331
+  _globals['_RUNSHOPREQUEST']._serialized_start=333
+  _globals['_RUNSHOPREQUEST']._serialized_end=409
+  _globals['_RUNPROGRESS']._serialized_start=411
+  _globals['_RUNPROGRESS']._serialized_end=485
+  _globals['_RECOMPUTEREQUEST']._serialized_start=487
+  _globals['_RECOMPUTEREQUEST']._serialized_end=565
+  _globals['_RECOMPUTERESPONSE']._serialized_start=567
+  _globals['_RECOMPUTERESPONSE']._serialized_end=687
+  _globals['_GETMODELREPORTREQUEST']._serialized_start=689
+  _globals['_GETMODELREPORTREQUEST']._serialized_end=729
+  _globals['_BGNBD']._serialized_start=731
+  _globals['_BGNBD']._serialized_end=810
+  _globals['_GAMMAGAMMA']._serialized_start=812
+  _globals['_GAMMAGAMMA']._serialized_end=861
+  _globals['_RELIABILITYBIN']._serialized_start=863
+  _globals['_RELIABILITYBIN']._serialized_end=941
+  _globals['_CALIBRATION']._serialized_start=944
+  _globals['_CALIBRATION']._serialized_end=1156
+  _globals['_MODELREPORT']._serialized_start=1159
+  _globals['_MODELREPORT']._serialized_end=1513
+  _globals['_ENRICHMENT']._serialized_start=1516
+  _globals['_ENRICHMENT']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,73 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ShopConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    AT_RISK_DAYS_FIELD_NUMBER: _builtins.int
+    CHURNED_DAYS_FIELD_NUMBER: _builtins.int
+    ENGAGED_DAYS_FIELD_NUMBER: _builtins.int
+    ENGAGED_MIN_EVENTS_FIELD_NUMBER: _builtins.int
+    HORIZON_DAYS_FIELD_NUMBER: _builtins.int
+    RECENCY_BANDS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    at_risk_days: _builtins.int
+    """At risk after this many days without an order (default 30)."""
+    churned_days: _builtins.int
+    """Churned after this many days without an order (default 90; more than at_risk_days)."""
+    engaged_days: _builtins.int
+    """Engaged: at least engaged_min_events engagement events (default 2) in the last
+    engaged_days (default 30, at most 365), and no order.
+    """
+    engaged_min_events: _builtins.int
+    horizon_days: _builtins.int
+    """Churn = no order in the next horizon_days (default 90): the back-test horizon."""
+    @_builtins.property
+    def recency_bands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Four ascending day limits: R = 5 within the first of the last order, 4 within the second,
+        3 within the third, 2 within the fourth, else 1 (default 30, 60, 90, 180).
+        """
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        at_risk_days: _builtins.int = ...,
+        churned_days: _builtins.int = ...,
+        engaged_days: _builtins.int = ...,
+        engaged_min_events: _builtins.int = ...,
+        horizon_days: _builtins.int = ...,
+        recency_bands: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_risk_days", b"at_risk_days", "churned_days", b"churned_days", "engaged_days", b"engaged_days", "engaged_min_events", b"engaged_min_events", "horizon_days", b"horizon_days", "recency_bands", b"recency_bands", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShopConfig: _TypeAlias = ShopConfig  # noqa: Y015
+
+@_typing.final
+class GetShopConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShopConfigRequest: _TypeAlias = GetShopConfigRequest  # noqa: Y015
+
+@_typing.final
 class RunShopRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -28,7 +95,11 @@ class RunShopRequest(_message.Message):
     AS_OF_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     @_builtins.property
-    def as_of(self) -> _timestamp_pb2.Timestamp: ...
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """Default now. A time more than a day back is a back-test: the models are fitted and the
+        report kept, but no signal is published.
+        """
+
     def __init__(
         self,
         *,
@@ -50,20 +121,26 @@ class RunProgress(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
-    """"fit", "score", "publish"."""
+    """"read" (histories read, of the shop's persons), "fit" (done when fitted), "publish"
+    (persons whose signals landed on the profile), "done".
+    """
     done: _builtins.int
     total: _builtins.int
+    resumed: _builtins.bool
+    """A run that picked up where an interrupted run of the same as_of left off."""
     def __init__(
         self,
         *,
         phase: _builtins.str = ...,
         done: _builtins.int = ...,
         total: _builtins.int = ...,
+        resumed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "phase", b"phase", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "phase", b"phase", "resumed", b"resumed", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -99,19 +176,23 @@ class RecomputeResponse(_message.Message):
     PERSON_ID_FIELD_NUMBER: _builtins.int
     LIFECYCLE_STAGE_FIELD_NUMBER: _builtins.int
     CHURN_RISK_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
     lifecycle_stage: _builtins.str
     churn_risk: _builtins.float
+    changes: _builtins.int
+    """Changes the new signals put on the change feed."""
     def __init__(
         self,
         *,
         person_id: _builtins.str = ...,
         lifecycle_stage: _builtins.str = ...,
         churn_risk: _builtins.float | None = ...,
+        changes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_churn_risk", b"_churn_risk", "churn_risk", b"churn_risk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_churn_risk", b"_churn_risk", "churn_risk", b"churn_risk", "lifecycle_stage", b"lifecycle_stage", "person_id", b"person_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_churn_risk", b"_churn_risk", "changes", b"changes", "churn_risk", b"churn_risk", "lifecycle_stage", b"lifecycle_stage", "person_id", b"person_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__churn_risk: _TypeAlias = _typing.Literal["churn_risk"]  # noqa: Y015
     _WhichOneofArgType__churn_risk: _TypeAlias = _typing.Literal["_churn_risk", b"_churn_risk"]  # noqa: Y015
@@ -229,12 +310,15 @@ class Calibration(_message.Message):
     BASELINE_BRIER_SCORE_FIELD_NUMBER: _builtins.int
     EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _builtins.int
     RELIABILITY_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     method: _builtins.str
-    """"isotonic" or "platt"."""
+    """"isotonic", "platt" or "uncalibrated" (too few customers to learn from: the seed score)."""
     horizon_days: _builtins.int
     brier_score: _builtins.float
     baseline_brier_score: _builtins.float
     expected_calibration_error: _builtins.float
+    samples: _builtins.int
+    """Customers of the back-test (bought by as_of minus the horizon)."""
     @_builtins.property
     def reliability(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReliabilityBin]: ...
     def __init__(
@@ -246,10 +330,11 @@ class Calibration(_message.Message):
         baseline_brier_score: _builtins.float = ...,
         expected_calibration_error: _builtins.float = ...,
         reliability: _abc.Iterable[Global___ReliabilityBin] | None = ...,
+        samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_brier_score", b"baseline_brier_score", "brier_score", b"brier_score", "expected_calibration_error", b"expected_calibration_error", "horizon_days", b"horizon_days", "method", b"method", "reliability", b"reliability"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_brier_score", b"baseline_brier_score", "brier_score", b"brier_score", "expected_calibration_error", b"expected_calibration_error", "horizon_days", b"horizon_days", "method", b"method", "reliability", b"reliability", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,11 +352,15 @@ class ModelReport(_message.Message):
     REPEAT_CUSTOMERS_FIELD_NUMBER: _builtins.int
     LTV_MODEL_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    FIT_SECONDS_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     customers: _builtins.int
     repeat_customers: _builtins.int
     ltv_model: _builtins.str
-    """"fitted", "pooled" or "heuristic"."""
+    """"fitted" (bgnbd and gamma_gamma are set) or "heuristic" (too few repeat buyers)."""
+    fit_seconds: _builtins.float
+    """Seconds the model fit took (rankings, calibration, BG/NBD and Gamma-Gamma)."""
     @_builtins.property
     def fitted_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -280,6 +369,8 @@ class ModelReport(_message.Message):
     def gamma_gamma(self) -> Global___GammaGamma: ...
     @_builtins.property
     def calibration(self) -> Global___Calibration: ...
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -291,10 +382,12 @@ class ModelReport(_message.Message):
         repeat_customers: _builtins.int = ...,
         ltv_model: _builtins.str = ...,
         calibration: Global___Calibration | None = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+        fit_seconds: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bgnbd", b"bgnbd", "calibration", b"calibration", "fitted_at", b"fitted_at", "gamma_gamma", b"gamma_gamma"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "bgnbd", b"bgnbd", "calibration", b"calibration", "fitted_at", b"fitted_at", "gamma_gamma", b"gamma_gamma"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bgnbd", b"bgnbd", "calibration", b"calibration", "customers", b"customers", "fitted_at", b"fitted_at", "gamma_gamma", b"gamma_gamma", "ltv_model", b"ltv_model", "repeat_customers", b"repeat_customers", "shop_id", b"shop_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "bgnbd", b"bgnbd", "calibration", b"calibration", "customers", b"customers", "fit_seconds", b"fit_seconds", "fitted_at", b"fitted_at", "gamma_gamma", b"gamma_gamma", "ltv_model", b"ltv_model", "repeat_customers", b"repeat_customers", "shop_id", b"shop_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

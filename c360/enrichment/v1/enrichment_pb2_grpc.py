@@ -50,6 +50,16 @@ class EnrichmentStub:
                 request_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetModelReportRequest.SerializeToString,
                 response_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ModelReport.FromString,
                 _registered_method=True)
+        self.PutShopConfig = channel.unary_unary(
+                '/c360.enrichment.v1.Enrichment/PutShopConfig',
+                request_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.SerializeToString,
+                response_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.FromString,
+                _registered_method=True)
+        self.GetShopConfig = channel.unary_unary(
+                '/c360.enrichment.v1.Enrichment/GetShopConfig',
+                request_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetShopConfigRequest.SerializeToString,
+                response_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.FromString,
+                _registered_method=True)
 
 
 class EnrichmentServicer:
@@ -73,6 +83,22 @@ class EnrichmentServicer:
 
     def GetModelReport(self, request, context):
         """The shop's fitted parameters (in day units), sample sizes and churn calibration report.
+        NOT_FOUND until the shop's first run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutShopConfig(self, request, context):
+        """Sets the shop's lifecycle windows, R bands and churn horizon (0 or empty = the default).
+        Stages move to the new windows as persons are next recomputed (at the latest, the next run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShopConfig(self, request, context):
+        """The shop's windows, defaults filled in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +121,16 @@ def add_EnrichmentServicer_to_server(servicer, server):
                     servicer.GetModelReport,
                     request_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetModelReportRequest.FromString,
                     response_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ModelReport.SerializeToString,
+            ),
+            'PutShopConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutShopConfig,
+                    request_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.FromString,
+                    response_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.SerializeToString,
+            ),
+            'GetShopConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShopConfig,
+                    request_deserializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetShopConfigRequest.FromString,
+                    response_serializer=c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +215,60 @@ class Enrichment:
             '/c360.enrichment.v1.Enrichment/GetModelReport',
             c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetModelReportRequest.SerializeToString,
             c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ModelReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutShopConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.enrichment.v1.Enrichment/PutShopConfig',
+            c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.SerializeToString,
+            c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShopConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.enrichment.v1.Enrichment/GetShopConfig',
+            c360_dot_enrichment_dot_v1_dot_enrichment__pb2.GetShopConfigRequest.SerializeToString,
+            c360_dot_enrichment_dot_v1_dot_enrichment__pb2.ShopConfig.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,15 @@ class EnrichmentStub:
     Recompute: _grpc.UnaryUnaryMultiCallable[_enrichment_pb2.RecomputeRequest, _enrichment_pb2.RecomputeResponse]
     """Recomputes one person with the shop's current models."""
     GetModelReport: _grpc.UnaryUnaryMultiCallable[_enrichment_pb2.GetModelReportRequest, _enrichment_pb2.ModelReport]
-    """The shop's fitted parameters (in day units), sample sizes and churn calibration report."""
+    """The shop's fitted parameters (in day units), sample sizes and churn calibration report.
+    NOT_FOUND until the shop's first run.
+    """
+    PutShopConfig: _grpc.UnaryUnaryMultiCallable[_enrichment_pb2.ShopConfig, _enrichment_pb2.ShopConfig]
+    """Sets the shop's lifecycle windows, R bands and churn horizon (0 or empty = the default).
+    Stages move to the new windows as persons are next recomputed (at the latest, the next run).
+    """
+    GetShopConfig: _grpc.UnaryUnaryMultiCallable[_enrichment_pb2.GetShopConfigRequest, _enrichment_pb2.ShopConfig]
+    """The shop's windows, defaults filled in."""
 
 @_typing.type_check_only
 class EnrichmentAsyncStub(EnrichmentStub):
@@ -54,7 +62,15 @@ class EnrichmentAsyncStub(EnrichmentStub):
     Recompute: _aio.UnaryUnaryMultiCallable[_enrichment_pb2.RecomputeRequest, _enrichment_pb2.RecomputeResponse]  # type: ignore[assignment]
     """Recomputes one person with the shop's current models."""
     GetModelReport: _aio.UnaryUnaryMultiCallable[_enrichment_pb2.GetModelReportRequest, _enrichment_pb2.ModelReport]  # type: ignore[assignment]
-    """The shop's fitted parameters (in day units), sample sizes and churn calibration report."""
+    """The shop's fitted parameters (in day units), sample sizes and churn calibration report.
+    NOT_FOUND until the shop's first run.
+    """
+    PutShopConfig: _aio.UnaryUnaryMultiCallable[_enrichment_pb2.ShopConfig, _enrichment_pb2.ShopConfig]  # type: ignore[assignment]
+    """Sets the shop's lifecycle windows, R bands and churn horizon (0 or empty = the default).
+    Stages move to the new windows as persons are next recomputed (at the latest, the next run).
+    """
+    GetShopConfig: _aio.UnaryUnaryMultiCallable[_enrichment_pb2.GetShopConfigRequest, _enrichment_pb2.ShopConfig]  # type: ignore[assignment]
+    """The shop's windows, defaults filled in."""
 
 class EnrichmentServicer(metaclass=_abc_1.ABCMeta):
     """Enrichment computes lifecycle stage, RFM, churn risk, LTV, next order and engagement."""
@@ -83,6 +99,26 @@ class EnrichmentServicer(metaclass=_abc_1.ABCMeta):
         request: _enrichment_pb2.GetModelReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_enrichment_pb2.ModelReport, _abc.Awaitable[_enrichment_pb2.ModelReport]]:
-        """The shop's fitted parameters (in day units), sample sizes and churn calibration report."""
+        """The shop's fitted parameters (in day units), sample sizes and churn calibration report.
+        NOT_FOUND until the shop's first run.
+        """
+
+    @_abc_1.abstractmethod
+    def PutShopConfig(
+        self,
+        request: _enrichment_pb2.ShopConfig,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrichment_pb2.ShopConfig, _abc.Awaitable[_enrichment_pb2.ShopConfig]]:
+        """Sets the shop's lifecycle windows, R bands and churn horizon (0 or empty = the default).
+        Stages move to the new windows as persons are next recomputed (at the latest, the next run).
+        """
+
+    @_abc_1.abstractmethod
+    def GetShopConfig(
+        self,
+        request: _enrichment_pb2.GetShopConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrichment_pb2.ShopConfig, _abc.Awaitable[_enrichment_pb2.ShopConfig]]:
+        """The shop's windows, defaults filled in."""
 
 def add_EnrichmentServicer_to_server(servicer: EnrichmentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1081,6 +1081,211 @@ class PutSignalsResponse(_message.Message):
 Global___PutSignalsResponse: _TypeAlias = PutSignalsResponse  # noqa: Y015
 
 @_typing.final
+class ListHistoriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    PERSON_IDS_FIELD_NUMBER: _builtins.int
+    AFTER_PERSON_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_DAYS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    after_person_id: _builtins.str
+    limit: _builtins.int
+    """Persons per page (default 5000, at most 20000)."""
+    engagement_days: _builtins.int
+    """Engagement events of this many days before as_of (default 90, at most 365)."""
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """Facts after this instant are left out (default now)."""
+
+    @_builtins.property
+    def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these persons (at most 1000); empty = the shop's persons after after_person_id."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+        person_ids: _abc.Iterable[_builtins.str] | None = ...,
+        after_person_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        engagement_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_person_id", b"after_person_id", "as_of", b"as_of", "engagement_days", b"engagement_days", "limit", b"limit", "person_ids", b"person_ids", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHistoriesRequest: _TypeAlias = ListHistoriesRequest  # noqa: Y015
+
+@_typing.final
+class HistoryPage(_message.Message):
+    """Columnar: person i owns the next order_days[i] entries of the order columns, the next
+    events[i] entries of the event columns and the next repeat_products[i] entries of the
+    product columns. Days count from 1970-01-01 UTC; instants are Unix seconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_IDS_FIELD_NUMBER: _builtins.int
+    ORDER_DAYS_FIELD_NUMBER: _builtins.int
+    ORDER_DAY_FIELD_NUMBER: _builtins.int
+    ORDER_COUNT_FIELD_NUMBER: _builtins.int
+    ORDER_VALUE_FIELD_NUMBER: _builtins.int
+    LAST_ORDER_AT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    EVENT_AT_FIELD_NUMBER: _builtins.int
+    EVENT_KIND_FIELD_NUMBER: _builtins.int
+    REPEAT_PRODUCTS_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    PRODUCT_DAYS_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIRST_DAY_FIELD_NUMBER: _builtins.int
+    PRODUCT_LAST_DAY_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_PERSON_ID_FIELD_NUMBER: _builtins.int
+    next_after_person_id: _builtins.str
+    """Where the next page starts (empty: this was the last)."""
+    @_builtins.property
+    def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def order_days(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def order_day(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per purchase day, ascending within a person: the day, orders placed (cancelled ones left
+        out), their total net of refunds up to as_of (a float: model input, not an amount to show).
+        """
+
+    @_builtins.property
+    def order_count(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def order_value(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def last_order_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per person: when the last order was placed (0: never)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def event_at(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def event_kind(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]: ...
+    @_builtins.property
+    def repeat_products(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def product(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Per product bought on two or more days: its key (product id, else SKU, else title), the
+        number of days, the first and the last of them.
+        """
+
+    @_builtins.property
+    def product_days(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def product_first_day(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def product_last_day(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        person_ids: _abc.Iterable[_builtins.str] | None = ...,
+        order_days: _abc.Iterable[_builtins.int] | None = ...,
+        order_day: _abc.Iterable[_builtins.int] | None = ...,
+        order_count: _abc.Iterable[_builtins.int] | None = ...,
+        order_value: _abc.Iterable[_builtins.float] | None = ...,
+        last_order_at: _abc.Iterable[_builtins.int] | None = ...,
+        events: _abc.Iterable[_builtins.int] | None = ...,
+        event_at: _abc.Iterable[_builtins.int] | None = ...,
+        event_kind: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+        repeat_products: _abc.Iterable[_builtins.int] | None = ...,
+        product: _abc.Iterable[_builtins.str] | None = ...,
+        product_days: _abc.Iterable[_builtins.int] | None = ...,
+        product_first_day: _abc.Iterable[_builtins.int] | None = ...,
+        product_last_day: _abc.Iterable[_builtins.int] | None = ...,
+        next_after_person_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_at", b"event_at", "event_kind", b"event_kind", "events", b"events", "last_order_at", b"last_order_at", "next_after_person_id", b"next_after_person_id", "order_count", b"order_count", "order_day", b"order_day", "order_days", b"order_days", "order_value", b"order_value", "person_ids", b"person_ids", "product", b"product", "product_days", b"product_days", "product_first_day", b"product_first_day", "product_last_day", b"product_last_day", "repeat_products", b"repeat_products"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryPage: _TypeAlias = HistoryPage  # noqa: Y015
+
+@_typing.final
+class ListActivityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    after_sequence: _builtins.int
+    """The sequence of the last activity already seen; 0 from the start."""
+    limit: _builtins.int
+    """At most this many (default 1000, at most 10000)."""
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "limit", b"limit", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActivityRequest: _TypeAlias = ListActivityRequest  # noqa: Y015
+
+@_typing.final
+class Activity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    shop_id: _builtins.str
+    person_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        shop_id: _builtins.str = ...,
+        person_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["person_id", b"person_id", "sequence", b"sequence", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Activity: _TypeAlias = Activity  # noqa: Y015
+
+@_typing.final
+class ListActivityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def activity(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]: ...
+    def __init__(
+        self,
+        *,
+        activity: _abc.Iterable[Global___Activity] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActivityResponse: _TypeAlias = ListActivityResponse  # noqa: Y015
+
+@_typing.final
 class LoyaltyTier(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

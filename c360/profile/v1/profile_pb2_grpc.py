@@ -131,6 +131,16 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.FromString,
                 _registered_method=True)
+        self.ListHistories = channel.unary_unary(
+                '/c360.profile.v1.Profile/ListHistories',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListHistoriesRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.HistoryPage.FromString,
+                _registered_method=True)
+        self.ListActivity = channel.unary_unary(
+                '/c360.profile.v1.Profile/ListActivity',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityResponse.FromString,
+                _registered_method=True)
         self.Erase = channel.unary_unary(
                 '/c360.profile.v1.Profile/Erase',
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseRequest.SerializeToString,
@@ -279,6 +289,22 @@ class ProfileServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHistories(self, request, context):
+        """Enrichment's input: a page of a shop's persons (ordered by person id) with their purchase
+        days, recent engagement and repeat purchases, counting only facts up to as_of.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListActivity(self, request, context):
+        """Persons whose facts changed, in commit order, after a cursor: what enrichment follows to
+        keep lifecycle stages current. An empty shop_id follows every shop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Erase(self, request, context):
         """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
         keeping anonymous totals.
@@ -384,6 +410,16 @@ def add_ProfileServicer_to_server(servicer, server):
                     servicer.PutSignals,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.SerializeToString,
+            ),
+            'ListHistories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHistories,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListHistoriesRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.HistoryPage.SerializeToString,
+            ),
+            'ListActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActivity,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityResponse.SerializeToString,
             ),
             'Erase': grpc.unary_unary_rpc_method_handler(
                     servicer.Erase,
@@ -906,6 +942,60 @@ class Profile:
             '/c360.profile.v1.Profile/PutSignals',
             c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsRequest.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.PutSignalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHistories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/ListHistories',
+            c360_dot_profile_dot_v1_dot_profile__pb2.ListHistoriesRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.HistoryPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/ListActivity',
+            c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.ListActivityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,14 @@ class ProfileStub:
     predictions, engagement score). A changed stage, a churn risk crossing a threshold and
     newly due products go on the change feed.
     """
+    ListHistories: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListHistoriesRequest, _profile_pb2.HistoryPage]
+    """Enrichment's input: a page of a shop's persons (ordered by person id) with their purchase
+    days, recent engagement and repeat purchases, counting only facts up to as_of.
+    """
+    ListActivity: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListActivityRequest, _profile_pb2.ListActivityResponse]
+    """Persons whose facts changed, in commit order, after a cursor: what enrichment follows to
+    keep lifecycle stages current. An empty shop_id follows every shop.
+    """
     Erase: _grpc.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]
     """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
     keeping anonymous totals.
@@ -136,6 +144,14 @@ class ProfileAsyncStub(ProfileStub):
     """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
     predictions, engagement score). A changed stage, a churn risk crossing a threshold and
     newly due products go on the change feed.
+    """
+    ListHistories: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListHistoriesRequest, _profile_pb2.HistoryPage]  # type: ignore[assignment]
+    """Enrichment's input: a page of a shop's persons (ordered by person id) with their purchase
+    days, recent engagement and repeat purchases, counting only facts up to as_of.
+    """
+    ListActivity: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListActivityRequest, _profile_pb2.ListActivityResponse]  # type: ignore[assignment]
+    """Persons whose facts changed, in commit order, after a cursor: what enrichment follows to
+    keep lifecycle stages current. An empty shop_id follows every shop.
     """
     Erase: _aio.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]  # type: ignore[assignment]
     """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
@@ -304,6 +320,26 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         """The enrichment service's results for persons (lifecycle stage, RFM, churn risk,
         predictions, engagement score). A changed stage, a churn risk crossing a threshold and
         newly due products go on the change feed.
+        """
+
+    @_abc_1.abstractmethod
+    def ListHistories(
+        self,
+        request: _profile_pb2.ListHistoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.HistoryPage, _abc.Awaitable[_profile_pb2.HistoryPage]]:
+        """Enrichment's input: a page of a shop's persons (ordered by person id) with their purchase
+        days, recent engagement and repeat purchases, counting only facts up to as_of.
+        """
+
+    @_abc_1.abstractmethod
+    def ListActivity(
+        self,
+        request: _profile_pb2.ListActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ListActivityResponse, _abc.Awaitable[_profile_pb2.ListActivityResponse]]:
+        """Persons whose facts changed, in commit order, after a cursor: what enrichment follows to
+        keep lifecycle stages current. An empty shop_id follows every shop.
         """
 
     @_abc_1.abstractmethod
