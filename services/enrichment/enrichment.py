@@ -117,7 +117,7 @@ class Enrichment:
             yield Progress("fit", 1, 1, resume)
             if not back_test:
                 scored = await asyncio.to_thread(signals.score, h, model, as_of)
-                async for done in self._publish(shop_id, scored):
+                async for done in self._publish(shop_id, scored, model.version):
                     yield Progress("publish", done, len(scored), resume)
                 await self._store.finish_run(shop_id, self._clock())
             yield Progress("done", h.size, h.size, resume)
@@ -138,7 +138,9 @@ class Enrichment:
             if not page.next_after_person_id:
                 return
 
-    async def _publish(self, shop_id: str, scored: Sequence[signals.Scored]) -> AsyncIterator[int]:
+    async def _publish(
+        self, shop_id: str, scored: Sequence[signals.Scored], version: datetime | None
+    ) -> AsyncIterator[int]:
         """Hands signals to the profile in batches, PUBLISH_IN_FLIGHT at a time, recording
         progress after each group so that a resumed run never skips an unpublished batch."""
         size = self._publish_batch
@@ -146,7 +148,7 @@ class Enrichment:
         done = 0
         for start in range(0, len(batches), PUBLISH_IN_FLIGHT):
             group = batches[start : start + PUBLISH_IN_FLIGHT]
-            await asyncio.gather(*(self._profile.put_signals(shop_id, b) for b in group))
+            await asyncio.gather(*(self._profile.put_signals(shop_id, b, version) for b in group))
             published = [s for batch in group for s in batch]
             await self._store.published(
                 shop_id, published[-1].person_id,
@@ -180,7 +182,7 @@ class Enrichment:
             shop_id, now, person_ids, signals.engagement_days(model.config)
         )
         scored = signals.score(histories([page]), model, now)
-        changes = await self._profile.put_signals(shop_id, scored) if scored else 0
+        changes = await self._profile.put_signals(shop_id, scored, model.version) if scored else 0
         deadlines = dict.fromkeys(person_ids, None) | {
             s.person_id: s.stage_changes_at for s in scored
         }

@@ -74,9 +74,14 @@ class ProfilePeer:
         )  # fmt: skip
         return await self._stub.ListHistories(request, timeout=PAGE_TIMEOUT_SECONDS)
 
-    async def put_signals(self, shop_id: str, scored: Sequence[Scored]) -> int:
-        """Hands persons' signals to the profile; returns the change feed entries made."""
-        request = profile_pb2.PutSignalsRequest(shop_id=shop_id)
+    async def put_signals(
+        self, shop_id: str, scored: Sequence[Scored], model_fitted_at: datetime | None
+    ) -> int:
+        """Hands persons' signals to the profile, with when the model that scored them was
+        fitted; returns the change feed entries made."""
+        request = profile_pb2.PutSignalsRequest(
+            shop_id=shop_id, model_fitted_at=timestamp(model_fitted_at)
+        )
         for s in scored:
             item = request.signals.add(person_id=s.person_id, engagement_score=s.engagement)
             ParseDict(predictions(s), item.predictions)

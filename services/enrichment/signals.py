@@ -194,6 +194,11 @@ class Model:
     fitted_at: datetime
     fit_seconds: float = 0.0
 
+    @property
+    def version(self) -> datetime | None:
+        """What the profile orders signals by: when the model was fitted (None: not fitted)."""
+        return self.fitted_at if self.customers else None
+
 
 def fit(h: Histories, as_of: datetime, config: ShopConfig, now: datetime) -> Model:
     """Fits a shop on its histories up to as_of: the rankings, the churn calibration (back-tested

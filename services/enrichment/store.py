@@ -139,20 +139,26 @@ class EnrichmentStore:
     async def _deadlines(
         session: AsyncSession, shop_id: str, deadlines: Sequence[tuple[str, datetime | None]]
     ) -> None:
-        if not deadlines:
-            return
-        await session.execute(
-            delete(StageRow).where(
-                StageRow.shop_id == shop_id, StageRow.person_id.in_([p for p, _ in deadlines])
+        """Sets or clears persons' deadlines; an upsert in person order, so a run and the
+        follower writing the same persons at once neither collide nor deadlock."""
+        cleared = [p for p, at in deadlines if at is None]
+        if cleared:
+            await session.execute(
+                delete(StageRow).where(StageRow.shop_id == shop_id, StageRow.person_id.in_(cleared))
             )
-        )
         rows = [
             {"shop_id": shop_id, "person_id": p, "changes_at": at}
-            for p, at in deadlines
-            if at is not None
+            for p, at in sorted((p, at) for p, at in deadlines if at is not None)
         ]
         if rows:
-            await session.execute(dialect_of(session).insert(StageRow), rows)
+            insert = dialect_of(session).insert(StageRow)
+            await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["shop_id", "person_id"],
+                    set_={"changes_at": insert.excluded.changes_at},
+                ),
+                rows,
+            )
 
     async def due(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         """Persons whose stage deadline has passed, soonest first."""

@@ -1,12 +1,12 @@
 """The queries behind audiences: persons' summaries, the change feed, segments, enrichment's
 signals and the loyalty ledger."""
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, tuple_, update
+from sqlalchemy import Select, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.profile.loyalty import Earning, Programme, Tier
@@ -180,10 +180,24 @@ class AudienceStore:
             return await session.get(SignalRow, (shop_id, person_id))
 
     async def put_signals(
-        self, shop_id: str, rows: Sequence[dict[str, Any]], changes: Sequence[dict[str, Any]]
-    ) -> None:
-        """Stores enrichment's signals and the changes they make, in one transaction."""
+        self,
+        shop_id: str,
+        person_ids: Sequence[str],
+        write: Callable[[dict[str, SignalRow]], tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    ) -> int:
+        """Stores enrichment's signals and the changes they make, in one transaction: `write`
+        gets the persons' current signals, read under a row lock (in person order, so writers
+        never deadlock), and returns the rows to store and the change feed entries; returns how
+        many entries it appended. A row never replaces one of a newer model, even when two
+        writers insert a person's first signals at once."""
         async with self._sessions.begin() as session:
+            current = await session.scalars(
+                select(SignalRow)
+                .where(SignalRow.shop_id == shop_id, SignalRow.person_id.in_(person_ids))
+                .order_by(SignalRow.person_id)
+                .with_for_update()
+            )
+            rows, changes = write({row.person_id: row for row in current})
             if rows:
                 insert = dialect_of(session).insert(SignalRow)
                 columns = [c for c in rows[0] if c != "person_id"]
@@ -191,19 +205,15 @@ class AudienceStore:
                     insert.on_conflict_do_update(
                         index_elements=["shop_id", "person_id"],
                         set_={c: insert.excluded[c] for c in columns},
+                        where=or_(
+                            SignalRow.model_fitted_at.is_(None),
+                            SignalRow.model_fitted_at <= insert.excluded.model_fitted_at,
+                        ),
                     ),
                     [{"shop_id": shop_id, **row} for row in rows],
                 )
             await append_to_outbox(session, ChangeRow, changes)
-
-    async def signals_of(self, shop_id: str, person_ids: Sequence[str]) -> dict[str, SignalRow]:
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(SignalRow).where(
-                    SignalRow.shop_id == shop_id, SignalRow.person_id.in_(person_ids)
-                )
-            )
-            return {row.person_id: row for row in rows}
+            return len(changes)
 
     # --- segments -------------------------------------------------------------------------------
 

@@ -216,6 +216,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _newer(stored: datetime | None, incoming: datetime | None) -> bool:
+    """Whether stored signals come from a newer model than incoming ones (none is oldest)."""
+    return stored is not None and (incoming is None or utc(stored) > incoming)
+
+
 def feed_changes(
     shop_id: str, before: SignalRow | None, after: Signals, now: datetime
 ) -> list[dict[str, Any]]:
@@ -321,22 +326,33 @@ class Audiences:
     async def signals(self, shop_id: str, person_id: str) -> SignalRow | None:
         return await self._store.signals(shop_id, person_id)
 
-    async def put_signals(self, shop_id: str, signals: Sequence[Signals]) -> int:
-        """Stores enrichment's results; a changed stage, a churn risk crossing a threshold and
-        newly due products go on the change feed. Returns how many changes that made."""
+    async def put_signals(
+        self, shop_id: str, signals: Sequence[Signals], model_fitted_at: datetime | None
+    ) -> int:
+        """Stores enrichment's results, except over a person's signals from a newer model (a
+        daily run and the follower can race); a changed stage, a churn risk crossing a threshold
+        and newly due products go on the change feed. Returns how many changes that made."""
         now = self._clock()
-        before = await self._store.signals_of(shop_id, [s.person_id for s in signals])
-        rows, changes = [], []
-        for s in signals:
-            changes += feed_changes(shop_id, before.get(s.person_id), s, now)
-            r, f, m = s.rfm if s.rfm else (None, None, None)
-            rows.append(
-                {"person_id": s.person_id, "lifecycle_stage": s.lifecycle_stage, "rfm_r": r,
-                 "rfm_f": f, "rfm_m": m, "churn_risk": s.churn_risk, "engagement": s.engagement,
-                 "predictions": s.predictions, "computed_at": now}
-            )  # fmt: skip
-        await self._store.put_signals(shop_id, rows, changes)
-        return len(changes)
+
+        def write(
+            before: dict[str, SignalRow],
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            rows, changes = [], []
+            for s in signals:
+                old = before.get(s.person_id)
+                if old is not None and _newer(old.model_fitted_at, model_fitted_at):
+                    continue
+                changes += feed_changes(shop_id, old, s, now)
+                r, f, m = s.rfm if s.rfm else (None, None, None)
+                rows.append(
+                    {"person_id": s.person_id, "lifecycle_stage": s.lifecycle_stage, "rfm_r": r,
+                     "rfm_f": f, "rfm_m": m, "churn_risk": s.churn_risk,
+                     "engagement": s.engagement, "predictions": s.predictions,
+                     "model_fitted_at": model_fitted_at, "computed_at": now}
+                )  # fmt: skip
+            return rows, changes
+
+        return await self._store.put_signals(shop_id, [s.person_id for s in signals], write)
 
     # --- segments -------------------------------------------------------------------------------
 

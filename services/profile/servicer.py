@@ -431,8 +431,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         signals = [
             _signals(item, f"signals[{i}]", violations) for i, item in enumerate(request.signals)
         ]
+        fitted_at = time_field(request, "model_fitted_at", violations, required=False)
         violations.raise_any()
-        changes = await self._audiences.put_signals(shop_id, signals)
+        changes = await self._audiences.put_signals(shop_id, signals, fitted_at)
         return profile_pb2.PutSignalsResponse(changes=changes)
 
     async def ListHistories(self, request: Any, context: Any) -> profile_pb2.HistoryPage:

@@ -252,6 +252,8 @@ class SignalRow(Base):
     churn_risk: Mapped[float | None] = mapped_column(Float)
     engagement: Mapped[float | None] = mapped_column(Float)
     predictions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model_fitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Of the shop model that computed them (None: no fitted model yet)."""
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

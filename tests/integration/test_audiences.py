@@ -458,6 +458,37 @@ async def test_signals_put_stage_and_risk_changes_on_the_feed_and_in_segments(
     assert [d["threshold"] for _, d in seen[2:]] == [0.5, 0.7]
 
 
+async def test_signals_of_an_older_model_never_replace_a_newer_models(endpoint: Endpoint) -> None:
+    # The daily run (a fitted model) and the follower (scoring with what it read before the fit)
+    # can race: whichever lands last, the person keeps the newest model's signals.
+    person_id = (await order(endpoint, "v1", "version@audience.example", "40.00", NOW)).person_id
+    await settled(endpoint, 1)
+
+    async def put(stage: str, fitted_days_ago: int | None) -> int:
+        request = profile_pb2.PutSignalsRequest(
+            shop_id=endpoint.shop,
+            signals=[
+                profile_pb2.PersonSignals(
+                    person_id=person_id,
+                    predictions=profile_pb2.Predictions(lifecycle_stage=stage),
+                )
+            ],
+        )
+        if fitted_days_ago is not None:
+            request.model_fitted_at.FromDatetime(NOW - timedelta(days=fitted_days_ago))
+        return int((await endpoint.profile.PutSignals(request, metadata=AUTH)).changes)
+
+    assert await put("converted", 1) == 1
+    assert await put("new", None) == 0
+    assert await put("engaged", 2) == 0
+    stage = (await endpoint.get("email", "version@audience.example")).predictions.lifecycle_stage
+    assert stage == "converted"
+    assert await put("loyal", 1) == 1
+    assert await put("at_risk", 0) == 1
+    stage = (await endpoint.get("email", "version@audience.example")).predictions.lifecycle_stage
+    assert stage == "at_risk"
+
+
 async def test_merges_and_erasures_reach_the_feed_and_the_summaries(endpoint: Endpoint) -> None:
     ana = (await order(endpoint, "m1", "ana@merge.example", "20.00", NOW)).person_id
     bea = (await order(endpoint, "m2", "bea@merge.example", "30.00", NOW)).person_id

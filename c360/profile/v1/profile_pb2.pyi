@@ -1041,20 +1041,28 @@ class PutSignalsRequest(_message.Message):
 
     SHOP_ID_FIELD_NUMBER: _builtins.int
     SIGNALS_FIELD_NUMBER: _builtins.int
+    MODEL_FITTED_AT_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
     @_builtins.property
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PersonSignals]:
         """At most 1000."""
+
+    @_builtins.property
+    def model_fitted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the shop model that computed these signals was fitted (unset: no fitted model yet).
+        A person's signals from a newer model are never replaced by those of an older one.
+        """
 
     def __init__(
         self,
         *,
         shop_id: _builtins.str = ...,
         signals: _abc.Iterable[Global___PersonSignals] | None = ...,
+        model_fitted_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_fitted_at", b"model_fitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id", "signals", b"signals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_fitted_at", b"model_fitted_at", "shop_id", b"shop_id", "signals", b"signals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

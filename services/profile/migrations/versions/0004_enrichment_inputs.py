@@ -1,5 +1,5 @@
 """Enrichment's inputs: persons' repeat products on their summaries, and the activity outbox
-enrichment follows.
+enrichment follows; signals remember the model that computed them.
 
 Revision ID: 0004
 Revises: 0003
@@ -15,10 +15,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Adds the column (empty until each summary is next refreshed) and the table."""
+    """Adds the columns (repeat products empty until each summary is next refreshed) and the
+    table."""
     op.add_column(
         "person_summary",
         sa.Column("repeat_products", sa.JSON(), nullable=False, server_default=sa.text("'{}'")),
+    )
+    op.add_column(
+        "person_signal", sa.Column("model_fitted_at", sa.DateTime(timezone=True), nullable=True)
     )
     op.create_table(
         "person_activity",
@@ -37,4 +41,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drops them."""
     op.drop_table("person_activity")
+    op.drop_column("person_signal", "model_fitted_at")
     op.drop_column("person_summary", "repeat_products")
