@@ -25,19 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x33\x36\x30/common/v1/common.proto\x12\x0e\x63\x33\x36\x30.common.v1\x1a google/protobuf/descriptor.proto\")\n\nIdentifier\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"Y\n\tPersonRef\x12\x13\n\tperson_id\x18\x01 \x01(\tH\x00\x12\x30\n\nidentifier\x18\x02 \x01(\x0b\x32\x1a.c360.common.v1.IdentifierH\x00\x42\x05\n\x03ref*n\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x14\n\x10\x43HANNEL_WHATSAPP\x10\x03\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x04*Z\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_READ\x10\x01\x12\x0e\n\nROLE_WRITE\x10\x02\x12\r\n\tROLE_GDPR\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04:M\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0e\x32\x14.c360.common.v1.Role:4\n\nevery_shop\x12\x1e.google.protobuf.MethodOptions\x18\xd2\x86\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x33\x36\x30/common/v1/common.proto\x12\x0e\x63\x33\x36\x30.common.v1\x1a google/protobuf/descriptor.proto\")\n\nIdentifier\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"Y\n\tPersonRef\x12\x13\n\tperson_id\x18\x01 \x01(\tH\x00\x12\x30\n\nidentifier\x18\x02 \x01(\x0b\x32\x1a.c360.common.v1.IdentifierH\x00\x42\x05\n\x03ref\"9\n\x15RedactShopDataRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\x8e\x01\n\x16RedactShopDataResponse\x12\x44\n\x07removed\x18\x01 \x03(\x0b\x32\x33.c360.common.v1.RedactShopDataResponse.RemovedEntry\x1a.\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*n\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x14\n\x10\x43HANNEL_WHATSAPP\x10\x03\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x04*Z\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_READ\x10\x01\x12\x0e\n\nROLE_WRITE\x10\x02\x12\r\n\tROLE_GDPR\x10\x03\x12\x0e\n\nROLE_ADMIN\x10\x04\x32m\n\x08ShopData\x12\x61\n\nRedactShop\x12%.c360.common.v1.RedactShopDataRequest\x1a&.c360.common.v1.RedactShopDataResponse\"\x04\x88\xb5\x18\x03:M\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\xd1\x86\x03 \x01(\x0e\x32\x14.c360.common.v1.Role:4\n\nevery_shop\x12\x1e.google.protobuf.MethodOptions\x18\xd2\x86\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'c360.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=215
-  _globals['_CHANNEL']._serialized_end=325
-  _globals['_ROLE']._serialized_start=327
-  _globals['_ROLE']._serialized_end=417
+  _globals['_REDACTSHOPDATARESPONSE_REMOVEDENTRY']._loaded_options = None
+  _globals['_REDACTSHOPDATARESPONSE_REMOVEDENTRY']._serialized_options = b'8\001'
+  _globals['_SHOPDATA'].methods_by_name['RedactShop']._loaded_options = None
+  _globals['_SHOPDATA'].methods_by_name['RedactShop']._serialized_options = b'\210\265\030\003'
+  _globals['_CHANNEL']._serialized_start=419
+  _globals['_CHANNEL']._serialized_end=529
+  _globals['_ROLE']._serialized_start=531
+  _globals['_ROLE']._serialized_end=621
   _globals['_IDENTIFIER']._serialized_start=81
   _globals['_IDENTIFIER']._serialized_end=122
   _globals['_PERSONREF']._serialized_start=124
   _globals['_PERSONREF']._serialized_end=213
+  _globals['_REDACTSHOPDATAREQUEST']._serialized_start=215
+  _globals['_REDACTSHOPDATAREQUEST']._serialized_end=272
+  _globals['_REDACTSHOPDATARESPONSE']._serialized_start=275
+  _globals['_REDACTSHOPDATARESPONSE']._serialized_end=417
+  _globals['_REDACTSHOPDATARESPONSE_REMOVEDENTRY']._serialized_start=371
+  _globals['_REDACTSHOPDATARESPONSE_REMOVEDENTRY']._serialized_end=417
+  _globals['_SHOPDATA']._serialized_start=623
+  _globals['_SHOPDATA']._serialized_end=732
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from c360.common.v1 import common_pb2 as c360_dot_common_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,82 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class ShopDataStub:
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RedactShop = channel.unary_unary(
+                '/c360.common.v1.ShopData/RedactShop',
+                request_serializer=c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataRequest.SerializeToString,
+                response_deserializer=c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataResponse.FromString,
+                _registered_method=True)
+
+
+class ShopDataServicer:
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    def RedactShop(self, request, context):
+        """Removes (or with dry_run, counts) every row and key of the shop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShopDataServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RedactShop': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedactShop,
+                    request_deserializer=c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataRequest.FromString,
+                    response_serializer=c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'c360.common.v1.ShopData', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('c360.common.v1.ShopData', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ShopData:
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    @staticmethod
+    def RedactShop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.common.v1.ShopData/RedactShop',
+            c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataRequest.SerializeToString,
+            c360_dot_common_dot_v1_dot_common__pb2.RedactShopDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -3,11 +3,18 @@
 isort:skip_file
 Types shared by every c360 service."""
 
+from c360.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
+import sys
 import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
+else:
+    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -18,3 +25,40 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
+
+class ShopDataStub:
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ShopDataAsyncStub: ...
+    RedactShop: _grpc.UnaryUnaryMultiCallable[_common_pb2.RedactShopDataRequest, _common_pb2.RedactShopDataResponse]
+    """Removes (or with dry_run, counts) every row and key of the shop."""
+
+@_typing.type_check_only
+class ShopDataAsyncStub(ShopDataStub):
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    RedactShop: _aio.UnaryUnaryMultiCallable[_common_pb2.RedactShopDataRequest, _common_pb2.RedactShopDataResponse]  # type: ignore[assignment]
+    """Removes (or with dry_run, counts) every row and key of the shop."""
+
+class ShopDataServicer(metaclass=_abc_1.ABCMeta):
+    """Every service serves it: all of one shop's data in the service's own stores, for GDPR shop
+    redaction (Gdpr.RedactShop calls it on each service).
+    """
+
+    @_abc_1.abstractmethod
+    def RedactShop(
+        self,
+        request: _common_pb2.RedactShopDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.RedactShopDataResponse, _abc.Awaitable[_common_pb2.RedactShopDataResponse]]:
+        """Removes (or with dry_run, counts) every row and key of the shop."""
+
+def add_ShopDataServicer_to_server(servicer: ShopDataServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -65,6 +65,16 @@ class GdprStub:
                 request_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopRequest.SerializeToString,
                 response_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopResponse.FromString,
                 _registered_method=True)
+        self.HandleShopifyRequest = channel.unary_unary(
+                '/c360.gdpr.v1.Gdpr/HandleShopifyRequest',
+                request_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequest.SerializeToString,
+                response_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequestResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/c360.gdpr.v1.Gdpr/ListAudit',
+                request_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class GdprServicer:
@@ -114,6 +124,22 @@ class GdprServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandleShopifyRequest(self, request, context):
+        """A Shopify GDPR webhook (customers/redact, customers/data_request, shop/redact), verified and
+        recorded by the profile service's webhook endpoint, handed over to act on. Idempotent per
+        webhook id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The shop's GDPR actions, newest first: who, when, what and how many rows, never the PII.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GdprServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +172,16 @@ def add_GdprServicer_to_server(servicer, server):
                     servicer.RedactShop,
                     request_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopRequest.FromString,
                     response_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopResponse.SerializeToString,
+            ),
+            'HandleShopifyRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandleShopifyRequest,
+                    request_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequest.FromString,
+                    response_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequestResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditRequest.FromString,
+                    response_serializer=c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +347,60 @@ class Gdpr:
             '/c360.gdpr.v1.Gdpr/RedactShop',
             c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopRequest.SerializeToString,
             c360_dot_gdpr_dot_v1_dot_gdpr__pb2.RedactShopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandleShopifyRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.gdpr.v1.Gdpr/HandleShopifyRequest',
+            c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequest.SerializeToString,
+            c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ShopifyRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.gdpr.v1.Gdpr/ListAudit',
+            c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditRequest.SerializeToString,
+            c360_dot_gdpr_dot_v1_dot_gdpr__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,13 @@ class GdprStub:
     """A shop's data inventory: customers with email / phone, oldest record, retention posture."""
     RedactShop: _grpc.UnaryUnaryMultiCallable[_gdpr_pb2.RedactShopRequest, _gdpr_pb2.RedactShopResponse]
     """Removes all of a shop's data in every service, after the uninstall grace period or at once."""
+    HandleShopifyRequest: _grpc.UnaryUnaryMultiCallable[_gdpr_pb2.ShopifyRequest, _gdpr_pb2.ShopifyRequestResponse]
+    """A Shopify GDPR webhook (customers/redact, customers/data_request, shop/redact), verified and
+    recorded by the profile service's webhook endpoint, handed over to act on. Idempotent per
+    webhook id.
+    """
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_gdpr_pb2.ListAuditRequest, _gdpr_pb2.ListAuditResponse]
+    """The shop's GDPR actions, newest first: who, when, what and how many rows, never the PII."""
 
 @_typing.type_check_only
 class GdprAsyncStub(GdprStub):
@@ -67,6 +74,13 @@ class GdprAsyncStub(GdprStub):
     """A shop's data inventory: customers with email / phone, oldest record, retention posture."""
     RedactShop: _aio.UnaryUnaryMultiCallable[_gdpr_pb2.RedactShopRequest, _gdpr_pb2.RedactShopResponse]  # type: ignore[assignment]
     """Removes all of a shop's data in every service, after the uninstall grace period or at once."""
+    HandleShopifyRequest: _aio.UnaryUnaryMultiCallable[_gdpr_pb2.ShopifyRequest, _gdpr_pb2.ShopifyRequestResponse]  # type: ignore[assignment]
+    """A Shopify GDPR webhook (customers/redact, customers/data_request, shop/redact), verified and
+    recorded by the profile service's webhook endpoint, handed over to act on. Idempotent per
+    webhook id.
+    """
+    ListAudit: _aio.UnaryUnaryMultiCallable[_gdpr_pb2.ListAuditRequest, _gdpr_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """The shop's GDPR actions, newest first: who, when, what and how many rows, never the PII."""
 
 class GdprServicer(metaclass=_abc_1.ABCMeta):
     """Gdpr runs durable erasure jobs across every service and answers data-subject requests."""
@@ -120,5 +134,24 @@ class GdprServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gdpr_pb2.RedactShopResponse, _abc.Awaitable[_gdpr_pb2.RedactShopResponse]]:
         """Removes all of a shop's data in every service, after the uninstall grace period or at once."""
+
+    @_abc_1.abstractmethod
+    def HandleShopifyRequest(
+        self,
+        request: _gdpr_pb2.ShopifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gdpr_pb2.ShopifyRequestResponse, _abc.Awaitable[_gdpr_pb2.ShopifyRequestResponse]]:
+        """A Shopify GDPR webhook (customers/redact, customers/data_request, shop/redact), verified and
+        recorded by the profile service's webhook endpoint, handed over to act on. Idempotent per
+        webhook id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _gdpr_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gdpr_pb2.ListAuditResponse, _abc.Awaitable[_gdpr_pb2.ListAuditResponse]]:
+        """The shop's GDPR actions, newest first: who, when, what and how many rows, never the PII."""
 
 def add_GdprServicer_to_server(servicer: GdprServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -146,6 +146,11 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseRequest.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseResponse.FromString,
                 _registered_method=True)
+        self.ExportPerson = channel.unary_unary(
+                '/c360.profile.v1.Profile/ExportPerson',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServicer:
@@ -306,8 +311,17 @@ class ProfileServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Erase(self, request, context):
-        """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
-        keeping anonymous totals.
+        """GDPR: tombstones a person (from then on no read returns them) and, in the same
+        transaction, nulls identifying fields and deletes opt-ins, memberships and attributes,
+        keeping anonymous totals: facts stay, under the person's id only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportPerson(self, request, context):
+        """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
+        person, as data (Gdpr.Export assembles the data subject's document from it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -425,6 +439,11 @@ def add_ProfileServicer_to_server(servicer, server):
                     servicer.Erase,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseRequest.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.EraseResponse.SerializeToString,
+            ),
+            'ExportPerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPerson,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1023,6 +1042,33 @@ class Profile:
             '/c360.profile.v1.Profile/Erase',
             c360_dot_profile_dot_v1_dot_profile__pb2.EraseRequest.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.EraseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/ExportPerson',
+            c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.FromString,
             options,
             channel_credentials,
             insecure,

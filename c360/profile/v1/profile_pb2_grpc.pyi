@@ -89,8 +89,13 @@ class ProfileStub:
     keep lifecycle stages current. An empty shop_id follows every shop.
     """
     Erase: _grpc.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]
-    """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
-    keeping anonymous totals.
+    """GDPR: tombstones a person (from then on no read returns them) and, in the same
+    transaction, nulls identifying fields and deletes opt-ins, memberships and attributes,
+    keeping anonymous totals: facts stay, under the person's id only.
+    """
+    ExportPerson: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ExportPersonRequest, _profile_pb2.ExportPersonResponse]
+    """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
+    person, as data (Gdpr.Export assembles the data subject's document from it).
     """
 
 @_typing.type_check_only
@@ -154,8 +159,13 @@ class ProfileAsyncStub(ProfileStub):
     keep lifecycle stages current. An empty shop_id follows every shop.
     """
     Erase: _aio.UnaryUnaryMultiCallable[_profile_pb2.EraseRequest, _profile_pb2.EraseResponse]  # type: ignore[assignment]
-    """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
-    keeping anonymous totals.
+    """GDPR: tombstones a person (from then on no read returns them) and, in the same
+    transaction, nulls identifying fields and deletes opt-ins, memberships and attributes,
+    keeping anonymous totals: facts stay, under the person's id only.
+    """
+    ExportPerson: _aio.UnaryUnaryMultiCallable[_profile_pb2.ExportPersonRequest, _profile_pb2.ExportPersonResponse]  # type: ignore[assignment]
+    """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
+    person, as data (Gdpr.Export assembles the data subject's document from it).
     """
 
 class ProfileServicer(metaclass=_abc_1.ABCMeta):
@@ -348,8 +358,19 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_pb2.EraseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.EraseResponse, _abc.Awaitable[_profile_pb2.EraseResponse]]:
-        """GDPR: nulls identifying fields and deletes opt-ins, memberships and attributes of a person,
-        keeping anonymous totals.
+        """GDPR: tombstones a person (from then on no read returns them) and, in the same
+        transaction, nulls identifying fields and deletes opt-ins, memberships and attributes,
+        keeping anonymous totals: facts stay, under the person's id only.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportPerson(
+        self,
+        request: _profile_pb2.ExportPersonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ExportPersonResponse, _abc.Awaitable[_profile_pb2.ExportPersonResponse]]:
+        """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
+        person, as data (Gdpr.Export assembles the data subject's document from it).
         """
 
 def add_ProfileServicer_to_server(servicer: ProfileServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
