@@ -37,7 +37,7 @@ from services.identity.store import (
     ShopPolicyRow,
     Tx,
 )
-from services.runtime.db import utc
+from services.runtime.db import Rehearsal, utc
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_UNMERGE_WINDOW = timedelta(days=7)
@@ -701,10 +701,11 @@ class IdentityGraph:
 
         return await self._retrying(shop_id, work)
 
-    async def forget(self, shop_id: str, person_id: str) -> tuple[int, int]:
-        """Deletes the identifiers and evidence of a person's whole group, keeping a tombstone."""
+    async def forget(self, shop_id: str, person_id: str, dry_run: bool) -> dict[str, int]:
+        """Deletes the identifiers and evidence of a person's whole group, keeping a tombstone;
+        returns the rows touched by table (with dry_run, counted and rolled back)."""
 
-        async def work(tx: Tx) -> tuple[int, int]:
+        async def work(tx: Tx) -> dict[str, int]:
             person = await tx.person(person_id)
             if person is None:
                 raise NotFound("person", person_id)
@@ -722,7 +723,13 @@ class IdentityGraph:
                 keys, locked_root = held, root
                 root = await self._root(tx, person_id) or root
             counts = await tx.forget(members, self._clock())
-            tx.add_change("forgotten", root, None, None, self._clock())
+            if dry_run:
+                raise Rehearsal(counts)
+            if counts["person"]:  # forgetting again changes nothing: no second change
+                tx.add_change("forgotten", root, None, None, self._clock())
             return counts
 
-        return await self._retrying(shop_id, work)
+        try:
+            return await self._retrying(shop_id, work)
+        except Rehearsal as rehearsal:
+            return dict(rehearsal.result)

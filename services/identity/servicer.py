@@ -245,9 +245,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         shop_id = shop(request.shop_id, violations)
         person_id = person(request.person_id, "person_id", violations)
         violations.raise_any()
-        identifiers, evidence = await self._graph.forget(shop_id, person_id)
+        removed = await self._graph.forget(shop_id, person_id, request.dry_run)
         return identity_pb2.ForgetResponse(
-            identifiers_deleted=identifiers, evidence_deleted=evidence
+            identifiers_deleted=removed["identifier"],
+            evidence_deleted=removed["evidence"],
+            removed=removed,
         )
 
     async def PutShopPolicy(self, request: Any, context: Any) -> identity_pb2.ShopPolicy:

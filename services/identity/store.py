@@ -577,9 +577,9 @@ class Tx:
         )
         return list(rows)
 
-    async def forget(self, persons: Sequence[PersonRow], now: datetime) -> tuple[int, int]:
-        """Deletes the persons' identifiers and evidence, keeps tombstones; returns how many
-        identifier and evidence rows went."""
+    async def forget(self, persons: Sequence[PersonRow], now: datetime) -> dict[str, int]:
+        """Deletes the persons' identifiers and evidence, keeps tombstones; returns the rows
+        touched by table."""
         ids = [p.person_id for p in persons]
         identifiers = await self.identifiers_of(ids)
         keys = [(i.type, i.match_key) for i in identifiers]
@@ -605,8 +605,9 @@ class Tx:
                 )
             )
         )
+        links = 0
         for start in range(0, len(keys), 500):
-            await self.session.execute(
+            links += await self._count(
                 delete(EvidenceIdentifierRow).where(
                     EvidenceIdentifierRow.shop_id == self.shop_id,
                     tuple_(EvidenceIdentifierRow.type, EvidenceIdentifierRow.match_key).in_(
@@ -625,16 +626,16 @@ class Tx:
                 )
                 .values(anchor_type=None, anchor_key=None)
             )
-        await self.session.execute(
+        links += await self._count(
             delete(EvidenceIdentifierRow).where(EvidenceIdentifierRow.evidence_id.in_(evidence_ids))
         )
-        await self.session.execute(delete(EvidenceRow).where(EvidenceRow.id.in_(evidence_ids)))
-        await self.session.execute(
+        evidence = await self._count(delete(EvidenceRow).where(EvidenceRow.id.in_(evidence_ids)))
+        deleted = await self._count(
             delete(IdentifierRow).where(
                 IdentifierRow.shop_id == self.shop_id, IdentifierRow.person_id.in_(ids)
             )
         )
-        await self.session.execute(
+        candidates = await self._count(
             update(CandidateRow)
             .where(
                 CandidateRow.shop_id == self.shop_id,
@@ -643,12 +644,23 @@ class Tx:
             )
             .values(state="erased", decided_at=now, decided_by="gdpr", decision_reason="erased")
         )
-        await self.session.execute(
+        marked = await self._count(
             update(PersonRow)
-            .where(PersonRow.shop_id == self.shop_id, PersonRow.person_id.in_(ids))
+            .where(
+                PersonRow.shop_id == self.shop_id,
+                PersonRow.person_id.in_(ids),
+                PersonRow.erased_at.is_(None),
+            )
             .values(erased_at=now)
         )
-        return len(identifiers), len(evidence_ids)
+        return {
+            "identifier": deleted, "evidence": evidence, "evidence_identifier": links,
+            "merge_candidate": candidates, "person": marked,
+        }  # fmt: skip
+
+    async def _count(self, statement: Any) -> int:
+        """Runs a statement; the rows it touched."""
+        return int(getattr(await self.session.execute(statement), "rowcount", 0))
 
 
 class IdentityStore:

@@ -24,6 +24,15 @@ from sqlalchemy.ext.asyncio import (
 from services.runtime.settings import RuntimeSettings
 
 
+class Rehearsal(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """Raised inside a transaction to roll it back and hand its result out: a dry run that
+    counts exactly what the real run would touch, because it is the real run, undone."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("dry run")
+        self.result = result
+
+
 def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     """The service's engine. On PostgreSQL every connection works in the service's own schema,
     so services sharing one database never see each other's tables, and plans every statement

@@ -428,8 +428,16 @@ async def test_forget_leaves_a_tombstone_that_no_redelivery_resurrects(
     person = await identity.resolve(("email", "gone@x.example"), ("phone", "+14155550199"),
                                     event_id="order-9")  # fmt: skip
     await identity.resolve(("email", "gone@x.example"), ("cookie", "ck-gone"))
+    rehearsed = await identity.call("Forget", person_id=person.person_id, dry_run=True)
+    assert (await identity.person(person.person_id)).erased is False
     forgotten = await identity.call("Forget", person_id=person.person_id)
     assert (forgotten.identifiers_deleted, forgotten.evidence_deleted) == (3, 2)
+    assert dict(forgotten.removed) == dict(rehearsed.removed) == {
+        "identifier": 3, "evidence": 2, "evidence_identifier": 4, "merge_candidate": 0,
+        "person": 1,
+    }  # fmt: skip
+    again = await identity.call("Forget", person_id=person.person_id)
+    assert sum(again.removed.values()) == 0
     tombstone = await identity.person(person.person_id)
     assert (tombstone.erased, list(tombstone.identifiers)) == (True, [])
     redelivered = await identity.resolve(
