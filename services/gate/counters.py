@@ -70,6 +70,27 @@ redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return entry
 """
 
+# Erases a customer: counts the keys Redis holds for them (the tombstone policy an earlier
+# erasure left is not counted again), then, unless a dry run, replaces them all with the
+# tombstone policy, marked complete, so that neither a rebuild nor a push (whose version cannot
+# exceed the tombstone's) replaces it. Returns the count. ARGV: dry run (0|1), the tombstone's
+# five policy fields, key ttl ms.
+ERASE = """
+local removed = 0
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1
+      and (i > 1 or redis.call('HGET', KEYS[1], 'ver') ~= ARGV[6]) then
+    removed = removed + 1
+  end
+end
+if ARGV[1] == '1' then return removed end
+redis.call('DEL', unpack(KEYS))
+redis.call('HSET', KEYS[1], 'tz', ARGV[2], 'consent', ARGV[3], 'unsub', ARGV[4],
+  'suppressed', ARGV[5], 'ver', ARGV[6], 'v', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return removed
+"""
+
 # CheckBatch goes to Redis in pipelined round trips of this many checks, this many at a time,
 # each given the check timeout plus this much time per check it carries.
 BATCH_CHUNK = 1000
@@ -144,6 +165,13 @@ class ContactPolicy:
             "," + ",".join(sorted(self.suppressed)) + ",",
             self.version,
         ]
+
+
+# The version of an erased person's tombstone policy: the largest int64, which no push can
+# exceed (a put replaces only an older version), so the tombstone blocks them for good.
+ERASED_VERSION = 2**63 - 1
+# What the gate keeps of an erased person: globally unsubscribed, no consent, no zone.
+ERASED = ContactPolicy(global_unsubscribe=True, version=ERASED_VERSION)
 
 
 @dataclass(frozen=True)
@@ -267,6 +295,7 @@ class Counters:
         self._put_policy = client.register_script(PUT_POLICY)
         self._rebuild = client.register_script(REBUILD)
         self._release = client.register_script(RELEASE)
+        self._erase = client.register_script(ERASE)
 
     async def _bounded(self, call: Any, seconds: float = 0.0) -> Any:
         try:
@@ -347,6 +376,15 @@ class Counters:
             self._release(keys=keys.all(), args=[message_id, ms(now), self._log_retention_ms])
         )
         return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def erase(self, keys: CustomerKeys, dry_run: bool) -> int:
+        """Replaces every key of the customer with the erased tombstone policy (see ERASE), in
+        one atomic step; returns how many keys it removed (with `dry_run`, would remove)."""
+        removed = await self._bounded(
+            self._erase(keys=keys.all(), args=[int(dry_run), *ERASED.as_args(), KEY_TTL_MS]),
+            self._write_timeout,
+        )
+        return int(removed)
 
     async def pending_logs(self, count: int = 1000) -> list[str]:
         """Every customer's log stream that still holds entries (after a crash)."""

@@ -437,3 +437,18 @@ class Gate:
         last_contact = await self._store.last_contact(shop_id, person_id)
         log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []
         return History(_counts(outcome), last_contact, log)
+
+    async def erase(self, shop_id: str, person_id: str, dry_run: bool) -> dict[str, int]:
+        """Removes what the gate holds about a customer (message log, releases, contact policy,
+        counters) and leaves a tombstone policy that blocks every marketing message to them from
+        then on, whatever policy is pushed later; returns what it removed, by table and
+        "redis_keys". With `dry_run` it counts the same and changes nothing. Erasing again
+        removes only what came since (the decisions logged meanwhile)."""
+        # This replica's decisions not yet in the message log go there first, to be erased too.
+        await self._log.flush()
+        removed = await self._store.erase(shop_id, person_id, self._clock(), dry_run)
+        # After the database: a rebuild that read the old policy before the erasure committed
+        # finds the tombstone already in place (marked complete) and leaves it.
+        keys = CustomerKeys.of(shop_id, person_id)
+        removed["redis_keys"] = await self._counters.erase(keys, dry_run)
+        return removed

@@ -1,12 +1,13 @@
 """Gate RPCs: requests validated and turned into the gate's domain calls, answers into protos."""
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
-from services.gate.counters import ContactPolicy
+from services.gate.counters import ERASED_VERSION, ContactPolicy
 from services.gate.gate import Counts, Decision, Gate, Request
 from services.gate.rules import MINUTES_PER_DAY, parse_fatigue, zone
 from services.runtime.validation import (
@@ -17,6 +18,8 @@ from services.runtime.validation import (
     shop,
     timestamp,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_ID = 256
 MAX_BATCH = 100_000
@@ -199,6 +202,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         )
         if request.version < 0:
             violations.add("version", "must not be negative")
+        elif request.version == ERASED_VERSION:
+            violations.add("version", "must be below 2^63-1, the version of an erased person")
         violations.raise_any()
         await self._gate.put_contact_policy(shop_id, person_id, policy)
         return gate_pb2.PutContactPolicyResponse()
@@ -241,3 +246,15 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                 for row in history.log
             ],
         )
+
+    async def Erase(self, request: gate_pb2.EraseRequest, context: Any) -> gate_pb2.EraseResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
+        violations.raise_any()
+        removed = await self._gate.erase(shop_id, person_id, request.dry_run)
+        log.info(
+            "person erased",
+            extra={"shop_id": shop_id, "dry_run": request.dry_run, "removed": removed},
+        )
+        return gate_pb2.EraseResponse(removed=removed)

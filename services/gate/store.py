@@ -14,13 +14,14 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    delete,
     func,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.gate.counters import ContactPolicy
+from services.gate.counters import ERASED, ERASED_VERSION, ContactPolicy
 from services.runtime.db import dialect_of, utc
 
 
@@ -136,6 +137,22 @@ def _released() -> Any:
     )
 
 
+def _policy_values(
+    shop_id: str, person_id: str, policy: ContactPolicy, now: datetime
+) -> dict[str, Any]:
+    """A contact policy as the row of its table."""
+    return {
+        "shop_id": shop_id,
+        "person_id": person_id,
+        "granted": sorted(policy.granted),
+        "global_unsubscribe": policy.global_unsubscribe,
+        "time_zone": policy.time_zone,
+        "suppressed": sorted(policy.suppressed),
+        "version": policy.version,
+        "updated_at": now,
+    }
+
+
 class GateStore:
     """Queries of the gate's tables."""
 
@@ -179,16 +196,7 @@ class GateStore:
     ) -> bool:
         """Stores a customer's contact policy unless a newer one is stored; returns whether it
         did."""
-        values = {
-            "shop_id": shop_id,
-            "person_id": person_id,
-            "granted": sorted(policy.granted),
-            "global_unsubscribe": policy.global_unsubscribe,
-            "time_zone": policy.time_zone,
-            "suppressed": sorted(policy.suppressed),
-            "version": policy.version,
-            "updated_at": now,
-        }
+        values = _policy_values(shop_id, person_id, policy, now)
         async with self._sessions.begin() as session:
             insert = dialect_of(session).insert(ContactPolicyRow).values(values)
             result = await session.execute(
@@ -199,6 +207,46 @@ class GateStore:
                 )
             )
             return bool(getattr(result, "rowcount", 0))
+
+    async def erase(
+        self, shop_id: str, person_id: str, now: datetime, dry_run: bool
+    ) -> dict[str, int]:
+        """Deletes a customer's message log, releases and contact policy and stores the erased
+        tombstone policy (ERASED) in its place, in one transaction; returns the rows removed by
+        table, not counting a tombstone an earlier erasure left. With `dry_run` the same
+        transaction is rolled back: the same counts, nothing changed."""
+        async with self._sessions() as session:
+            async with session.begin() as transaction:
+                removed = {}
+                for name, model in (
+                    ("message_log", MessageLogRow),
+                    ("message_release", ReleaseRow),
+                ):
+                    result = await session.execute(
+                        delete(model).where(model.shop_id == shop_id, model.person_id == person_id)
+                    )
+                    removed[name] = int(getattr(result, "rowcount", 0))
+                versions = await session.scalars(
+                    delete(ContactPolicyRow)
+                    .where(
+                        ContactPolicyRow.shop_id == shop_id,
+                        ContactPolicyRow.person_id == person_id,
+                    )
+                    .returning(ContactPolicyRow.version)
+                )
+                removed["contact_policy"] = sum(1 for v in versions if v != ERASED_VERSION)
+                # An upsert: a push may have inserted the row again since the delete.
+                values = _policy_values(shop_id, person_id, ERASED, now)
+                insert = dialect_of(session).insert(ContactPolicyRow).values(values)
+                await session.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=["shop_id", "person_id"],
+                        set_={k: v for k, v in values.items() if k not in ("shop_id", "person_id")},
+                    )
+                )
+                if dry_run:
+                    await transaction.rollback()
+            return removed
 
     async def append(self, decided: Sequence[Decided], released: Sequence[Released]) -> None:
         """Writes decisions and releases idempotently (by log entry id), in one transaction.

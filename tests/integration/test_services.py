@@ -97,6 +97,7 @@ BUILT = {
         "PutContactPolicy",
         "PutShopPolicy",
         "GetContactHistory",
+        "Erase",
     },
 }
 
