@@ -2,10 +2,25 @@
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from services.runtime.settings import RuntimeSettings, ServiceName
 
 
 class GdprSettings(RuntimeSettings):
-    """The shared runtime settings, for the gdpr service."""
+    """The shared runtime settings, and the gdpr service's own."""
 
     service: ClassVar[ServiceName] = "gdpr"
+
+    job_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often unfinished erasure jobs (a step failed: a service was down) and "
+        "shop redactions whose grace period ended are run again.",
+    )
+    shop_redaction_grace_days: int = Field(
+        30,
+        ge=0,
+        description="Days between an uninstalled shop's shop/redact (or a RedactShop without "
+        "`immediately`) and the removal of all its data.",
+    )

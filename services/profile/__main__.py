@@ -5,12 +5,15 @@ from datetime import datetime
 from pathlib import Path
 
 from c360.gate.v1 import gate_pb2_grpc
+from c360.gdpr.v1 import gdpr_pb2_grpc
 from c360.identity.v1 import identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.audience_store import AudienceStore
 from services.profile.audiences import Audiences
+from services.profile.gdpr import PersonData
+from services.profile.gdpr_store import GdprStore
 from services.profile.history_store import HistoryStore
-from services.profile.peers import GatePeer, IdentityPeer
+from services.profile.peers import GatePeer, GdprPeer, IdentityPeer
 from services.profile.profiles import Profiles
 from services.profile.servicer import ProfileServicer
 from services.profile.settings import ProfileSettings
@@ -33,6 +36,7 @@ async def build(
     engine = db.create_engine(settings)
     identity = connect(settings.address("identity"), settings.service_token, telemetry)
     gate = connect(settings.address("gate"), settings.service_token, telemetry)
+    gdpr = connect(settings.address("gdpr"), settings.service_token, telemetry)
     sessions = db.session_factory(engine)
     facts = ProfileStore(sessions)
     identity_peer = IdentityPeer(identity_pb2_grpc.IdentityStub(identity))
@@ -62,6 +66,7 @@ async def build(
     webhooks = Webhooks(
         Inbox(sessions),
         profiles,
+        GdprPeer(gdpr_pb2_grpc.GdprStub(gdpr)),
         secrets,
         settings.shopify_shops,
         clock,
@@ -70,8 +75,13 @@ async def build(
     )
     registration = Registration(
         profile_pb2.DESCRIPTOR.services_by_name["Profile"],
-        ProfileServicer(  # type: ignore[abstract]  # Erase: #8
-            profiles, audiences, webhooks, HistoryStore(sessions), clock
+        ProfileServicer(
+            profiles,
+            audiences,
+            webhooks,
+            HistoryStore(sessions),
+            PersonData(GdprStore(sessions), AudienceStore(sessions), identity_peer, clock),
+            clock,
         ),
         profile_pb2_grpc.add_ProfileServicer_to_server,
     )
@@ -79,6 +89,7 @@ async def build(
     async def close_peers() -> None:
         await identity.close(None)
         await gate.close(None)
+        await gdpr.close(None)
 
     profiles.start()
     audiences.start()

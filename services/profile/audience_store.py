@@ -15,6 +15,7 @@ from services.profile.store import (
     Anchor,
     ChangeRow,
     EarningRow,
+    ErasedPersonRow,
     OrderRow,
     PersonAnchorRow,
     ProgrammeRow,
@@ -97,6 +98,8 @@ class AudienceStore:
         again meanwhile."""
         shop_id = due.shop_id
         async with self._sessions.begin() as session:
+            if await session.get(ErasedPersonRow, (shop_id, root)) is not None:
+                summary = None  # erased while this summary was being built
             removed = [*gone, root] if summary is None else list(gone)
             for model in (SummaryRow, TagRow, PersonAnchorRow):
                 await session.execute(

@@ -300,7 +300,7 @@ class Audiences:
             if rejected.code.name != "NOT_FOUND":
                 raise
             group = None
-        if group is None or group.erased:
+        if group is None or group.erased or await self._facts.erased(due.shop_id, group.person_id):
             await self._store.save_summary(due, due.person_id, [], [], None, [])
             return
         facts = await self._facts.facts(due.shop_id, group.anchors)
@@ -499,7 +499,7 @@ class Audiences:
             if rejected.code.name in ("NOT_FOUND", "INVALID_ARGUMENT"):
                 return None
             raise
-        if group.erased:
+        if group.erased or await self._facts.erased(shop_id, group.person_id):
             return None
         summary = await self._store.summary(shop_id, group.person_id)
         signal = await self._store.signals(shop_id, group.person_id)

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.runtime.channels import peer_answer
 from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES
@@ -198,4 +199,21 @@ class GatePeer:
                 if c.channel in CHANNEL_NAMES
             },
             list(answer.log),
+        )
+
+
+class GdprPeer:
+    """The gdpr service, over a channel carrying the service token."""
+
+    def __init__(self, stub: "gdpr_pb2_grpc.GdprAsyncStub") -> None:
+        self._stub = stub
+
+    async def hand_over(self, shop_id: str, topic: str, webhook_id: str, body: bytes) -> None:
+        """Hands a verified Shopify GDPR webhook over (idempotent per webhook id)."""
+        await peer_answer(
+            self._stub.HandleShopifyRequest(
+                gdpr_pb2.ShopifyRequest(
+                    shop_id=shop_id, topic=topic, webhook_id=webhook_id, body=body
+                )
+            )
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 from c360.identity.v1 import identity_pb2
 from services.profile import custobar
-from services.profile.peers import GatePeer, Group, History, IdentityPeer
+from services.profile.peers import GatePeer, Group, History, IdentityPeer, Resolved
 from services.profile.store import (
     Anchor,
     ConsentRow,
@@ -26,7 +26,7 @@ from services.profile.store import (
     ProfileStore,
     RefundRow,
 )
-from services.runtime.errors import PeerRejected
+from services.runtime.errors import NotFound, PeerRejected
 from services.runtime.validation import PersonRef
 from services.runtime.worker import Worker
 
@@ -252,7 +252,7 @@ class Profiles:
     async def ingest_order(self, order: Order, skip_invalid: bool = False) -> tuple[str, bool]:
         """Stores the order (a newer version supersedes, an equal or older one changes nothing)
         under its strongest identifier; returns its person and whether anything changed."""
-        resolved = await self._identity.resolve(
+        resolved = await self._resolve(
             order.shop_id,
             order.identifiers,
             source=f"order_{order.source}",
@@ -285,7 +285,7 @@ class Profiles:
     async def ingest_customer(self, customer: Customer) -> tuple[str, bool]:
         """Stores a customer record (a newer version supersedes) under its strongest identifier;
         identifiers that fail normalisation are left out rather than losing the record."""
-        resolved = await self._identity.resolve(
+        resolved = await self._resolve(
             customer.shop_id,
             customer.identifiers,
             source=f"{customer.source}_customer",
@@ -370,7 +370,7 @@ class Profiles:
             await self._forget_upload(shop_id, {**before, **record}, existing)
             return
         found = custobar.identifiers(document)
-        resolved = await self._identity.resolve(
+        resolved = await self._resolve(
             shop_id,
             found,
             source=CUSTOBAR,
@@ -481,7 +481,7 @@ class Profiles:
         at: datetime,
     ) -> tuple[str, bool]:
         """Stores a visit or an engagement under its strongest identifier."""
-        resolved = await self._identity.resolve(
+        resolved = await self._resolve(
             shop_id, identifiers, source=f"event_{kind}", event_id=f"event:{event_id}",
             asserted=True,
         )  # fmt: skip
@@ -530,12 +530,28 @@ class Profiles:
         self._pusher.wake()
         return group.person_id, applied
 
+    async def _resolve(self, shop_id: str, *args: Any, **kw: Any) -> Resolved:
+        """Who a record belongs to (see IdentityPeer.resolve); a person the profile erased is
+        erased, even before identity has forgotten them."""
+        resolved = await self._identity.resolve(shop_id, *args, **kw)
+        if (
+            resolved.person_id
+            and not resolved.erased
+            and await self._store.erased(shop_id, resolved.person_id)
+        ):
+            return Resolved(resolved.person_id, ("person", resolved.person_id), erased=True)
+        return resolved
+
     async def _person(self, shop_id: str, person: PersonRef) -> Group:
-        """The group of a person named by id or by any identifier (read-only: never creates)."""
+        """The group of a person named by id or by any identifier (read-only: never creates);
+        NOT_FOUND for a person erased under GDPR."""
         person_id = person.person_id
         if person.identifier is not None:
             person_id = await self._identity.lookup(shop_id, *person.identifier)
-        return await self._identity.group(shop_id, person_id)
+        group = await self._identity.group(shop_id, person_id)
+        if await self._store.erased(shop_id, group.person_id):
+            raise NotFound("person", group.person_id)
+        return group
 
     async def _person_of(self, shop_id: str, anchor: Anchor) -> str:
         """The person an anchor belongs to now ("" for an anonymous order or event)."""

@@ -13,6 +13,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from c360.common.v1 import common_pb2
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.audiences import CHANGE_KINDS, Audiences, Signals
+from services.profile.gdpr import PersonData
 from services.profile.history_store import HistoryStore
 from services.profile.loyalty import Programme, Standing, Tier
 from services.profile.profiles import (
@@ -35,6 +36,7 @@ from services.runtime.validation import (
     cursor,
     person,
     person_ref,
+    plain,
     required_time,
     shop,
     time_field,
@@ -299,12 +301,14 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         audiences: Audiences,
         webhooks: Webhooks,
         histories: HistoryStore,
+        person_data: PersonData,
         clock: Callable[[], datetime],
     ) -> None:
         self._profiles = profiles
         self._audiences = audiences
         self._webhooks = webhooks
         self._histories = histories
+        self._person_data = person_data
         self._clock = clock
 
     async def Get(self, request: Any, context: Any) -> profile_pb2.CustomerProfile:
@@ -388,6 +392,29 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         as_csv = request.format == profile_pb2.EXPORT_FORMAT_CSV
         async for data in self._audiences.export(shop_id, dataset, as_csv, request.segment_id):
             yield profile_pb2.ExportChunk(data=data)
+
+    async def Erase(self, request: Any, context: Any) -> profile_pb2.EraseResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
+        if len(request.order_ids) > MAX_PAGE:
+            violations.add("order_ids", f"at most {MAX_PAGE}")
+        for i, order_id in enumerate(request.order_ids):
+            _id(order_id, f"order_ids[{i}]", violations)
+        violations.raise_any()
+        removed = await self._person_data.erase(
+            shop_id, person_id, list(request.order_ids), request.dry_run
+        )
+        return profile_pb2.EraseResponse(removed=removed)
+
+    async def ExportPerson(self, request: Any, context: Any) -> profile_pb2.ExportPersonResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        person_id = person(request.person_id, "person_id", violations)
+        violations.raise_any()
+        answer = profile_pb2.ExportPersonResponse()
+        answer.data.update(plain(await self._person_data.export(shop_id, person_id)))
+        return answer
 
     async def LookupTraits(self, request: Any, context: Any) -> profile_pb2.Traits:
         violations = Violations()

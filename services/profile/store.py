@@ -257,6 +257,16 @@ class SignalRow(Base):
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ErasedPersonRow(Base):
+    """A person erased under GDPR: from the moment this row commits no read returns them, and
+    their summary is never rebuilt."""
+
+    __tablename__ = "erased_person"
+    shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class SummaryDueRow(Base):
     """A person whose summary must be refreshed (their facts or their grouping changed)."""
 
@@ -594,6 +604,11 @@ class ProfileStore:
                 )
             ).one_or_none()
             return None if row is None else (row[0], row[1])
+
+    async def erased(self, shop_id: str, person_id: str) -> bool:
+        """Whether the person was erased under GDPR."""
+        async with self._sessions() as session:
+            return await session.get(ErasedPersonRow, (shop_id, person_id)) is not None
 
     async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
         """The facts anchored on any of these identifiers, aggregated in the database."""

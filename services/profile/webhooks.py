@@ -21,6 +21,7 @@ from sqlalchemy.exc import DataError
 
 from c360.common.v1 import common_pb2
 from services.profile import shopify
+from services.profile.peers import GdprPeer
 from services.profile.profiles import Profiles
 from services.profile.store import Inbox, WebhookRow
 from services.runtime.auth import TokenRegistry
@@ -46,6 +47,7 @@ class Webhooks:
         self,
         inbox: Inbox,
         profiles: Profiles,
+        gdpr: GdprPeer,
         secrets: Sequence[str],
         shops: dict[str, str],
         clock: Callable[[], datetime],
@@ -56,6 +58,7 @@ class Webhooks:
         self._tokens = tokens
         self._inbox = inbox
         self._profiles = profiles
+        self._gdpr = gdpr
         self._secrets = list(secrets)
         self._shops = shops
         self._clock = clock
@@ -168,7 +171,7 @@ class Webhooks:
     async def _attempt(self, row: WebhookRow) -> bool:
         now = self._clock()
         try:
-            state = await self._apply(row)
+            await self._apply(row)
         except Exception as exc:
             attempts = row.attempts + 1
             error = as_c360_error(exc)
@@ -189,11 +192,12 @@ class Webhooks:
                 },
             )
             return False
-        await self._inbox.settle(row.id, {"state": state, "error": None})
+        # Processed: the body (personal data) is kept no longer than it is needed.
+        await self._inbox.settle(row.id, {"state": "done", "error": None, "body": b""})
         return True
 
-    async def _apply(self, row: WebhookRow) -> str:
-        """Turns a delivery into profile records; returns the state it ends in."""
+    async def _apply(self, row: WebhookRow) -> None:
+        """Turns a delivery into profile records, or hands a GDPR request to the gdpr service."""
         payload = json.loads(row.body)  # integers stay exact
         if not isinstance(payload, dict):
             raise shopify.PayloadError("the body is not a JSON object")
@@ -207,8 +211,7 @@ class Webhooks:
         elif row.topic in shopify.CUSTOMER_TOPICS:
             await self._profiles.ingest_customer(shopify.customer(row.shop_id, payload))
         else:
-            return "recorded"  # a GDPR topic: the gdpr service acts on it
-        return "done"
+            await self._gdpr.hand_over(row.shop_id, row.topic, row.webhook_id, row.body)
 
     async def dead_letters(self, shop_id: str, after_id: int, limit: int) -> list[WebhookRow]:
         return await self._inbox.dead(shop_id, after_id, limit)

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
 from services.runtime.settings import RuntimeSettings
 
 
-class Rehearsal(Exception):  # noqa: N818  (a control-flow signal, not an error)
+class Rehearsal(Exception):
     """Raised inside a transaction to roll it back and hand its result out: a dry run that
     counts exactly what the real run would touch, because it is the real run, undone."""
 

@@ -4,6 +4,7 @@ ids that travel between services, and timestamps between protobuf and Python."""
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -94,6 +95,20 @@ def channel_name(value: common_pb2.Channel.ValueType, field: str, violations: Vi
         )
         return "email"
     return name
+
+
+def plain(value: Any) -> Any:
+    """A value as JSON has it: instants as ISO 8601 strings, decimals as strings (exact), and
+    mappings and sequences converted throughout (what a protobuf Struct can hold)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
 
 
 def timestamp(instant: datetime | None) -> Timestamp | None:

@@ -172,24 +172,6 @@ async def test_a_delivery_that_failed_while_identity_was_down_replays(endpoint: 
     assert await endpoint.dead_letters() == []
 
 
-async def test_gdpr_topics_are_accepted_and_recorded(endpoint: Endpoint) -> None:
-    for topic, name in (
-        ("customers/redact", "customers_redact.json"),
-        ("customers/data_request", "customers_data_request.json"),
-        ("shop/redact", "shop_redact.json"),
-    ):
-        assert await endpoint.deliver(topic, fixture(name)) == (
-            200,
-            {"accepted": True, "duplicate": False},
-        )
-    recorded = [
-        ("customers/redact", "recorded"),
-        ("customers/data_request", "recorded"),
-        ("shop/redact", "recorded"),
-    ]
-    await eventually(endpoint.inbox, lambda rows: rows == recorded, "recording")
-
-
 async def test_the_endpoint_listens_on_every_address_like_the_grpc_server(
     start_service: StartService,
 ) -> None:
