@@ -9,7 +9,7 @@ import redis.asyncio as redis
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.profile.v1.profile_pb2_grpc import ProfileStub
-from services.gate.counters import Counters, HiredisPackedConnection
+from services.gate.counters import PREFIX, Counters, HiredisPackedConnection
 from services.gate.gate import Gate
 from services.gate.message_log import MessageLogWriter
 from services.gate.profiles import ProfilePolicies
@@ -20,6 +20,7 @@ from services.runtime import db
 from services.runtime.channels import connect
 from services.runtime.process import run, start_service
 from services.runtime.server import Dependency, Registration, Server
+from services.runtime.shop_data import RedactExtra
 from services.runtime.telemetry import Telemetry
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -43,12 +44,35 @@ def redis_client(settings: GateSettings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+def redact_counters(client: redis.Redis) -> RedactExtra:
+    """Counts or deletes a shop's keys in Redis (every customer's `{shop:person}` keys) as
+    `redis_keys`, a SCAN page at a time, one UNLINK per key (keys of many hash slots)."""
+
+    async def redact(shop_id: str, dry_run: bool) -> dict[str, int]:
+        removed, cursor = 0, None
+        while cursor != 0:
+            cursor, keys = await client.scan(
+                cursor or 0, match=f"{PREFIX}:{{{shop_id}:*", count=1000
+            )
+            if dry_run:
+                removed += len(keys)
+            elif keys:
+                pipeline = client.pipeline(transaction=False)
+                for key in keys:
+                    pipeline.unlink(key)
+                removed += sum(await pipeline.execute())
+        return {"redis_keys": removed}
+
+    return redact
+
+
 async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
     """Wires the service: settings -> engine, Redis -> gate -> servicer -> server."""
     engine = db.create_engine(settings)
     store = GateStore(db.session_factory(engine))
+    client = redis_client(settings)
     counters = Counters(
-        redis_client(settings),
+        client,
         timeout=settings.redis_timeout_ms / 1000,
         log_retention=settings.log_retention_seconds,
         write_timeout=settings.dependency_timeout_seconds,
@@ -72,7 +96,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
     )
     registration = Registration(
         gate_pb2.DESCRIPTOR.services_by_name["Gate"],
-        GateServicer(gate),  # type: ignore[abstract]  # Erase comes with the GDPR issue (#8)
+        GateServicer(gate),
         gate_pb2_grpc.add_GateServicer_to_server,
     )
     writer.start()
@@ -87,6 +111,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
             counters.close,
             *([] if profile is None else [partial(profile.close, None)]),
         ],
+        redact_extra=redact_counters(client),
     )
 
 

@@ -17,6 +17,7 @@ from services.runtime import db
 from services.runtime.auth import TokenRegistry
 from services.runtime.server import Dependency, Registration, Server, start_server
 from services.runtime.settings import RuntimeSettings
+from services.runtime.shop_data import RedactExtra, shop_data
 from services.runtime.telemetry import Telemetry, configure_logging, telemetry_from_environment
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,14 @@ async def start_service(
     engine: AsyncEngine,
     dependencies: Sequence[Dependency] = (),
     on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+    redact_extra: RedactExtra | None = None,
 ) -> Server:
-    """Starts a service that owns a database: its health follows the database and every other
-    dependency; stopping it disposes of the engine."""
+    """Starts a service that owns a database: it also serves ShopData over that database (and
+    over its other stores through `redact_extra`); its health follows the database and every
+    other dependency; stopping it disposes of the engine."""
     return await start_server(
         settings.listen_address,
-        registrations,
+        [*registrations, shop_data(engine, redact_extra)],
         tokens=TokenRegistry.from_settings(settings),
         telemetry=telemetry,
         dependencies=[Dependency("database", partial(db.ping, engine)), *dependencies],

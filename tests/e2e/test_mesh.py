@@ -123,6 +123,7 @@ async def test_grpcurl_lists_and_health_checks_every_service(embedded_mesh: Mesh
         assert output.split() == sorted(
             [
                 FULL_NAMES[service],
+                "c360.common.v1.ShopData",
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
             ]

@@ -60,56 +60,79 @@ class Mesh:
 
     async def shopper(self, email: str, phone: str, first: str, last: str, orders: int) -> str:
         """A shopper with orders, a consent, an event, a customer record and gate history."""
-        ids = [common_pb2.Identifier(type="email", value=email),
-               common_pb2.Identifier(type="phone", value=phone)]  # fmt: skip
+        ids = [
+            common_pb2.Identifier(type="email", value=email),
+            common_pb2.Identifier(type="phone", value=phone),
+        ]
         for n in range(orders):
             await self.profile.IngestOrder(
                 profile_pb2.IngestOrderRequest(
-                    shop_id=self.shop, order_id=f"{email[:4]}-{n}", identifiers=ids,
-                    placed_at=_stamp(datetime(2026, 10, 1 + n, tzinfo=UTC)), total="25.50",
-                    currency="EUR", source=profile_pb2.ORDER_SOURCE_ONLINE,
+                    shop_id=self.shop,
+                    order_id=f"{email[:4]}-{n}",
+                    identifiers=ids,
+                    placed_at=_stamp(datetime(2026, 10, 1 + n, tzinfo=UTC)),
+                    total="25.50",
+                    currency="EUR",
+                    source=profile_pb2.ORDER_SOURCE_ONLINE,
                 ),
                 metadata=AUTH,
-            )  # fmt: skip
+            )
         await self.profile.SetConsent(
             profile_pb2.SetConsentRequest(
-                shop_id=self.shop, person=self.person(email), channel=common_pb2.CHANNEL_EMAIL,
-                granted=True, consent_text=f"Yes, {first}, email me", source="checkout",
+                shop_id=self.shop,
+                person=self.person(email),
+                channel=common_pb2.CHANNEL_EMAIL,
+                granted=True,
+                consent_text=f"Yes, {first}, email me",
+                source="checkout",
                 at=_stamp(datetime(2026, 10, 1, tzinfo=UTC)),
             ),
             metadata=AUTH,
-        )  # fmt: skip
+        )
         await self.profile.IngestEvent(
             profile_pb2.IngestEventRequest(
-                shop_id=self.shop, event_id=f"visit-{email[:4]}", identifiers=ids[:1],
-                kind=profile_pb2.EVENT_KIND_VISIT, at=_stamp(datetime(2026, 10, 2, tzinfo=UTC)),
+                shop_id=self.shop,
+                event_id=f"visit-{email[:4]}",
+                identifiers=ids[:1],
+                kind=profile_pb2.EVENT_KIND_VISIT,
+                at=_stamp(datetime(2026, 10, 2, tzinfo=UTC)),
             ),
             metadata=AUTH,
-        )  # fmt: skip
-        record = {"external_id": f"crm-{email[:4]}", "email": email, "first_name": first,
-                  "last_name": last, "phone_number": phone}  # fmt: skip
+        )
+        record = {
+            "external_id": f"crm-{email[:4]}",
+            "email": email,
+            "first_name": first,
+            "last_name": last,
+            "phone_number": phone,
+        }
         upserted = profile_pb2.UpsertCustomersRequest(shop_id=self.shop)
         upserted.customers.add().update(record)
         await self.profile.UpsertCustomers(upserted, metadata=AUTH)
-        person_id = (await self.profile.Get(
-            profile_pb2.GetRequest(shop_id=self.shop, person=self.person(email)), metadata=AUTH
-        )).person_id  # fmt: skip
+        person_id = (
+            await self.profile.Get(
+                profile_pb2.GetRequest(shop_id=self.shop, person=self.person(email)), metadata=AUTH
+            )
+        ).person_id
         await self.gate.PutContactPolicy(
             gate_pb2.PutContactPolicyRequest(
-                shop_id=self.shop, person_id=person_id,
+                shop_id=self.shop,
+                person_id=person_id,
                 consents=[gate_pb2.ChannelConsent(channel=common_pb2.CHANNEL_EMAIL, granted=True)],
                 time_zone="Europe/Paris",
             ),
             metadata=AUTH,
-        )  # fmt: skip
+        )
         for n in range(2):
             await self.gate.Check(
                 gate_pb2.CheckRequest(
-                    shop_id=self.shop, person_id=person_id, channel=common_pb2.CHANNEL_EMAIL,
+                    shop_id=self.shop,
+                    person_id=person_id,
+                    channel=common_pb2.CHANNEL_EMAIL,
                     message_id=f"m-{email[:4]}-{n}",
                 ),
                 metadata=AUTH,
-            )  # fmt: skip
+            )
         return str(person_id)
 
     async def revenue(self) -> Decimal:
@@ -130,10 +153,11 @@ class Mesh:
 
     async def deliver(self, topic: str, body: bytes) -> int:
         headers = {
-            "X-Shopify-Topic": topic, "X-Shopify-Shop-Domain": self.shop,
+            "X-Shopify-Topic": topic,
+            "X-Shopify-Shop-Domain": self.shop,
             "X-Shopify-Webhook-Id": secrets.token_hex(8),
             "X-Shopify-Hmac-Sha256": signature(SECRET, body),
-        }  # fmt: skip
+        }
         async with (
             aiohttp.ClientSession() as http,
             http.post(self.webhook_url, data=body, headers=headers) as response,
@@ -148,17 +172,29 @@ async def mesh(start_service: StartService, settings_for: Any) -> AsyncIterator[
     enrichment = await start_service("enrichment")
     profile_port, gdpr_port = free_port(), free_port()
     peers = {
-        "identity_addr": f"127.0.0.1:{identity.port}", "gate_addr": f"127.0.0.1:{gate.port}",
-        "profile_addr": f"127.0.0.1:{profile_port}", "gdpr_addr": f"127.0.0.1:{gdpr_port}",
-        "enrichment_addr": f"127.0.0.1:{enrichment.port}", "service_token": ADMIN_TOKEN,
-    }  # fmt: skip
+        "identity_addr": f"127.0.0.1:{identity.port}",
+        "gate_addr": f"127.0.0.1:{gate.port}",
+        "profile_addr": f"127.0.0.1:{profile_port}",
+        "gdpr_addr": f"127.0.0.1:{gdpr_port}",
+        "enrichment_addr": f"127.0.0.1:{enrichment.port}",
+        "service_token": ADMIN_TOKEN,
+    }
     gdpr = await start_service("gdpr", gdpr_port=gdpr_port, job_interval_seconds=0.1, **peers)
     profile = await start_service(
-        "profile", profile_port=profile_port, webhook_port=0, shopify_api_secret=SECRET,
-        webhook_max_attempts=3, **peers,
-    )  # fmt: skip
-    servers = {"identity": identity, "gate": gate, "enrichment": enrichment, "gdpr": gdpr,
-               "profile": profile}  # fmt: skip
+        "profile",
+        profile_port=profile_port,
+        webhook_port=0,
+        shopify_api_secret=SECRET,
+        webhook_max_attempts=3,
+        **peers,
+    )
+    servers = {
+        "identity": identity,
+        "gate": gate,
+        "enrichment": enrichment,
+        "gdpr": gdpr,
+        "profile": profile,
+    }
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{profile.port}") as to_profile,
         grpc.aio.insecure_channel(f"127.0.0.1:{identity.port}") as to_identity,
@@ -191,7 +227,8 @@ async def _found_in_tables(mesh: Mesh, needles: list[str]) -> list[str]:
     for service in SERVICES:
         tables = await mesh.query(
             service,
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema()",
         )
         for (table,) in tables:
             rows = await mesh.query(service, f'SELECT t::text AS row FROM "{table}" t')
@@ -206,14 +243,15 @@ async def _found_in_redis(url: str, needles: list[str]) -> list[str]:
     found = []
     try:
         async for key in client.scan_iter(count=1000):
-            kind = (await client.type(key)).decode()
+            kind = await client.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
             values: list[Any] = [key]
             if kind == "hash":
                 values += list((await client.hgetall(key)).values())
             elif kind == "string":
                 values.append(await client.get(key))
             elif kind == "stream":
-                values += [str(e) for e in await client.xrange(key)]
+                values += [str(e) for e in await client.xrange(key) or []]
             elif kind == "zset":
                 values += await client.zrange(key, 0, -1)
             text = " ".join(v.decode() if isinstance(v, bytes) else str(v) for v in values)
@@ -238,10 +276,11 @@ async def test_an_erasure_leaves_no_pii_anywhere_and_keeps_the_revenue(
         gdpr_pb2.PreviewEraseRequest(shop_id=mesh.shop, person=mesh.person(email)), metadata=AUTH
     )
     started = await mesh.gdpr.Erase(
-        gdpr_pb2.EraseRequest(shop_id=mesh.shop, person=mesh.person(email), reason="asked",
-                              requested_by="dpo@shop"),
+        gdpr_pb2.EraseRequest(
+            shop_id=mesh.shop, person=mesh.person(email), reason="asked", requested_by="dpo@shop"
+        ),
         metadata=AUTH,
-    )  # fmt: skip
+    )
     assert started.person_id == person_id
     job = await mesh.erasure(started.job_id)
     assert job.state == gdpr_pb2.ERASURE_STATE_DONE
@@ -260,28 +299,42 @@ async def test_an_erasure_leaves_no_pii_anywhere_and_keeps_the_revenue(
     assert await mesh.revenue() == Decimal("127.50")
 
     for call in (
-        mesh.profile.Get(profile_pb2.GetRequest(shop_id=mesh.shop, person=mesh.person(email)), metadata=AUTH),
-        mesh.identity.Lookup(identity_pb2.LookupRequest(shop_id=mesh.shop, identifier=common_pb2.Identifier(type="email", value=email)), metadata=AUTH),
-    ):  # fmt: skip
+        mesh.profile.Get(
+            profile_pb2.GetRequest(shop_id=mesh.shop, person=mesh.person(email)), metadata=AUTH
+        ),
+        mesh.identity.Lookup(
+            identity_pb2.LookupRequest(
+                shop_id=mesh.shop, identifier=common_pb2.Identifier(type="email", value=email)
+            ),
+            metadata=AUTH,
+        ),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     blocked = await mesh.gate.Check(
-        gate_pb2.CheckRequest(shop_id=mesh.shop, person_id=person_id,
-                              channel=common_pb2.CHANNEL_EMAIL, message_id="after"),
+        gate_pb2.CheckRequest(
+            shop_id=mesh.shop,
+            person_id=person_id,
+            channel=common_pb2.CHANNEL_EMAIL,
+            message_id="after",
+        ),
         metadata=AUTH,
-    )  # fmt: skip
+    )
     assert (blocked.allowed, blocked.reason) == (False, "global_unsubscribe")
     # A re-delivered order brings nothing back.
     await mesh.profile.IngestOrder(
         profile_pb2.IngestOrderRequest(
-            shop_id=mesh.shop, order_id=f"{email[:4]}-0",
+            shop_id=mesh.shop,
+            order_id=f"{email[:4]}-0",
             identifiers=[common_pb2.Identifier(type="email", value=email)],
-            placed_at=_stamp(datetime(2026, 10, 1, tzinfo=UTC)), total="25.50", currency="EUR",
+            placed_at=_stamp(datetime(2026, 10, 1, tzinfo=UTC)),
+            total="25.50",
+            currency="EUR",
             source=profile_pb2.ORDER_SOURCE_ONLINE,
         ),
         metadata=AUTH,
-    )  # fmt: skip
+    )
     assert await _found_in_tables(mesh, needles) == []
 
     audit = await mesh.gdpr.ListAudit(gdpr_pb2.ListAuditRequest(shop_id=mesh.shop), metadata=AUTH)
@@ -314,9 +367,11 @@ async def test_a_job_finishes_after_a_service_comes_back_and_reads_never_show_pi
     assert job.steps[1].last_error == "UNAVAILABLE"
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await mesh.profile.Get(
-            profile_pb2.GetRequest(shop_id=mesh.shop, person=common_pb2.PersonRef(person_id=person_id)),
+            profile_pb2.GetRequest(
+                shop_id=mesh.shop, person=common_pb2.PersonRef(person_id=person_id)
+            ),
             metadata=AUTH,
-        )  # fmt: skip
+        )
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
     await start_service("identity", identity_port=port)
@@ -335,14 +390,19 @@ async def test_shopify_requests_export_then_erase_end_to_end(mesh: Mesh) -> None
     person_id = await mesh.shopper("john@example.com", "+14155550199", "John", "Fixture", 1)
     await mesh.profile.IngestOrder(
         profile_pb2.IngestOrderRequest(
-            shop_id=mesh.shop, order_id="299938",
-            identifiers=[common_pb2.Identifier(type="shopify_customer_id", value="191167"),
-                         common_pb2.Identifier(type="email", value="john@example.com")],
-            placed_at=_stamp(datetime(2026, 9, 1, tzinfo=UTC)), total="10.00", currency="EUR",
+            shop_id=mesh.shop,
+            order_id="299938",
+            identifiers=[
+                common_pb2.Identifier(type="shopify_customer_id", value="191167"),
+                common_pb2.Identifier(type="email", value="john@example.com"),
+            ],
+            placed_at=_stamp(datetime(2026, 9, 1, tzinfo=UTC)),
+            total="10.00",
+            currency="EUR",
             source=profile_pb2.ORDER_SOURCE_ONLINE,
         ),
         metadata=AUTH,
-    )  # fmt: skip
+    )
     assert (
         await mesh.deliver("customers/data_request", fixture("customers_data_request.json")) == 200
     )
