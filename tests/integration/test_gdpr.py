@@ -272,6 +272,15 @@ async def test_an_erasure_leaves_no_pii_anywhere_and_keeps_the_revenue(
     await mesh.shopper(f"other.{tag}@stardust.example", "+33698765432", f"Ava{tag}", "Other", 2)
     await eventually(mesh.revenue, lambda r: r == Decimal("127.50"), "the orders")
 
+    async def settled() -> tuple[int, int]:
+        due = await mesh.query("profile", "SELECT 1 FROM summary_due WHERE shop_id = $1", mesh.shop)
+        built = await mesh.query(
+            "profile", "SELECT 1 FROM person_summary WHERE shop_id = $1", mesh.shop
+        )
+        return len(due), len(built)
+
+    await eventually(settled, lambda n: n == (0, 2), "the summaries")
+
     preview = await mesh.gdpr.PreviewErase(
         gdpr_pb2.PreviewEraseRequest(shop_id=mesh.shop, person=mesh.person(email)), metadata=AUTH
     )
