@@ -14,10 +14,10 @@ from services.runtime.validation import (
     person_ref,
     plain,
     shop,
+    text,
     timestamp,
 )
 
-MAX_TEXT = 256
 STATES = {
     "pending": gdpr_pb2.ERASURE_STATE_PENDING,
     "running": gdpr_pb2.ERASURE_STATE_RUNNING,
@@ -25,12 +25,6 @@ STATES = {
 }
 TOPICS = frozenset({"customers/redact", "customers/data_request", "shop/redact"})
 MAX_BODY = 1 << 20
-
-
-def _text(value: str, field: str, violations: Violations) -> str:
-    if len(value) > MAX_TEXT or not value.isprintable():
-        violations.add(field, f"at most {MAX_TEXT} printable characters")
-    return value
 
 
 def _actor(requested_by: str) -> str:
@@ -64,8 +58,8 @@ class GdprServicer(gdpr_pb2_grpc.GdprServicer):
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         ref = person_ref(request, "person", violations)
-        reason = _text(request.reason, "reason", violations)
-        actor = _text(request.requested_by, "requested_by", violations)
+        reason = text(request.reason, "reason", violations, required=False)
+        actor = text(request.requested_by, "requested_by", violations, required=False)
         violations.raise_any()
         job_id, person_id = await self._gdpr.erase(shop_id, ref, [], reason, _actor(actor))
         return gdpr_pb2.EraseResponse(job_id=job_id, person_id=person_id)
@@ -115,9 +109,7 @@ class GdprServicer(gdpr_pb2_grpc.GdprServicer):
         shop_id = shop(request.shop_id, violations)
         if request.topic not in TOPICS:
             violations.add("topic", f"one of {', '.join(sorted(TOPICS))}")
-        _text(request.webhook_id, "webhook_id", violations)
-        if not request.webhook_id:
-            violations.add("webhook_id", "required")
+        text(request.webhook_id, "webhook_id", violations)
         if len(request.body) > MAX_BODY:
             violations.add("body", f"at most {MAX_BODY} bytes")
         violations.raise_any()

@@ -17,6 +17,7 @@ from services.runtime.validation import (
     cursor,
     person,
     shop,
+    text,
     time_field,
     timestamp,
 )
@@ -38,17 +39,10 @@ CHANGE_KINDS = {
 }
 STRENGTHS = {"authoritative": identity_pb2.STRENGTH_AUTHORITATIVE}
 MAX_EVENT_ID = 256
-MAX_TEXT = 256
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 # Anything longer is out of range; the graph checks the exact bounds.
 MAX_WINDOW_SECONDS = 10**9
-
-
-def _text(value: str, field: str, violations: Violations, required: bool = True) -> str:
-    if (required and not value) or len(value) > MAX_TEXT or not value.isprintable():
-        violations.add(field, f"must be {'1' if required else '0'}-{MAX_TEXT} printable characters")
-    return value
 
 
 def _by() -> str:
@@ -102,7 +96,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         event_id = request.event_id
         if not event_id or len(event_id) > MAX_EVENT_ID or not event_id.isprintable():
             violations.add("event_id", f"must be 1-{MAX_EVENT_ID} printable characters")
-        source = _text(request.source, "source", violations)
+        source = text(request.source, "source", violations)
         if request.strength not in (
             identity_pb2.STRENGTH_AUTHORITATIVE,
             identity_pb2.STRENGTH_ASSERTED,
@@ -205,11 +199,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         if request.candidate_id:
-            _text(request.candidate_id, "candidate_id", violations)
+            text(request.candidate_id, "candidate_id", violations)
         else:
             person(request.person_a_id, "person_a_id", violations)
             person(request.person_b_id, "person_b_id", violations)
-        reason = _text(request.reason, "reason", violations, required=False)
+        reason = text(request.reason, "reason", violations, required=False)
         violations.raise_any()
         row = await self._graph.merge(
             shop_id,
@@ -225,8 +219,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     ) -> identity_pb2.DismissCandidateResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        candidate_id = _text(request.candidate_id, "candidate_id", violations)
-        reason = _text(request.reason, "reason", violations, required=False)
+        candidate_id = text(request.candidate_id, "candidate_id", violations)
+        reason = text(request.reason, "reason", violations, required=False)
         violations.raise_any()
         await self._graph.dismiss(shop_id, candidate_id, reason, _by())
         return identity_pb2.DismissCandidateResponse()
@@ -234,8 +228,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     async def Unmerge(self, request: Any, context: Any) -> identity_pb2.UnmergeResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        merge_id = _text(request.merge_id, "merge_id", violations)
-        reason = _text(request.reason, "reason", violations, required=False)
+        merge_id = text(request.merge_id, "merge_id", violations)
+        reason = text(request.reason, "reason", violations, required=False)
         violations.raise_any()
         row = await self._graph.unmerge(shop_id, merge_id, reason, _by())
         return identity_pb2.UnmergeResponse(merge=_merge(row))

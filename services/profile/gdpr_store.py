@@ -24,7 +24,7 @@ from services.profile.store import (
     SummaryRow,
     TagRow,
     WebhookRow,
-    _anchored,
+    anchored,
 )
 from services.runtime.db import Rehearsal, dialect_of
 
@@ -76,7 +76,7 @@ class GdprStore:
         async with self._sessions() as session:
             rows = await session.execute(
                 select(CustomerRow.first_name, CustomerRow.last_name).where(
-                    CustomerRow.shop_id == shop_id, _anchored(CustomerRow, anchors)
+                    CustomerRow.shop_id == shop_id, anchored(CustomerRow, anchors)
                 )
             )
             return [name for pair in rows for name in pair if name]
@@ -87,7 +87,7 @@ class GdprStore:
             orders = list(
                 await session.scalars(
                     select(OrderRow)
-                    .where(OrderRow.shop_id == shop_id, _anchored(OrderRow, anchors))
+                    .where(OrderRow.shop_id == shop_id, anchored(OrderRow, anchors))
                     .order_by(OrderRow.placed_at, OrderRow.order_id)
                 )
             )
@@ -101,17 +101,17 @@ class GdprStore:
             )
             events = await session.scalars(
                 select(EventRow)
-                .where(EventRow.shop_id == shop_id, _anchored(EventRow, anchors))
+                .where(EventRow.shop_id == shop_id, anchored(EventRow, anchors))
                 .order_by(EventRow.at, EventRow.event_id)
             )
             consents = await session.scalars(
                 select(ConsentRow)
-                .where(ConsentRow.shop_id == shop_id, _anchored(ConsentRow, anchors))
+                .where(ConsentRow.shop_id == shop_id, anchored(ConsentRow, anchors))
                 .order_by(ConsentRow.at, ConsentRow.consent_id)
             )
             customers = await session.scalars(
                 select(CustomerRow)
-                .where(CustomerRow.shop_id == shop_id, _anchored(CustomerRow, anchors))
+                .where(CustomerRow.shop_id == shop_id, anchored(CustomerRow, anchors))
                 .order_by(CustomerRow.source, CustomerRow.source_id)
             )
             return {
@@ -165,14 +165,14 @@ async def _erase(
         "consent_fact",
         delete(ConsentRow).where(
             ConsentRow.shop_id == shop_id,
-            _anchored(ConsentRow, [*subject.anchors, subject.tombstone]),
+            anchored(ConsentRow, [*subject.anchors, subject.tombstone]),
         ),
     )
     for table, model in (("order_fact", OrderRow), ("event_fact", EventRow)):
         await run(
             table,
             update(model)
-            .where(model.shop_id == shop_id, _anchored(model, identifiers))
+            .where(model.shop_id == shop_id, anchored(model, identifiers))
             .values(anchor_type="person", anchor_key=subject.person_id),
         )
     if order_ids:
@@ -189,7 +189,7 @@ async def _erase(
     keyed = await session.scalars(
         select(CustomerRow).where(
             CustomerRow.shop_id == shop_id,
-            _anchored(CustomerRow, [*subject.anchors, subject.tombstone]),
+            anchored(CustomerRow, [*subject.anchors, subject.tombstone]),
             CustomerRow.source == "custobar",
             CustomerRow.forgotten.is_(False),
         )
@@ -202,7 +202,7 @@ async def _erase(
         update(CustomerRow)
         .where(
             CustomerRow.shop_id == shop_id,
-            _anchored(CustomerRow, [*subject.anchors, subject.tombstone]),
+            anchored(CustomerRow, [*subject.anchors, subject.tombstone]),
             CustomerRow.forgotten.is_(False),
         )
         .values(

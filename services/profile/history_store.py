@@ -116,7 +116,7 @@ class HistoryStore:
             return list(await session.scalars(query.order_by(ActivityRow.seq).limit(limit)))
 
 
-def _anchored(model: Any) -> Any:
+def anchored(model: Any) -> Any:
     return (
         (PersonAnchorRow.shop_id == model.shop_id)
         & (PersonAnchorRow.anchor_type == model.anchor_type)
@@ -145,7 +145,7 @@ def _orders(shop_id: str, as_of: datetime, chosen: ColumnElement[bool]) -> Any:
             func.sum(OrderRow.total - refunded),
             func.max(OrderRow.placed_at),
         )
-        .join(PersonAnchorRow, _anchored(OrderRow))
+        .join(PersonAnchorRow, anchored(OrderRow))
         .where(
             OrderRow.shop_id == shop_id,
             chosen,
@@ -160,7 +160,7 @@ def _orders(shop_id: str, as_of: datetime, chosen: ColumnElement[bool]) -> Any:
 def _events(shop_id: str, since: datetime, as_of: datetime, chosen: ColumnElement[bool]) -> Any:
     return (
         select(PersonAnchorRow.person_id, EventRow.at, EventRow.kind)
-        .join(PersonAnchorRow, _anchored(EventRow))
+        .join(PersonAnchorRow, anchored(EventRow))
         .where(EventRow.shop_id == shop_id, chosen, EventRow.at > since, EventRow.at <= as_of)
         .order_by(PersonAnchorRow.person_id, EventRow.at)
     )

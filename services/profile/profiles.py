@@ -543,15 +543,11 @@ class Profiles:
         return resolved
 
     async def _person(self, shop_id: str, person: PersonRef) -> Group:
-        """The group of a person named by id or by any identifier (read-only: never creates);
-        NOT_FOUND for a person erased under GDPR."""
+        """The group of a person named by id or by any identifier (read-only: never creates)."""
         person_id = person.person_id
         if person.identifier is not None:
             person_id = await self._identity.lookup(shop_id, *person.identifier)
-        group = await self._identity.group(shop_id, person_id)
-        if await self._store.erased(shop_id, group.person_id):
-            raise NotFound("person", group.person_id)
-        return group
+        return await self._identity.group(shop_id, person_id)
 
     async def _person_of(self, shop_id: str, anchor: Anchor) -> str:
         """The person an anchor belongs to now ("" for an anonymous order or event)."""
@@ -564,12 +560,16 @@ class Profiles:
     # --- the whole picture ----------------------------------------------------------------------
 
     async def get(self, shop_id: str, person: PersonRef, include_log: bool) -> Profile:
-        """Everything known about the person (the group identity keeps them in)."""
+        """Everything known about the person (the group identity keeps them in); NOT_FOUND for
+        a person erased under GDPR (checked beside the reads, not before them)."""
         group = await self._person(shop_id, person)
-        facts, history = await asyncio.gather(
+        facts, history, erased = await asyncio.gather(
             self._store.facts(shop_id, group.anchors),
             self._history(shop_id, group.person_id, include_log),
+            self._store.erased(shop_id, group.person_id),
         )
+        if erased:
+            raise NotFound("person", group.person_id)
         return assemble(shop_id, group, facts, history)
 
     async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:

@@ -400,7 +400,8 @@ async def _mark_due(session: AsyncSession, shop_id: str, person_id: str, now: da
     )
 
 
-def _anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
+def anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
+    """Rows of `model` anchored on any of these anchors."""
     return tuple_(model.anchor_type, model.anchor_key).in_(anchors)
 
 
@@ -489,7 +490,7 @@ class ProfileStore:
                     .where(
                         CustomerRow.shop_id == shop_id,
                         CustomerRow.source == source,
-                        _anchored(CustomerRow, anchors),
+                        anchored(CustomerRow, anchors),
                     )
                     .order_by(CustomerRow.updated_at.desc())
                     .limit(1)
@@ -550,7 +551,7 @@ class ProfileStore:
             for model in (OrderRow, EventRow, ConsentRow, CustomerRow):
                 result = await session.execute(
                     update(model)
-                    .where(model.shop_id == shop_id, _anchored(model, anchors))
+                    .where(model.shop_id == shop_id, anchored(model, anchors))
                     .values(anchor_type=to[0], anchor_key=to[1])
                 )
                 moved += getattr(result, "rowcount", 0)
@@ -613,7 +614,7 @@ class ProfileStore:
     async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
         """The facts anchored on any of these identifiers, aggregated in the database."""
         async with self._sessions() as session:
-            mine = (OrderRow.shop_id == shop_id) & _anchored(OrderRow, anchors)
+            mine = (OrderRow.shop_id == shop_id) & anchored(OrderRow, anchors)
             live = mine & OrderRow.cancelled.is_(False)
             orders = [
                 OrderTotals(currency, source, location, n, spend, utc(first), utc(last))
@@ -657,14 +658,14 @@ class ProfileStore:
                 (channel, kind, n, utc(last))
                 for channel, kind, n, last in await session.execute(
                     select(EventRow.channel, EventRow.kind, func.count(), func.max(EventRow.at))
-                    .where(EventRow.shop_id == shop_id, _anchored(EventRow, anchors))
+                    .where(EventRow.shop_id == shop_id, anchored(EventRow, anchors))
                     .group_by(EventRow.channel, EventRow.kind)
                 )
             ]
             consents = list(
                 await session.scalars(
                     select(ConsentRow)
-                    .where(ConsentRow.shop_id == shop_id, _anchored(ConsentRow, anchors))
+                    .where(ConsentRow.shop_id == shop_id, anchored(ConsentRow, anchors))
                     .order_by(ConsentRow.at, ConsentRow.consent_id)
                 )
             )
@@ -673,7 +674,7 @@ class ProfileStore:
                     select(CustomerRow)
                     .where(
                         CustomerRow.shop_id == shop_id,
-                        _anchored(CustomerRow, anchors),
+                        anchored(CustomerRow, anchors),
                         CustomerRow.deleted.is_(False),
                     )
                     .order_by(CustomerRow.updated_at)

@@ -97,6 +97,17 @@ def channel_name(value: common_pb2.Channel.ValueType, field: str, violations: Vi
     return name
 
 
+MAX_TEXT = 256
+
+
+def text(value: str, field: str, violations: Violations, required: bool = True) -> str:
+    """A short free text (a reason, a source, an id a caller chose): printable, at most
+    MAX_TEXT characters, and non-empty when required."""
+    if (required and not value) or len(value) > MAX_TEXT or not value.isprintable():
+        violations.add(field, f"must be {'1' if required else '0'}-{MAX_TEXT} printable characters")
+    return value
+
+
 def plain(value: Any) -> Any:
     """A value as JSON has it: instants as ISO 8601 strings, decimals as strings (exact), and
     mappings and sequences converted throughout (what a protobuf Struct can hold)."""
