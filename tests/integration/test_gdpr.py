@@ -436,6 +436,15 @@ async def test_shopify_requests_export_then_erase_end_to_end(mesh: Mesh) -> None
 
     assert await mesh.deliver("customers/redact", fixture("customers_redact.json")) == 200
     await eventually(actions, lambda a: a[:2] == ["erase_done", "erase"], "the erasure")
+
+    async def inbox() -> list[str]:
+        rows = await mesh.query(
+            "profile", "SELECT state FROM webhook_inbox WHERE shop_id = $1 ORDER BY id", mesh.shop
+        )
+        return [row["state"] for row in rows]
+
+    # The redact delivery is settled (its body dropped) once the handover has answered.
+    await eventually(inbox, lambda states: states == ["done", "done"], "the inbox")
     assert await _found_in_tables(mesh, ["john@example.com", "+14155550199", "Fixture"]) == []
     assert person_id
 
