@@ -222,16 +222,25 @@ def _stamp(instant: datetime) -> Any:
 
 
 async def _found_in_tables(mesh: Mesh, needles: list[str]) -> list[str]:
-    """Every table of every service whose rows mention a needle (any case)."""
+    """Every table of every service whose rows of the test's shop (every row, for a table with
+    no shop) mention a needle, in any case. Other tests of the run share the schemas and may hold
+    the same fixture values under their own shops."""
     found = []
     for service in SERVICES:
         tables = await mesh.query(
             service,
-            "SELECT table_name FROM information_schema.tables"
-            " WHERE table_schema = current_schema()",
+            "SELECT t.table_name, bool_or(c.column_name = 'shop_id') AS by_shop"
+            " FROM information_schema.tables t JOIN information_schema.columns c"
+            " ON c.table_schema = t.table_schema AND c.table_name = t.table_name"
+            " WHERE t.table_schema = current_schema() GROUP BY t.table_name",
         )
-        for (table,) in tables:
-            rows = await mesh.query(service, f'SELECT t::text AS row FROM "{table}" t')
+        for table, by_shop in tables:
+            query = f'SELECT t::text AS row FROM "{table}" t'
+            rows = await (
+                mesh.query(service, query + " WHERE shop_id = $1", mesh.shop)
+                if by_shop
+                else mesh.query(service, query)
+            )
             for row in rows:
                 text = row["row"].lower()
                 found += [f"{service}.{table}: {n}" for n in needles if n.lower() in text]
