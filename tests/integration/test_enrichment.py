@@ -72,6 +72,13 @@ class Mesh:
         )
         return len(page.person_ids)
 
+    async def product_days(self) -> list[int]:
+        """Purchase days of every repeat product in the shop, as a run reads them."""
+        page = await self.profile.ListHistories(
+            profile_pb2.ListHistoriesRequest(shop_id=self.shop), metadata=AUTH
+        )
+        return list(page.product_days)
+
     async def run(self, **kw: Any) -> list[Any]:
         call = self.enrichment.RunShop(
             enrichment_pb2.RunShopRequest(shop_id=self.shop, **kw), metadata=AUTH
@@ -116,6 +123,9 @@ async def test_a_run_lands_stage_rfm_churn_ltv_and_next_order_on_the_profile(mes
     for n, days_ago in enumerate((70, 40, 10)):
         await mesh.order(f"r-{n}", "regular@example.com", "45.50", days_ago=days_ago)
     await eventually(mesh.persons, lambda n: n == MIN_RANKED + 5, "the summaries")
+    # A run reads repeat products from the summaries: the regular's must show all three days
+    # (the follower would otherwise race the run with fresher products due).
+    await eventually(mesh.product_days, lambda days: days == [3], "the regular's summary")
 
     progress = await mesh.run()
 
