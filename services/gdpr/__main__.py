@@ -38,7 +38,7 @@ async def build(
     )
     registration = Registration(
         gdpr_pb2.DESCRIPTOR.services_by_name["Gdpr"],
-        GdprServicer(gdpr),  # type: ignore[abstract]  # Inventory: not built yet
+        GdprServicer(gdpr, settings.retention_days),
         gdpr_pb2_grpc.add_GdprServicer_to_server,
     )
 

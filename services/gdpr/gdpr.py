@@ -29,7 +29,7 @@ from services.gdpr.store import (
 from services.runtime.channels import peer_answer
 from services.runtime.errors import InvalidArgument, NotFound, PeerRejected
 from services.runtime.settings import ServiceName
-from services.runtime.validation import PersonRef
+from services.runtime.validation import PersonRef, timestamp
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,15 @@ step is the tombstone every read honours; identity last, since the profile finds
 facts through their identifiers."""
 SHOP_STEPS: tuple[ServiceName, ...] = ("gate", "profile", "identity", "enrichment")
 DUE_BATCH = 20
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A shop's data inventory: identity's counts of persons, and the erasures done."""
+
+    persons: identity_pb2.InventoryResponse
+    erasures_done: int
+    retained_since: datetime
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,26 @@ class Gdpr:
             self._clock(),
         )  # fmt: skip
         return document
+
+    async def inventory(self, shop_id: str, retention: timedelta, actor: str) -> Inventory:
+        """The shop's data in counts: customers with an email or phone, the oldest record,
+        those past retention, the erasures done."""
+        since = self._clock() - retention
+        persons, erasures = await asyncio.gather(
+            peer_answer(
+                self._peers.identity.Inventory(
+                    identity_pb2.InventoryRequest(shop_id=shop_id, seen_before=timestamp(since))
+                )
+            ),
+            self._store.erasures_done(shop_id),
+        )
+        found = Inventory(persons, erasures, since)
+        await self._store.audit(
+            Audit(shop_id, "inventory", actor,
+                  counts={"customers": persons.persons, "past_retention": persons.past_retention}),
+            self._clock(),
+        )  # fmt: skip
+        return found
 
     # --- shops --------------------------------------------------------------------------------
 

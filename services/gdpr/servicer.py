@@ -1,5 +1,6 @@
 """The Gdpr gRPC service over the erasure jobs and data-subject requests."""
 
+from datetime import timedelta
 from typing import Any
 
 from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
@@ -25,6 +26,7 @@ STATES = {
 }
 TOPICS = frozenset({"customers/redact", "customers/data_request", "shop/redact"})
 MAX_BODY = 1 << 20
+MAX_RETENTION_DAYS = 36500
 
 
 def _actor(requested_by: str) -> str:
@@ -51,8 +53,9 @@ def _erasure(job: JobRow, steps: list[StepRow]) -> gdpr_pb2.Erasure:
 class GdprServicer(gdpr_pb2_grpc.GdprServicer):
     """The Gdpr service."""
 
-    def __init__(self, gdpr: Gdpr) -> None:
+    def __init__(self, gdpr: Gdpr, retention_days: int) -> None:
         self._gdpr = gdpr
+        self._retention_days = retention_days
 
     async def Erase(self, request: Any, context: Any) -> gdpr_pb2.EraseResponse:
         violations = Violations()
@@ -92,6 +95,24 @@ class GdprServicer(gdpr_pb2_grpc.GdprServicer):
         answer = gdpr_pb2.ExportResponse()
         answer.data.update(plain(await self._gdpr.export(shop_id, ref, _actor(""))))
         return answer
+
+    async def Inventory(self, request: Any, context: Any) -> gdpr_pb2.InventoryResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 0 <= request.retention_days <= MAX_RETENTION_DAYS:
+            violations.add("retention_days", f"0 (the default) to {MAX_RETENTION_DAYS} days")
+        violations.raise_any()
+        days = request.retention_days or self._retention_days
+        found = await self._gdpr.inventory(shop_id, timedelta(days=days), _actor(""))
+        persons = found.persons
+        oldest = persons.oldest_record_at if persons.HasField("oldest_record_at") else None
+        return gdpr_pb2.InventoryResponse(
+            customers=persons.persons, with_email=persons.with_email,
+            with_phone=persons.with_phone,
+            oldest_record_at=oldest,
+            past_retention=persons.past_retention, erasures_done=found.erasures_done,
+            retained_since=timestamp(found.retained_since),
+        )  # fmt: skip
 
     async def RedactShop(self, request: Any, context: Any) -> gdpr_pb2.RedactShopResponse:
         violations = Violations()

@@ -24,3 +24,11 @@ class GdprSettings(RuntimeSettings):
         description="Days between an uninstalled shop's shop/redact (or a RedactShop without "
         "`immediately`) and the removal of all its data.",
     )
+    retention_days: int = Field(
+        1095,
+        gt=0,
+        le=36500,
+        description="Days after a customer was last seen that the data inventory counts their "
+        "record as past retention (3 years: the common guidance for marketing data after the "
+        "last contact). A request's `retention_days` overrides it.",
+    )

@@ -33,6 +33,7 @@ from services.identity.store import (
     EvidenceRow,
     IdentifierRow,
     IdentityStore,
+    Inventory,
     MergeRow,
     ShopPolicyRow,
     Tx,
@@ -574,6 +575,9 @@ class IdentityGraph:
 
     async def changes(self, shop_id: str | None, after: int, limit: int) -> list[ChangeRow]:
         return await self._store.changes(shop_id, after, limit)
+
+    async def inventory(self, shop_id: str, seen_before: datetime) -> Inventory:
+        return await self._store.inventory(shop_id, seen_before)
 
     # --- decisions ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from services.runtime.validation import (
     bounded,
     cursor,
     person,
+    required_time,
     shop,
     text,
     time_field,
@@ -271,6 +272,18 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         shop_id = shop(request.shop_id, violations)
         violations.raise_any()
         return _policy(await self._graph.policy(shop_id))
+
+    async def Inventory(self, request: Any, context: Any) -> identity_pb2.InventoryResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        seen_before = required_time(request, "seen_before", violations)
+        violations.raise_any()
+        counts = await self._graph.inventory(shop_id, seen_before)
+        return identity_pb2.InventoryResponse(
+            persons=counts.persons, with_email=counts.with_email, with_phone=counts.with_phone,
+            oldest_record_at=timestamp(counts.oldest_record_at),
+            past_retention=counts.past_retention,
+        )  # fmt: skip
 
     async def ListChanges(self, request: Any, context: Any) -> identity_pb2.ListChangesResponse:
         violations = Violations()

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.identity.identifiers import NORMALIZER_VERSION, Normalized
-from services.runtime.db import append_to_outbox, dialect_of
+from services.runtime.db import append_to_outbox, dialect_of, utc
 
 BIGINT = BigInteger().with_variant(Integer, "sqlite")
 
@@ -226,6 +226,19 @@ def lock_key(shop_id: str, type_: str, match_key: str) -> int:
     """The 64-bit advisory lock of an identifier: whoever links it holds it first."""
     digest = hashlib.blake2b(f"{shop_id}\0{type_}\0{match_key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A shop's persons in counts: what a data-minimisation review starts from."""
+
+    persons: int
+    with_email: int
+    with_phone: int
+    oldest_record_at: datetime | None
+    """When the oldest of their evidence was observed."""
+    past_retention: int
+    """Persons whose newest evidence is older than the cutoff."""
 
 
 @dataclass(frozen=True)
@@ -735,6 +748,52 @@ class IdentityStore:
                 )
                 for row in rows
             ]
+
+    async def inventory(self, shop_id: str, seen_before: datetime) -> Inventory:
+        """The shop's persons in counts (a merged group once, erased ones not at all)."""
+        live = (PersonRow.shop_id == shop_id, PersonRow.erased_at.is_(None))
+
+        def with_type(type_: str) -> Any:
+            return (
+                select(func.count(func.distinct(PersonRow.root_id)))
+                .join(
+                    IdentifierRow,
+                    (IdentifierRow.shop_id == PersonRow.shop_id)
+                    & (IdentifierRow.person_id == PersonRow.person_id),
+                )
+                .where(*live, IdentifierRow.type == type_)
+                .scalar_subquery()
+            )
+
+        seen = (
+            select(
+                func.min(EvidenceRow.observed_at).label("first"),
+                func.max(EvidenceRow.observed_at).label("last"),
+            )
+            .join(
+                PersonRow,
+                (PersonRow.shop_id == EvidenceRow.shop_id)
+                & (PersonRow.person_id == EvidenceRow.person_id),
+            )
+            .where(*live)
+            .group_by(PersonRow.root_id)
+            .subquery()
+        )
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(
+                        select(func.count())
+                        .where(*live, PersonRow.person_id == PersonRow.root_id)
+                        .scalar_subquery(),
+                        with_type("email"),
+                        with_type("phone"),
+                        func.min(seen.c.first),
+                        func.count().filter(seen.c.last < seen_before),
+                    ).select_from(seen)
+                )
+            ).one()
+        return Inventory(row[0], row[1], row[2], None if row[3] is None else utc(row[3]), row[4])
 
     async def changes(self, shop_id: str | None, after: int, limit: int) -> list[ChangeRow]:
         """Changes after a position, of one shop or (None) of all."""

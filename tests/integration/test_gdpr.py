@@ -8,7 +8,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -29,7 +29,7 @@ from services.runtime.server import Server
 from tests.conftest import ADMIN_TOKEN, READER_TOKEN, StartService
 from tests.integration.test_webhooks import fixture
 from tests.polling import eventually
-from tests.rpc import bearer
+from tests.rpc import bearer, details
 
 AUTH = bearer(ADMIN_TOKEN)
 SECRET = "shpss_gdpr"
@@ -465,3 +465,77 @@ async def test_a_token_without_the_gdpr_role_is_refused(mesh: Mesh) -> None:
             metadata=bearer(READER_TOKEN),
         )
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_inventory_counts_customers_contacts_retention_and_erasures(mesh: Mesh) -> None:
+    now = datetime.now(UTC)
+    four_years_ago, last_year = now - timedelta(days=4 * 365), now - timedelta(days=365)
+
+    async def resolve(event: str, seen: datetime, *identifiers: tuple[str, str]) -> str:
+        resolved = await mesh.identity.Resolve(
+            identity_pb2.ResolveRequest(
+                shop_id=mesh.shop,
+                identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in identifiers],
+                source="shopify",
+                strength=identity_pb2.STRENGTH_AUTHORITATIVE,
+                event_id=event,
+                observed_at=_stamp(seen),
+            ),
+            metadata=AUTH,
+        )
+        return str(resolved.person_id)
+
+    # Past retention: seen four years ago, never since.
+    await resolve("e1", four_years_ago, ("email", "old@example.com"), ("phone", "+14155550101"))
+    # Seen four years ago and again last year: within it.
+    await resolve("e2", four_years_ago, ("email", "back@example.com"))
+    await resolve("e3", last_year, ("email", "back@example.com"))
+    await resolve("e4", now, ("phone", "+14155550102"))
+    # Two persons merged count once.
+    a = await resolve("e5", now, ("email", "first@example.com"))
+    b = await resolve("e6", now, ("email", "second@example.com"))
+    await mesh.identity.Merge(
+        identity_pb2.MergeRequest(shop_id=mesh.shop, person_a_id=a, person_b_id=b), metadata=AUTH
+    )
+    # An erased shopper is gone from every figure but the erasures done.
+    await mesh.shopper("gone@example.com", "+14155550103", "Gone", "Away", orders=1)
+    erased = await mesh.gdpr.Erase(
+        gdpr_pb2.EraseRequest(shop_id=mesh.shop, person=mesh.person("gone@example.com")),
+        metadata=AUTH,
+    )
+    assert (await mesh.erasure(erased.job_id)).state == gdpr_pb2.ERASURE_STATE_DONE
+
+    inventory = await mesh.gdpr.Inventory(
+        gdpr_pb2.InventoryRequest(shop_id=mesh.shop), metadata=AUTH
+    )
+    assert (
+        inventory.customers,
+        inventory.with_email,
+        inventory.with_phone,
+        inventory.past_retention,
+        inventory.erasures_done,
+    ) == (4, 3, 2, 1, 1)
+    assert inventory.oldest_record_at.ToDatetime(UTC) == four_years_ago
+    retained = inventory.retained_since.ToDatetime(UTC)
+    assert now - timedelta(days=1095) <= retained <= datetime.now(UTC) - timedelta(days=1095)
+
+    # A two-year retention puts the customer last seen a year ago inside, still; six months out.
+    shorter = await mesh.gdpr.Inventory(
+        gdpr_pb2.InventoryRequest(shop_id=mesh.shop, retention_days=180), metadata=AUTH
+    )
+    assert shorter.past_retention == 2
+
+    audit = await mesh.gdpr.ListAudit(gdpr_pb2.ListAuditRequest(shop_id=mesh.shop), metadata=AUTH)
+    assert [e.action for e in audit.entries][:2] == ["inventory", "inventory"]
+    assert dict(audit.entries[0].counts) == {"customers": 4, "past_retention": 2}
+
+
+async def test_the_inventory_refuses_a_retention_out_of_range(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.gdpr.Inventory(
+            gdpr_pb2.InventoryRequest(shop_id=mesh.shop, retention_days=-1), metadata=AUTH
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [(v.field, v.description) for v in details(refused.value)[0].field_violations] == [
+        ("retention_days", "0 (the default) to 36500 days")
+    ]

@@ -96,6 +96,7 @@ BUILT = {
         "RedactShop",
         "HandleShopifyRequest",
         "ListAudit",
+        "Inventory",
     },
     "c360.enrichment.v1.Enrichment": {
         "RunShop",
@@ -116,6 +117,7 @@ BUILT = {
         "PutShopPolicy",
         "GetShopPolicy",
         "ListChanges",
+        "Inventory",
     },
     "c360.gate.v1.Gate": {
         "Check",

@@ -492,15 +492,21 @@ class InventoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHOP_ID_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
     shop_id: _builtins.str
+    retention_days: _builtins.int
+    """Days after a customer was last seen that their record is past retention; 0: the service's
+    default (C360_RETENTION_DAYS, 3 years unless set).
+    """
     def __init__(
         self,
         *,
         shop_id: _builtins.str = ...,
+        retention_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retention_days", b"retention_days", "shop_id", b"shop_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,13 +522,21 @@ class InventoryResponse(_message.Message):
     OLDEST_RECORD_AT_FIELD_NUMBER: _builtins.int
     PAST_RETENTION_FIELD_NUMBER: _builtins.int
     ERASURES_DONE_FIELD_NUMBER: _builtins.int
+    RETAINED_SINCE_FIELD_NUMBER: _builtins.int
     customers: _builtins.int
+    """Persons (a merged group once), erased ones excluded."""
     with_email: _builtins.int
     with_phone: _builtins.int
     past_retention: _builtins.int
+    """Customers last seen before `retained_since`."""
     erasures_done: _builtins.int
+    """Person erasures completed for the shop."""
     @_builtins.property
-    def oldest_record_at(self) -> _timestamp_pb2.Timestamp: ...
+    def oldest_record_at(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest of them was first seen; unset for a shop with none."""
+
+    @_builtins.property
+    def retained_since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -532,10 +546,11 @@ class InventoryResponse(_message.Message):
         oldest_record_at: _timestamp_pb2.Timestamp | None = ...,
         past_retention: _builtins.int = ...,
         erasures_done: _builtins.int = ...,
+        retained_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_record_at", b"oldest_record_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_record_at", b"oldest_record_at", "retained_since", b"retained_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customers", b"customers", "erasures_done", b"erasures_done", "oldest_record_at", b"oldest_record_at", "past_retention", b"past_retention", "with_email", b"with_email", "with_phone", b"with_phone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customers", b"customers", "erasures_done", b"erasures_done", "oldest_record_at", b"oldest_record_at", "past_retention", b"past_retention", "retained_since", b"retained_since", "with_email", b"with_email", "with_phone", b"with_phone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

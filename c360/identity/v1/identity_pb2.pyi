@@ -767,6 +767,66 @@ class ShopPolicy(_message.Message):
 Global___ShopPolicy: _TypeAlias = ShopPolicy  # noqa: Y015
 
 @_typing.final
+class InventoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    SEEN_BEFORE_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def seen_before(self) -> _timestamp_pb2.Timestamp:
+        """Persons whose newest evidence is older than this count as past retention."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        seen_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_before", b"seen_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seen_before", b"seen_before", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InventoryRequest: _TypeAlias = InventoryRequest  # noqa: Y015
+
+@_typing.final
+class InventoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSONS_FIELD_NUMBER: _builtins.int
+    WITH_EMAIL_FIELD_NUMBER: _builtins.int
+    WITH_PHONE_FIELD_NUMBER: _builtins.int
+    OLDEST_RECORD_AT_FIELD_NUMBER: _builtins.int
+    PAST_RETENTION_FIELD_NUMBER: _builtins.int
+    persons: _builtins.int
+    """Persons (merged groups count once), erased ones excluded."""
+    with_email: _builtins.int
+    with_phone: _builtins.int
+    past_retention: _builtins.int
+    @_builtins.property
+    def oldest_record_at(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest of them was first seen; unset for a shop with none."""
+
+    def __init__(
+        self,
+        *,
+        persons: _builtins.int = ...,
+        with_email: _builtins.int = ...,
+        with_phone: _builtins.int = ...,
+        oldest_record_at: _timestamp_pb2.Timestamp | None = ...,
+        past_retention: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_record_at", b"oldest_record_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_record_at", b"oldest_record_at", "past_retention", b"past_retention", "persons", b"persons", "with_email", b"with_email", "with_phone", b"with_phone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InventoryResponse: _TypeAlias = InventoryResponse  # noqa: Y015
+
+@_typing.final
 class GetShopPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -90,6 +90,11 @@ class IdentityStub:
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.SerializeToString,
                 response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
+        self.Inventory = channel.unary_unary(
+                '/c360.identity.v1.Identity/Inventory',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.InventoryRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.InventoryResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServicer:
@@ -180,6 +185,14 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inventory(self, request, context):
+        """GDPR data inventory: how many persons the shop holds, with an email or phone, the oldest
+        record, and those not seen since a cutoff (past the retention period). Counts only, no PII.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +250,11 @@ def add_IdentityServicer_to_server(servicer, server):
                     servicer.ListChanges,
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.FromString,
                     response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'Inventory': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inventory,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.InventoryRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.InventoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,6 +555,33 @@ class Identity:
             '/c360.identity.v1.Identity/ListChanges',
             c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesRequest.SerializeToString,
             c360_dot_identity_dot_v1_dot_identity__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inventory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/Inventory',
+            c360_dot_identity_dot_v1_dot_identity__pb2.InventoryRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.InventoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,10 @@ class IdentityStub:
     happened, after a cursor: what other services follow to regroup their facts. An empty
     shop_id follows every shop (for a token bound to all shops, like a service's).
     """
+    Inventory: _grpc.UnaryUnaryMultiCallable[_identity_pb2.InventoryRequest, _identity_pb2.InventoryResponse]
+    """GDPR data inventory: how many persons the shop holds, with an email or phone, the oldest
+    record, and those not seen since a cutoff (past the retention period). Counts only, no PII.
+    """
 
 @_typing.type_check_only
 class IdentityAsyncStub(IdentityStub):
@@ -106,6 +110,10 @@ class IdentityAsyncStub(IdentityStub):
     """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
     happened, after a cursor: what other services follow to regroup their facts. An empty
     shop_id follows every shop (for a token bound to all shops, like a service's).
+    """
+    Inventory: _aio.UnaryUnaryMultiCallable[_identity_pb2.InventoryRequest, _identity_pb2.InventoryResponse]  # type: ignore[assignment]
+    """GDPR data inventory: how many persons the shop holds, with an email or phone, the oldest
+    record, and those not seen since a cutoff (past the retention period). Counts only, no PII.
     """
 
 class IdentityServicer(metaclass=_abc_1.ABCMeta):
@@ -209,6 +217,16 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         """Merges, unmerges, re-pointed sessions and forgotten persons of a shop, in the order they
         happened, after a cursor: what other services follow to regroup their facts. An empty
         shop_id follows every shop (for a token bound to all shops, like a service's).
+        """
+
+    @_abc_1.abstractmethod
+    def Inventory(
+        self,
+        request: _identity_pb2.InventoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.InventoryResponse, _abc.Awaitable[_identity_pb2.InventoryResponse]]:
+        """GDPR data inventory: how many persons the shop holds, with an email or phone, the oldest
+        record, and those not seen since a cutoff (past the retention period). Counts only, no PII.
         """
 
 def add_IdentityServicer_to_server(servicer: IdentityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
