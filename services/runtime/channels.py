@@ -1,5 +1,6 @@
 """Channels to peer services: the service's own token, the caller's deadline, trace context."""
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -12,6 +13,11 @@ from services.runtime.interceptors import deadline
 from services.runtime.telemetry import Telemetry
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+# Spread calls over every address the peer's name resolves to (one connection each), instead of
+# gRPC's default of one connection to the first address: with a headless Kubernetes Service and a
+# `dns:///name.namespace.svc.cluster.local:port` address, every ready replica gets calls
+# (docs/operations.md). A name with one address behaves as before.
+PEER_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 T = TypeVar("T")
 
 
@@ -71,7 +77,11 @@ def connect(
         *telemetry.client_interceptors(),
         PeerInterceptor(token, default_timeout),
     ]
-    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(
+        address,
+        options=[("grpc.service_config", PEER_SERVICE_CONFIG)],
+        interceptors=interceptors,
+    )
 
 
 async def peer_answer(call: Awaitable[T]) -> T:
