@@ -4,61 +4,32 @@ import asyncio
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import grpc
 
 from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.gdpr import gdpr
 from cli.importing import Importer, Outcome
+from cli.mesh import Mesh, Service, address_options, run
 from cli.reports import model_lines, write_plot
 
-# Each command's own connection: a run never inherits another's failed one (gRPC shares
-# subchannels between channels of one process otherwise).
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 RUN_TIMEOUT_SECONDS = 3600.0
 
 
-def connect(mesh: "Mesh", address: str = "") -> grpc.aio.Channel:
-    """A channel to the profile service (or to the address given)."""
-    return grpc.aio.insecure_channel(address or mesh.profile, options=CHANNEL_OPTIONS)
-
-
-class Mesh:
-    """Where the mesh is and the token to call it with."""
-
-    def __init__(self, profile: str, enrichment: str, token: str) -> None:
-        self.profile = profile
-        self.enrichment = enrichment
-        self.token = token
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-
 @click.group()
-@click.option(
-    "--profile",
-    envvar="C360_PROFILE_ADDR",
-    default="localhost:50052",
-    show_default=True,
-    help="Address of the profile service.",
-)
-@click.option(
-    "--enrichment",
-    envvar="C360_ENRICHMENT_ADDR",
-    default="localhost:50053",
-    show_default=True,
-    help="Address of the enrichment service.",
-)
+@address_options
 @click.option("--token", envvar="C360_TOKEN", required=True, help="Bearer token (or C360_TOKEN).")
 @click.pass_context
-def main(context: click.Context, profile: str, enrichment: str, token: str) -> None:
+def main(context: click.Context, /, token: str, **addresses: str) -> None:
     """Operate a c360 mesh: import and export data, run enrichment and read its report,
-    inspect and replay dead letters."""
-    context.obj = Mesh(profile, enrichment, token)
+    inspect and replay dead letters, answer data-subject requests."""
+    context.obj = Mesh(cast(dict[Service, str], addresses), token)
+
+
+main.add_command(gdpr)
 
 
 @main.command("import")
@@ -82,7 +53,7 @@ def import_(mesh: Mesh, kind: str, path: Path, shop: str) -> None:
 
 
 async def _import(mesh: Mesh, kind: str, path: Path, shop: str, progress: Any) -> Outcome:
-    async with connect(mesh) as channel:
+    async with mesh.channel("profile") as channel:
         importer = Importer(profile_pb2_grpc.ProfileStub(channel), mesh.token, shop, path, progress)
         return await importer.run(kind)
 
@@ -125,26 +96,23 @@ def export(
 
     async def stream(sink: Any) -> int:
         written = 0
-        async with connect(mesh) as channel:
+        async with mesh.channel("profile") as channel:
             call = profile_pb2_grpc.ProfileStub(channel).Export(request, metadata=mesh.metadata)
             async for chunk in call:
                 sink.write(chunk.data)
                 written += len(chunk.data)
         return written
 
-    try:
-        if output is None:
-            written = asyncio.run(stream(sys.stdout.buffer))
-        else:
-            partial = output.with_name(output.name + ".partial")
-            try:
-                with partial.open("wb") as sink:
-                    written = asyncio.run(stream(sink))
-                partial.replace(output)
-            finally:
-                partial.unlink(missing_ok=True)
-    except grpc.aio.AioRpcError as error:
-        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+    if output is None:
+        written = run(stream(sys.stdout.buffer))
+    else:
+        partial = output.with_name(output.name + ".partial")
+        try:
+            with partial.open("wb") as sink:
+                written = run(stream(sink))
+            partial.replace(output)
+        finally:
+            partial.unlink(missing_ok=True)
     click.echo(f"exported {written} bytes of {dataset} for {shop}", err=True)
 
 
@@ -167,8 +135,8 @@ def enrich_run(mesh: Mesh, shop: str, as_of: datetime | None) -> None:
     if as_of is not None:
         request.as_of.FromDatetime(as_of.replace(tzinfo=UTC))
 
-    async def run() -> None:
-        async with connect(mesh, mesh.enrichment) as channel:
+    async def follow() -> None:
+        async with mesh.channel("enrichment") as channel:
             call = enrichment_pb2_grpc.EnrichmentStub(channel).RunShop(
                 request, metadata=mesh.metadata, timeout=RUN_TIMEOUT_SECONDS
             )
@@ -182,10 +150,7 @@ def enrich_run(mesh: Mesh, shop: str, as_of: datetime | None) -> None:
                     else:
                         click.echo(f"{progress.phase}: {progress.done}", err=True)
 
-    try:
-        asyncio.run(run())
-    except grpc.aio.AioRpcError as error:
-        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+    run(follow())
 
 
 @enrich.command("report")
@@ -200,15 +165,12 @@ def enrich_report(mesh: Mesh, shop: str, plot: Path | None) -> None:
     """The shop's fitted parameters, sample sizes and churn calibration."""
 
     async def fetch() -> Any:
-        async with connect(mesh, mesh.enrichment) as channel:
+        async with mesh.channel("enrichment") as channel:
             return await enrichment_pb2_grpc.EnrichmentStub(channel).GetModelReport(
                 enrichment_pb2.GetModelReportRequest(shop_id=shop), metadata=mesh.metadata
             )
 
-    try:
-        report = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as error:
-        raise click.ClickException(f"{error.code().name}: {error.details()}") from error
+    report = run(fetch())
     for line in model_lines(report):
         click.echo(line)
     if plot is not None:
@@ -228,7 +190,7 @@ def dlq_list(mesh: Mesh, shop: str) -> None:
     """List a shop's dead letters."""
 
     async def listing() -> list[Any]:
-        async with connect(mesh) as channel:
+        async with mesh.channel("profile") as channel:
             stub = profile_pb2_grpc.ProfileStub(channel)
             found: list[Any] = []
             token = ""
@@ -242,7 +204,7 @@ def dlq_list(mesh: Mesh, shop: str) -> None:
                 if not token:
                     return found
 
-    for letter in asyncio.run(listing()):
+    for letter in run(listing()):
         click.echo(f"{letter.id}\t{letter.kind}\t{letter.attempts}\t{letter.error}")
 
 
@@ -254,11 +216,11 @@ def dlq_replay(mesh: Mesh, shop: str, ids: tuple[str, ...]) -> None:
     """Process dead letters again (IDS, or every one of the shop)."""
 
     async def replay() -> Any:
-        async with connect(mesh) as channel:
+        async with mesh.channel("profile") as channel:
             return await profile_pb2_grpc.ProfileStub(channel).ReplayDeadLetters(
                 profile_pb2.ReplayDeadLettersRequest(shop_id=shop, ids=list(ids)),
                 metadata=mesh.metadata,
             )
 
-    answer = asyncio.run(replay())
+    answer = run(replay())
     click.echo(f"replayed {answer.replayed}, failed again {answer.failed_again}")

@@ -26,7 +26,7 @@ from services.profile.store import (
     SummaryRow,
     TagRow,
 )
-from services.runtime.db import append_to_outbox, dialect_of, utc
+from services.runtime.db import append_to_outbox, dialect_of, hold_lock, utc
 
 STREAM_BATCH = 1000
 
@@ -98,6 +98,8 @@ class AudienceStore:
         again meanwhile."""
         shop_id = due.shop_id
         async with self._sessions.begin() as session:
+            # Taken by an erasure too: the erased check below sees an erasure that ran meanwhile.
+            await hold_lock(session, "person", shop_id, root)
             if await session.get(ErasedPersonRow, (shop_id, root)) is not None:
                 summary = None  # erased while this summary was being built
             removed = [*gone, root] if summary is None else list(gone)

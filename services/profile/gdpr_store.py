@@ -26,7 +26,7 @@ from services.profile.store import (
     WebhookRow,
     anchored,
 )
-from services.runtime.db import Rehearsal, dialect_of
+from services.runtime.db import Rehearsal, dialect_of, hold_lock
 
 # Deliveries still holding their body (processed ones keep none: see Webhooks).
 HELD = ("pending", "dead")
@@ -154,6 +154,8 @@ async def _erase(
         result = await session.execute(statement)
         counts[table] = counts.get(table, 0) + int(getattr(result, "rowcount", 0))
 
+    # A summary being saved meanwhile finishes first, or sees the tombstone (see save_summary).
+    await hold_lock(session, "person", shop_id, subject.person_id)
     insert = dialect_of(session).insert(ErasedPersonRow)
     await run(
         "erased_person",

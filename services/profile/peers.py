@@ -10,7 +10,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.runtime.channels import peer_answer
-from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES
+from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES, timestamp
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,11 @@ class IdentityPeer:
         asserted: bool,
         country: str = "",
         skip_invalid: bool = False,
+        observed_at: datetime | None = None,
     ) -> Resolved:
-        """Who the identifiers belong to; nobody (no call) when there are none, as for a guest
-        sale with no contact."""
+        """Who the identifiers belong to (seen together at `observed_at`, the record's own time;
+        now when None); nobody (no call) when there are none, as for a guest sale with no
+        contact."""
         if not identifiers:
             return Resolved("", None)
         answer = await peer_answer(
@@ -82,6 +84,7 @@ class IdentityPeer:
                     event_id=event_id,
                     country=country,
                     skip_invalid=skip_invalid,
+                    observed_at=timestamp(observed_at),
                 )
             )
         )

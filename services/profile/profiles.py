@@ -260,6 +260,7 @@ class Profiles:
             asserted=False,
             country=order.country,
             skip_invalid=skip_invalid,
+            observed_at=order.updated_at,
         )
         anchor = resolved.anchor or ("order", order.order_id)
         applied = await self._store.put_order(
@@ -294,6 +295,7 @@ class Profiles:
             asserted=False,
             country=customer.country,
             skip_invalid=True,
+            observed_at=customer.updated_at,
         )
         if resolved.erased:
             return resolved.person_id, False  # an erased person: their details are not taken again
@@ -483,7 +485,7 @@ class Profiles:
         """Stores a visit or an engagement under its strongest identifier."""
         resolved = await self._resolve(
             shop_id, identifiers, source=f"event_{kind}", event_id=f"event:{event_id}",
-            asserted=True,
+            asserted=True, observed_at=at,
         )  # fmt: skip
         anchor = resolved.anchor or ("event", event_id)
         applied = await self._store.add_fact(

@@ -98,11 +98,17 @@ async def append_to_outbox(
     n never later finds a row below n commit (SQLite has one writer at a time anyway)."""
     if not rows:
         return
+    await hold_lock(session, "outbox", model.__tablename__)
+    await session.execute(insert(model), list(rows))
+
+
+async def hold_lock(session: AsyncSession, *key: str) -> None:
+    """Takes the advisory lock of a key and holds it until the transaction ends (PostgreSQL;
+    SQLite has one writer at a time anyway)."""
     if session.get_bind().dialect.name == "postgresql":
-        digest = hashlib.sha256(f"outbox\0{model.__tablename__}".encode()).digest()
+        digest = hashlib.sha256("\0".join(key).encode()).digest()
         lock = int.from_bytes(digest[:8], "big", signed=True)
         await session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": lock})
-    await session.execute(insert(model), list(rows))
 
 
 def version_table(settings: RuntimeSettings) -> str:

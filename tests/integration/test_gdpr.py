@@ -3,6 +3,8 @@ PostgreSQL and Redis): an erasure leaves none of the person's emails, phones or 
 table, Redis key or log while the shop's revenue stays; previews equal what erasure touches; a
 job survives a service being down; Shopify's GDPR webhooks run the same pipelines."""
 
+import asyncio
+import json
 import logging
 import secrets
 import socket
@@ -10,12 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
 import redis.asyncio as redis
+from click.testing import CliRunner, Result
 from google.protobuf.json_format import MessageToDict
 
 from c360.common.v1 import common_pb2
@@ -23,6 +27,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.main import main
 from services.profile.shopify import signature
 from services.runtime.db import plain_connection
 from services.runtime.server import Server
@@ -539,3 +544,66 @@ async def test_the_inventory_refuses_a_retention_out_of_range(mesh: Mesh) -> Non
     assert [(v.field, v.description) for v in details(refused.value)[0].field_violations] == [
         ("retention_days", "0 (the default) to 36500 days")
     ]
+
+
+async def test_the_cli_previews_exports_erases_and_counts(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.shopper("cli@example.com", "+14155550104", "Cli", "User", orders=2)
+    await mesh.shopper("stays@example.com", "+14155550105", "Stays", "Here", orders=1)
+    gdpr_address = f"127.0.0.1:{mesh.servers['gdpr'].port}"
+
+    def c360(*args: str) -> Result:
+        return CliRunner().invoke(
+            main, ["--gdpr", gdpr_address, "--token", ADMIN_TOKEN, "gdpr", *args]
+        )
+
+    person = ("--shop", mesh.shop, "--identifier", "email=cli@example.com")
+    preview = await asyncio.to_thread(c360, "preview", *person)
+    assert preview.exit_code == 0, preview.output
+    lines = preview.output.splitlines()
+    assert lines[0].split() == ["service", "table", "rows"]
+    rows = {tuple(line.split()[:2]): int(line.split()[2]) for line in lines[1:-1]}
+    assert rows[("identity", "identifier")] == 2
+    assert rows[("profile", "consent_fact")] == 1
+    assert lines[-1].split() == ["total", str(sum(rows.values()))]
+
+    exported = tmp_path / "cli.json"
+    result = await asyncio.to_thread(c360, "export", *person, "-o", str(exported))
+    assert result.exit_code == 0, result.output
+    document = json.loads(exported.read_text("utf-8"))
+    assert document["customer"]["email"] == "cli@example.com"
+    assert len(document["orders_requested"]) == 2
+    assert result.output == (
+        f"exported person {document['customer']['person_id']} (2 orders) to {exported}\n"
+    )
+
+    erased = await asyncio.to_thread(c360, "erase", *person, "--reason", "ticket 7")
+    assert erased.exit_code == 0, erased.output
+    first, *steps = erased.output.splitlines()
+    assert first.endswith(f"person {document['customer']['person_id']} done")
+    assert [s.split()[:2] for s in steps] == [["gate", "done:"], ["profile", "done:"],
+                                              ["identity", "done:"]]  # fmt: skip
+
+    counted = await asyncio.to_thread(c360, "inventory", "--shop", mesh.shop)
+    assert counted.exit_code == 0, counted.output
+    since = (datetime.now(UTC) - timedelta(days=1095)).date()
+    assert [" ".join(line.split()) for line in counted.output.splitlines()] == [
+        "customers 1",
+        "with email 1 (100%)",
+        "with phone 1 (100%)",
+        "oldest record 2026-10-01",
+        f"past retention 0 (0%) not seen since {since:%Y-%m-%d}",
+        "erasures done 1",
+    ]
+
+    # Erased: the next preview names a person no service knows any more.
+    again = await asyncio.to_thread(c360, "preview", *person)
+    assert again.exit_code == 1
+    assert again.output.startswith("Error: NOT_FOUND: ")
+
+
+async def test_the_cli_asks_for_exactly_one_person(mesh: Mesh) -> None:
+    result = await asyncio.to_thread(
+        CliRunner().invoke, main, ["--token", ADMIN_TOKEN, "gdpr", "preview", "--shop", mesh.shop]
+    )
+    assert result.exit_code == 2
+    assert "give exactly one of --person and --identifier" in result.output

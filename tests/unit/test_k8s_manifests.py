@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.profile.webhooks import PATH as WEBHOOK_PATH
+from services.runtime.channels import PEER_SERVICE_CONFIG
 from services.runtime.server import LIVENESS
 
 Manifest = dict[str, Any]
@@ -51,7 +53,12 @@ GRPC_PORTS = {
     "gdpr": 50055,
 }
 WEBHOOK_PORT = 8080
+# The profile's HTTP port keeps a virtual IP (the Ingress routes to it); the gRPC Services are
+# headless.
+WEBHOOK_SERVICE = "profile-http"
+CLUSTER_DOMAIN = "cluster.local"
 MIGRATIONS_JOB = "c360-migrate"
+DAILY_RUN = "enrichment-daily"
 CONFIG_MAP = "c360-config"
 SECRET = "c360-secrets"
 SECRET_KEYS = {
@@ -65,14 +72,16 @@ PLACEHOLDER = "REPLACE_ME"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
 # What each overlay adds beside the five services: the dev PostgreSQL and Redis.
 EXTRA_SERVICES = {"dev": {"postgres", "redis"}, "prod": set[str]()}
+EXTRA_WORKLOADS = {"dev": {"StatefulSet/postgres", "Deployment/redis"}, "prod": set[str]()}
 EXTRA_DEPLOYMENTS = {"dev": {"redis"}, "prod": set[str]()}
 AUTOSCALED = {"gate", "profile"}
 NAME_LABEL = "app.kubernetes.io/name"
 CALLER_LABEL = "c360/caller"
 # Who may call whom (prod NetworkPolicies): callers inside the mesh by name, others by label.
+# (The peers each service dials: services/*/__main__.py; gdpr reaches every service with data.)
 MESH_CALLERS = {
-    "identity": {"profile", "gdpr"},
-    "profile": {"enrichment", "gdpr", "gate"},
+    "identity": {"profile", "enrichment", DAILY_RUN, "gdpr"},
+    "profile": {"enrichment", DAILY_RUN, "gdpr", "gate"},
     "enrichment": {"gdpr"},
     "gate": {"profile", "gdpr"},
     "gdpr": {"profile"},
@@ -80,10 +89,13 @@ MESH_CALLERS = {
 OUTSIDE_CALLERS = {
     "identity": {"ops"},
     "profile": {"ops", "journey-engine", "ingress"},
-    "enrichment": {"ops", "scheduler"},
+    "enrichment": {"ops"},
     "gate": {"ops", "messaging-platform"},
     "gdpr": {"ops"},
 }
+# The callers let in on the profile's HTTP port (every other caller reaches `grpc` only): the
+# ingress controller, which reaches nothing else.
+HTTP_CALLERS = {"profile": {"ingress"}}
 
 
 # --- kubectl -------------------------------------------------------------------------------------
@@ -224,13 +236,27 @@ def _containers(pod: Manifest) -> list[Manifest]:
 
 
 def _c360_pods(docs: list[Manifest]) -> dict[str, Manifest]:
-    """The pod specs that run the c360 image: the five services and the migrations Job."""
+    """The pod specs that run the c360 image: the five services, the migrations Job and the daily
+    enrichment run."""
     pods = {name: _pod_spec(doc) for name, doc in _of_kind(docs, "Deployment").items()}
     pods = {name: pod for name, pod in pods.items() if name in GRPC_PORTS}
     jobs = _of_kind(docs, "Job")
     if MIGRATIONS_JOB in jobs:
         pods[MIGRATIONS_JOB] = _pod_spec(jobs[MIGRATIONS_JOB])
+    cronjobs = _of_kind(docs, "CronJob")
+    if DAILY_RUN in cronjobs:
+        pods[DAILY_RUN] = _pod_spec(cronjobs[DAILY_RUN])
     return pods
+
+
+def _pod_labels(workload: Manifest) -> dict[str, str]:
+    template = (
+        workload["spec"]["jobTemplate"]["spec"]["template"]
+        if workload["kind"] == "CronJob"
+        else workload["spec"]["template"]
+    )
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
 
 
 def _server(docs: list[Manifest], service: str) -> Manifest:
@@ -295,9 +321,10 @@ def test_everything_lands_in_the_overlay_namespace(
 def test_every_container_is_locked_down(rendered: dict[str, list[Manifest]], overlay: str) -> None:
     problems = []
     pods = list(_pod_specs(rendered[overlay]))
-    assert {ref for ref, _ in pods} >= {f"Deployment/{name}" for name in GRPC_PORTS} | {
-        f"Job/{MIGRATIONS_JOB}"
-    }
+    assert {ref for ref, _ in pods} == {f"Deployment/{name}" for name in GRPC_PORTS} | {
+        f"Job/{MIGRATIONS_JOB}",
+        f"CronJob/{DAILY_RUN}",
+    } | EXTRA_WORKLOADS[overlay]
     for ref, pod in pods:
         pod_context = pod.get("securityContext", {})
         if pod.get("automountServiceAccountToken") is not False:
@@ -343,12 +370,13 @@ def test_exactly_the_five_services_with_their_ports(
     services = _of_kind(docs, "Service")
     deployments = _of_kind(docs, "Deployment")
     accounts = _of_kind(docs, "ServiceAccount")
-    assert set(services) == set(GRPC_PORTS) | EXTRA_SERVICES[overlay]
+    assert set(services) == set(GRPC_PORTS) | {WEBHOOK_SERVICE} | EXTRA_SERVICES[overlay]
     assert set(deployments) == set(GRPC_PORTS) | EXTRA_DEPLOYMENTS[overlay]
     for name, port in GRPC_PORTS.items():
-        expected = {"grpc": port} | ({"http": WEBHOOK_PORT} if name == "profile" else {})
+        # Each gRPC Service is headless, so that its name resolves to every ready replica.
+        assert services[name]["spec"].get("clusterIP") == "None", f"{name} is not headless"
         service_ports = services[name]["spec"]["ports"]
-        assert {p["name"]: p["port"] for p in service_ports} == expected, name
+        assert {p["name"]: p["port"] for p in service_ports} == {"grpc": port}, name
         assert all(p["targetPort"] == p["name"] for p in service_ports), name
         assert all(p.get("protocol", "TCP") == "TCP" for p in service_ports), name
         pod = _pod_spec(deployments[name])
@@ -358,12 +386,40 @@ def test_exactly_the_five_services_with_their_ports(
         assert _matches(services[name]["spec"]["selector"], labels), name
         assert _matches(deployments[name]["spec"]["selector"]["matchLabels"], labels), name
         server = _server(docs, name)
+        expected = {"grpc": port} | ({"http": WEBHOOK_PORT} if name == "profile" else {})
         assert {p["name"]: p["containerPort"] for p in server["ports"]} == expected, name
         assert server["command"] == ["python", "-m", f"services.{name}"]
         env = {e["name"]: e.get("value") for e in server.get("env", [])}
         assert env.get("OTEL_SERVICE_NAME") == f"c360-{name}"
         assert pod["serviceAccountName"] == name
         assert accounts[name].get("automountServiceAccountToken") is False, name
+    # The profile's HTTP port (webhooks) keeps a virtual IP: the Ingress routes to it.
+    webhooks = services[WEBHOOK_SERVICE]["spec"]
+    assert webhooks.get("clusterIP") != "None", f"{WEBHOOK_SERVICE} must not be headless"
+    assert [(p["name"], p["port"], p["targetPort"]) for p in webhooks["ports"]] == [
+        ("http", WEBHOOK_PORT, "http")
+    ]
+    profile_labels = deployments["profile"]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(webhooks["selector"], profile_labels)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_or_budget_selects_job_pods(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    """A Job's pods (the migrations, the daily run) serve nothing, and a maxUnavailable budget
+    cannot count them: while one runs, it would allow no eviction of the service's pods."""
+    docs = rendered[overlay]
+    selectors = [
+        (_ref(doc), doc["spec"]["selector"]) for doc in _of_kind(docs, "Service").values()
+    ] + [
+        (_ref(doc), doc["spec"]["selector"]["matchLabels"])
+        for doc in _of_kind(docs, "PodDisruptionBudget").values()
+    ]
+    for job in [*_of_kind(docs, "Job").values(), *_of_kind(docs, "CronJob").values()]:
+        labels = _pod_labels(job)
+        selecting = [ref for ref, selector in selectors if _matches(selector, labels)]
+        assert not selecting, f"{_ref(job)}'s pods are selected by {selecting}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -392,7 +448,7 @@ def test_c360_pods_share_one_image_config_and_a_writable_tmp(
 ) -> None:
     docs = rendered[overlay]
     pods = _c360_pods(docs)
-    assert set(pods) == set(GRPC_PORTS) | {MIGRATIONS_JOB}
+    assert set(pods) == set(GRPC_PORTS) | {MIGRATIONS_JOB, DAILY_RUN}
     images = set()
     for name, pod in pods.items():
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -418,9 +474,12 @@ def test_config_points_every_service_at_its_peers(
     rendered: dict[str, list[Manifest]], overlay: str
 ) -> None:
     config = _config(rendered[overlay])
+    namespace = NAMESPACES[overlay]
     for name, port in GRPC_PORTS.items():
         assert config[f"C360_{name.upper()}_PORT"] == str(port)
-        assert config[f"C360_{name.upper()}_ADDR"] == f"{name}:{port}"
+        # Resolved by gRPC's own DNS resolver to every replica behind the headless Service.
+        address = f"dns:///{name}.{namespace}.svc.{CLUSTER_DOMAIN}:{port}"
+        assert config[f"C360_{name.upper()}_ADDR"] == address
     assert config["C360_WEBHOOK_PORT"] == str(WEBHOOK_PORT)
     assert not SECRET_KEYS & set(config), "secrets belong in the Secret, not the ConfigMap"
 
@@ -435,6 +494,29 @@ def test_migrations_job_migrates_every_service_in_turn(
     assert pod["restartPolicy"] == "Never"
     steps = [container["command"] for container in _containers(pod)]
     assert steps == [["python", "-m", f"services.{name}", "migrate"] for name in GRPC_PORTS]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_enrichment_runs_daily_as_a_cronjob(
+    rendered: dict[str, list[Manifest]], overlay: str
+) -> None:
+    cronjobs = _of_kind(rendered[overlay], "CronJob")
+    assert set(cronjobs) == {DAILY_RUN}
+    cronjob = cronjobs[DAILY_RUN]
+    assert cronjob["apiVersion"] == "batch/v1"
+    # Two runs of one shop at once would publish the same results twice.
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = _pod_spec(cronjob)
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "enrichment"
+    assert _pod_labels(cronjob)[NAME_LABEL] == DAILY_RUN
+    [container] = pod["containers"]
+    assert container["command"] == ["python", "-m", "services.enrichment", "daily"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    # The hour the run counts a day from is the hour it is scheduled at.
+    hour = cronjob["spec"]["schedule"].split()[1]
+    assert env.get("C360_DAILY_RUN_HOUR_UTC") == hour
+    assert cronjob["spec"].get("timeZone") == "Etc/UTC"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -527,6 +609,7 @@ def test_prod_lets_only_each_services_callers_in(rendered: dict[str, list[Manife
         assert len(selecting) == 1, f"{name} is selected by {len(selecting)} policies"
         mesh: set[str] = set()
         outside: set[str] = set()
+        ports: dict[str, set[str]] = {}
         for rule in selecting[0]["spec"]["ingress"]:
             assert rule.get("from"), f"{name}: a rule without `from` admits every caller"
             assert rule.get("ports"), f"{name}: a rule without `ports` opens every port"
@@ -537,8 +620,43 @@ def test_prod_lets_only_each_services_callers_in(rendered: dict[str, list[Manife
                     assert labels, f"{name}: an empty selector admits too much: {peer}"
                     if NAME_LABEL in labels:
                         assert "namespaceSelector" not in peer, f"{name}: {peer}"
-                        mesh.add(labels[NAME_LABEL])
+                        caller = labels[NAME_LABEL]
+                        mesh.add(caller)
                     else:
-                        outside.add(labels[CALLER_LABEL])
+                        caller = labels[CALLER_LABEL]
+                        outside.add(caller)
+                    ports.setdefault(caller, set()).update(p["port"] for p in rule["ports"])
         assert mesh == MESH_CALLERS[name], name
         assert outside == OUTSIDE_CALLERS[name], name
+        http_callers = HTTP_CALLERS.get(name, set())
+        for caller, reached in ports.items():
+            expected = {"http"} if caller in http_callers else {"grpc"}
+            assert reached == expected, f"{name}: {caller} reaches {sorted(reached)}"
+
+
+def test_prod_serves_shopify_webhooks_through_a_tls_ingress(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    docs = rendered["prod"]
+    ingresses = list(_of_kind(docs, "Ingress").values())
+    assert len(ingresses) == 1
+    spec = ingresses[0]["spec"]
+    assert spec.get("ingressClassName"), "the Ingress names no ingressClassName"
+    assert "defaultBackend" not in spec, "a default backend would expose more than webhooks"
+    hosts = {rule.get("host") for rule in spec["rules"]}
+    assert None not in hosts, "a rule without a host answers on every host"
+    tls_hosts = {host for entry in spec.get("tls", []) for host in entry.get("hosts", [])}
+    assert hosts <= tls_hosts, f"served without TLS: {sorted(hosts - tls_hosts)}"
+    assert all(entry.get("secretName") for entry in spec["tls"])
+    paths = [path for rule in spec["rules"] for path in rule["http"]["paths"]]
+    # Exactly the webhook endpoint: the gRPC ports and the customer upload stay inside.
+    assert [(p["path"], p["pathType"]) for p in paths] == [(WEBHOOK_PATH, "Exact")] * len(hosts)
+    for path in paths:
+        assert path["backend"]["service"] == {"name": WEBHOOK_SERVICE, "port": {"name": "http"}}
+    assert WEBHOOK_SERVICE in _of_kind(docs, "Service")
+
+
+def test_peers_balance_over_every_replica() -> None:
+    """The headless Services only spread calls if the peers' channels use round_robin."""
+    config = json.loads(PEER_SERVICE_CONFIG)
+    assert config["loadBalancingConfig"][0] == {"round_robin": {}}
