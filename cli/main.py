@@ -11,9 +11,10 @@ import grpc
 
 from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.duplicates import duplicates
 from cli.gdpr import gdpr
 from cli.importing import Importer, Outcome
-from cli.mesh import Mesh, Service, address_options, run
+from cli.mesh import Mesh, Service, address_options, every_page, run
 from cli.reports import model_lines, write_plot
 
 RUN_TIMEOUT_SECONDS = 3600.0
@@ -30,6 +31,7 @@ def main(context: click.Context, /, token: str, **addresses: str) -> None:
 
 
 main.add_command(gdpr)
+main.add_command(duplicates)
 
 
 @main.command("import")
@@ -192,17 +194,13 @@ def dlq_list(mesh: Mesh, shop: str) -> None:
     async def listing() -> list[Any]:
         async with mesh.channel("profile") as channel:
             stub = profile_pb2_grpc.ProfileStub(channel)
-            found: list[Any] = []
-            token = ""
-            while True:
-                page = await stub.ListDeadLetters(
+            return await every_page(
+                lambda token: stub.ListDeadLetters(
                     profile_pb2.ListDeadLettersRequest(shop_id=shop, page_token=token),
                     metadata=mesh.metadata,
-                )
-                found.extend(page.dead_letters)
-                token = page.next_page_token
-                if not token:
-                    return found
+                ),
+                "dead_letters",
+            )
 
     for letter in run(listing()):
         click.echo(f"{letter.id}\t{letter.kind}\t{letter.attempts}\t{letter.error}")

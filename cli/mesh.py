@@ -2,7 +2,7 @@
 become one line on stderr and exit status 1, never a traceback."""
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 import click
@@ -47,6 +47,19 @@ def run(work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except grpc.aio.AioRpcError as error:
         raise click.ClickException(f"{error.code().name}: {error.details()}") from None
+
+
+async def every_page(fetch: Callable[[str], Awaitable[Any]], field: str) -> list[Any]:
+    """Every item of a paged listing: `fetch(page_token)` answers one page, whose `field` holds
+    the items and `next_page_token` where the next starts (empty after the last)."""
+    found: list[Any] = []
+    token = ""
+    while True:
+        page = await fetch(token)
+        found.extend(getattr(page, field))
+        token = page.next_page_token
+        if not token:
+            return found
 
 
 def address_options(command: Any) -> Any:
