@@ -1,6 +1,7 @@
 """Runs the gate service: `python -m services.gate [serve|migrate]`."""
 
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from services.gate.settings import GateSettings
 from services.gate.store import GateStore
 from services.runtime import db
 from services.runtime.channels import connect
-from services.runtime.process import run, start_service
+from services.runtime.process import now, run, start_service
 from services.runtime.server import Dependency, Registration, Server
 from services.runtime.shop_data import RedactExtra
 from services.runtime.telemetry import Telemetry
@@ -66,7 +67,9 @@ def redact_counters(client: redis.Redis) -> RedactExtra:
     return redact
 
 
-async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
+async def build(
+    settings: GateSettings, telemetry: Telemetry, clock: Callable[[], datetime] = now
+) -> Server:
     """Wires the service: settings -> engine, Redis -> gate -> servicer -> server."""
     engine = db.create_engine(settings)
     store = GateStore(db.session_factory(engine))
@@ -88,7 +91,7 @@ async def build(settings: GateSettings, telemetry: Telemetry) -> Server:
         counters,
         store,
         writer,
-        clock=lambda: datetime.now(UTC),
+        clock=clock,
         meter=telemetry.meter_provider.get_meter("c360.gate"),
         shop_policy_ttl=settings.shop_policy_ttl_seconds,
         database_timeout=settings.dependency_timeout_seconds,

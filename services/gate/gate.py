@@ -27,6 +27,8 @@ from services.gate.counters import (
 )
 from services.gate.message_log import MessageLogWriter
 from services.gate.rules import (
+    FATIGUE_MAX,
+    FATIGUE_PER_MESSAGE,
     FATIGUE_WINDOW,
     QUIET_HOURS_EXEMPT,
     ShopPolicy,
@@ -93,6 +95,16 @@ class History:
     counts: Counts
     last_contact: dict[str, datetime]
     log: list[LogLine]
+
+
+@dataclass(frozen=True)
+class Posture:
+    """A shop's customers by fatigue score now (in hundredths; those at 0 left out), and the
+    shop's blocking threshold."""
+
+    customers_by_fatigue: dict[int, int]
+    threshold: int
+    as_of: datetime
 
 
 def shop_policy_from_document(document: dict[str, Any] | None) -> ShopPolicy:
@@ -437,6 +449,18 @@ class Gate:
         last_contact = await self._store.last_contact(shop_id, person_id)
         log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []
         return History(_counts(outcome), last_contact, log)
+
+    async def fatigue_posture(self, shop_id: str) -> Posture:
+        """How many customers sit at each fatigue score now, counted from the durable message
+        log as a check counts them (this replica's decisions not yet written go there first)."""
+        policy = await self.shop_policy(shop_id)
+        await self._log.flush()
+        now = self._clock()
+        by_count = await self._store.customers_by_count(shop_id, now - FATIGUE_WINDOW)
+        levels: Counter[int] = Counter()
+        for messages, customers in by_count.items():
+            levels[min(messages * FATIGUE_PER_MESSAGE, FATIGUE_MAX)] += customers
+        return Posture(dict(sorted(levels.items())), policy.fatigue_threshold, now)
 
     async def erase(self, shop_id: str, person_id: str, dry_run: bool) -> dict[str, int]:
         """Removes what the gate holds about a customer (message log, releases, contact policy,

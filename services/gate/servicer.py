@@ -9,7 +9,7 @@ from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.gate.counters import ERASED_VERSION, ContactPolicy
 from services.gate.gate import Counts, Decision, Gate, Request
-from services.gate.rules import MINUTES_PER_DAY, parse_fatigue, zone
+from services.gate.rules import MINUTES_PER_DAY, format_fatigue, parse_fatigue, zone
 from services.runtime.validation import (
     CHANNEL_ENUMS,
     Violations,
@@ -245,6 +245,23 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                 )
                 for row in history.log
             ],
+        )
+
+    async def GetFatiguePosture(
+        self, request: gate_pb2.GetFatiguePostureRequest, context: Any
+    ) -> gate_pb2.FatiguePosture:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        violations.raise_any()
+        posture = await self._gate.fatigue_posture(shop_id)
+        return gate_pb2.FatiguePosture(
+            shop_id=shop_id,
+            levels=[
+                gate_pb2.FatigueLevel(fatigue=format_fatigue(level), customers=customers)
+                for level, customers in posture.customers_by_fatigue.items()
+            ],
+            threshold=format_fatigue(posture.threshold),
+            as_of=timestamp(posture.as_of),
         )
 
     async def Erase(self, request: gate_pb2.EraseRequest, context: Any) -> gate_pb2.EraseResponse:

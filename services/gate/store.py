@@ -296,6 +296,27 @@ class GateStore:
                 found.setdefault(person_id, []).append((message_id, channel, utc(at), entry_id))
             return found
 
+    async def customers_by_count(self, shop_id: str, since: datetime) -> dict[int, int]:
+        """How many of a shop's customers have n counted messages (allowed, marketing, not
+        released) decided after `since`, by n (customers with none are left out)."""
+        per_customer = (
+            select(MessageLogRow.person_id, func.count().label("n"))
+            .where(
+                MessageLogRow.shop_id == shop_id,
+                MessageLogRow.decided_at > since,
+                MessageLogRow.allowed.is_(True),
+                MessageLogRow.transactional.is_(False),
+                ~_released().exists(),
+            )
+            .group_by(MessageLogRow.person_id)
+            .subquery()
+        )
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(per_customer.c.n, func.count()).group_by(per_customer.c.n)
+            )
+            return {int(n): int(customers) for n, customers in rows}
+
     async def last_contact(self, shop_id: str, person_id: str) -> dict[str, datetime]:
         """The last allowed, not released message per channel."""
         async with self._sessions() as session:

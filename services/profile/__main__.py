@@ -15,6 +15,7 @@ from services.profile.gdpr_store import GdprStore
 from services.profile.history_store import HistoryStore
 from services.profile.peers import GatePeer, GdprPeer, IdentityPeer
 from services.profile.profiles import Profiles
+from services.profile.report_store import ReportStore
 from services.profile.servicer import ProfileServicer
 from services.profile.settings import ProfileSettings
 from services.profile.store import Inbox, ProfileStore
@@ -81,6 +82,7 @@ async def build(
             webhooks,
             HistoryStore(sessions),
             PersonData(GdprStore(sessions), AudienceStore(sessions), identity_peer, clock),
+            ReportStore(sessions),
             clock,
         ),
         profile_pb2_grpc.add_ProfileServicer_to_server,

@@ -23,13 +23,16 @@ from services.profile.profiles import (
     Profile,
     Profiles,
 )
+from services.profile.report_store import ReportStore, ShopFigures
 from services.profile.segments import STAGES
 from services.profile.store import SegmentRow, SignalRow
 from services.profile.webhooks import MAX_UPLOAD, Webhooks
+from services.runtime.auth import ALL_SHOPS, current_principal
 from services.runtime.db import utc
-from services.runtime.errors import NotFound
+from services.runtime.errors import NotFound, PermissionDenied
 from services.runtime.validation import (
     CHANNEL_ENUMS,
+    SHOP_ID,
     Violations,
     bounded,
     channel_name,
@@ -292,6 +295,43 @@ def _signals(item: Any, field: str, violations: Violations) -> Signals:
     )
 
 
+def _shop_report(figures: ShopFigures) -> profile_pb2.ShopReport:
+    return profile_pb2.ShopReport(
+        shop_id=figures.shop_id,
+        customers=figures.customers,
+        lifecycle=figures.lifecycle,
+        rfm=[
+            profile_pb2.RfmCell(r=r, f=f, customers=n) for (r, f), n in sorted(figures.rfm.items())
+        ],
+        rfm_unscored=figures.rfm_unscored,
+        coverage=profile_pb2.Coverage(
+            with_email=figures.with_email,
+            with_order=figures.with_order,
+            opted_in=figures.opted_in,
+            reachable=figures.reachable,
+            unsubscribed=figures.unsubscribed,
+            loyalty_members=figures.loyalty_members,
+        ),
+        refreshing=figures.refreshing,
+    )
+
+
+def _readable(shops: list[str]) -> list[str] | None:
+    """The shops a report may cover: those asked for, each one the caller's token is bound to,
+    else the token's own (None: every shop, for a token bound to all)."""
+    principal = current_principal.get()
+    for shop_id in shops:
+        if not principal.may_access(shop_id):
+            raise PermissionDenied(
+                "OTHER_SHOP", "the token is not bound to this shop", shop_id=shop_id
+            )
+    if shops:
+        return sorted(set(shops))
+    if ALL_SHOPS in principal.shops:
+        return None
+    return sorted(principal.shops)
+
+
 class ProfileServicer(profile_pb2_grpc.ProfileServicer):
     """The Profile service over the profiles."""
 
@@ -302,6 +342,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         webhooks: Webhooks,
         histories: HistoryStore,
         person_data: PersonData,
+        reports: ReportStore,
         clock: Callable[[], datetime],
     ) -> None:
         self._profiles = profiles
@@ -309,6 +350,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         self._webhooks = webhooks
         self._histories = histories
         self._person_data = person_data
+        self._reports = reports
         self._clock = clock
 
     async def Get(self, request: Any, context: Any) -> profile_pb2.CustomerProfile:
@@ -415,6 +457,19 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         answer = profile_pb2.ExportPersonResponse()
         answer.data.update(plain(await self._person_data.export(shop_id, person_id)))
         return answer
+
+    async def GetShopReports(
+        self, request: Any, context: Any
+    ) -> profile_pb2.GetShopReportsResponse:
+        violations = Violations()
+        if len(request.shops) > MAX_PAGE:
+            violations.add("shops", f"at most {MAX_PAGE}")
+        for i, shop_id in enumerate(request.shops):
+            if not SHOP_ID.fullmatch(shop_id):
+                violations.add(f"shops[{i}]", "must be 1-128 letters, digits, '.', '_' or '-'")
+        violations.raise_any()
+        figures = await self._reports.figures(_readable(list(request.shops)))
+        return profile_pb2.GetShopReportsResponse(reports=[_shop_report(f) for f in figures])
 
     async def LookupTraits(self, request: Any, context: Any) -> profile_pb2.Traits:
         violations = Violations()

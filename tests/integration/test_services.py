@@ -87,6 +87,7 @@ BUILT = {
         "ListActivity",
         "Erase",
         "ExportPerson",
+        "GetShopReports",
     },
     "c360.gdpr.v1.Gdpr": {
         "Erase",
@@ -127,6 +128,7 @@ BUILT = {
         "PutShopPolicy",
         "GetContactHistory",
         "Erase",
+        "GetFatiguePosture",
     },
 }
 

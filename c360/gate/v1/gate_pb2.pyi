@@ -724,3 +724,82 @@ class EraseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EraseResponse: _TypeAlias = EraseResponse  # noqa: Y015
+
+@_typing.final
+class GetFatiguePostureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFatiguePostureRequest: _TypeAlias = GetFatiguePostureRequest  # noqa: Y015
+
+@_typing.final
+class FatigueLevel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FATIGUE_FIELD_NUMBER: _builtins.int
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    fatigue: _builtins.str
+    """"0.10" to "1.00", as ContactCounts.fatigue writes it."""
+    customers: _builtins.int
+    def __init__(
+        self,
+        *,
+        fatigue: _builtins.str = ...,
+        customers: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customers", b"customers", "fatigue", b"fatigue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FatigueLevel: _TypeAlias = FatigueLevel  # noqa: Y015
+
+@_typing.final
+class FatiguePosture(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    threshold: _builtins.str
+    """The shop's blocking threshold, e.g. "0.70"."""
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___FatigueLevel]:
+        """Customers with at least one counted message, by fatigue score, lowest first; customers
+        with none are at 0.00 and not listed (the gate does not know every customer of a shop).
+        """
+
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """The instant the window ends at."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        levels: _abc.Iterable[Global___FatigueLevel] | None = ...,
+        threshold: _builtins.str = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "levels", b"levels", "shop_id", b"shop_id", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FatiguePosture: _TypeAlias = FatiguePosture  # noqa: Y015

@@ -70,6 +70,11 @@ class GateStub:
                 request_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.EraseRequest.SerializeToString,
                 response_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.EraseResponse.FromString,
                 _registered_method=True)
+        self.GetFatiguePosture = channel.unary_unary(
+                '/c360.gate.v1.Gate/GetFatiguePosture',
+                request_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.GetFatiguePostureRequest.SerializeToString,
+                response_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.FatiguePosture.FromString,
+                _registered_method=True)
 
 
 class GateServicer:
@@ -135,6 +140,15 @@ class GateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFatiguePosture(self, request, context):
+        """A shop's fatigue posture now: how many customers sit at each fatigue score, counting as
+        Check does (allowed marketing messages not released, in the rolling last 7×24 h), read
+        from the durable message log. Counts only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +186,11 @@ def add_GateServicer_to_server(servicer, server):
                     servicer.Erase,
                     request_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.EraseRequest.FromString,
                     response_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.EraseResponse.SerializeToString,
+            ),
+            'GetFatiguePosture': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFatiguePosture,
+                    request_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.GetFatiguePostureRequest.FromString,
+                    response_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.FatiguePosture.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +383,33 @@ class Gate:
             '/c360.gate.v1.Gate/Erase',
             c360_dot_gate_dot_v1_dot_gate__pb2.EraseRequest.SerializeToString,
             c360_dot_gate_dot_v1_dot_gate__pb2.EraseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFatiguePosture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.gate.v1.Gate/GetFatiguePosture',
+            c360_dot_gate_dot_v1_dot_gate__pb2.GetFatiguePostureRequest.SerializeToString,
+            c360_dot_gate_dot_v1_dot_gate__pb2.FatiguePosture.FromString,
             options,
             channel_credentials,
             insecure,

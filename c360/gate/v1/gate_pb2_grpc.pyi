@@ -63,6 +63,11 @@ class GateStub:
     """
     Erase: _grpc.UnaryUnaryMultiCallable[_gate_pb2.EraseRequest, _gate_pb2.EraseResponse]
     """GDPR: removes one person's counters, contact policy and message-log addresses."""
+    GetFatiguePosture: _grpc.UnaryUnaryMultiCallable[_gate_pb2.GetFatiguePostureRequest, _gate_pb2.FatiguePosture]
+    """A shop's fatigue posture now: how many customers sit at each fatigue score, counting as
+    Check does (allowed marketing messages not released, in the rolling last 7×24 h), read
+    from the durable message log. Counts only.
+    """
 
 @_typing.type_check_only
 class GateAsyncStub(GateStub):
@@ -99,6 +104,11 @@ class GateAsyncStub(GateStub):
     """
     Erase: _aio.UnaryUnaryMultiCallable[_gate_pb2.EraseRequest, _gate_pb2.EraseResponse]  # type: ignore[assignment]
     """GDPR: removes one person's counters, contact policy and message-log addresses."""
+    GetFatiguePosture: _aio.UnaryUnaryMultiCallable[_gate_pb2.GetFatiguePostureRequest, _gate_pb2.FatiguePosture]  # type: ignore[assignment]
+    """A shop's fatigue posture now: how many customers sit at each fatigue score, counting as
+    Check does (allowed marketing messages not released, in the rolling last 7×24 h), read
+    from the durable message log. Counts only.
+    """
 
 class GateServicer(metaclass=_abc_1.ABCMeta):
     """Gate guards every outgoing message. Messaging platforms call Check before each send."""
@@ -174,5 +184,16 @@ class GateServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gate_pb2.EraseResponse, _abc.Awaitable[_gate_pb2.EraseResponse]]:
         """GDPR: removes one person's counters, contact policy and message-log addresses."""
+
+    @_abc_1.abstractmethod
+    def GetFatiguePosture(
+        self,
+        request: _gate_pb2.GetFatiguePostureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gate_pb2.FatiguePosture, _abc.Awaitable[_gate_pb2.FatiguePosture]]:
+        """A shop's fatigue posture now: how many customers sit at each fatigue score, counting as
+        Check does (allowed marketing messages not released, in the rolling last 7×24 h), read
+        from the durable message log. Counts only.
+        """
 
 def add_GateServicer_to_server(servicer: GateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1968,3 +1968,222 @@ class ExportPersonResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportPersonResponse: _TypeAlias = ExportPersonResponse  # noqa: Y015
+
+@_typing.final
+class GetShopReportsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The shops to report, each one the token may read (PERMISSION_DENIED otherwise); at most
+        1000. Empty = every shop the token may read: the shops it lists, or, for a token bound to
+        every shop, every shop the profile holds customers of.
+        """
+
+    def __init__(
+        self,
+        *,
+        shops: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shops", b"shops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShopReportsRequest: _TypeAlias = GetShopReportsRequest  # noqa: Y015
+
+@_typing.final
+class RfmCell(_message.Message):
+    """Customers with one recency score and one frequency score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    R_FIELD_NUMBER: _builtins.int
+    F_FIELD_NUMBER: _builtins.int
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    r: _builtins.int
+    """1-5; 5 = bought most recently."""
+    f: _builtins.int
+    """1-5; 5 = the shop's most frequent buyers."""
+    customers: _builtins.int
+    def __init__(
+        self,
+        *,
+        r: _builtins.int = ...,
+        f: _builtins.int = ...,
+        customers: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customers", b"customers", "f", b"f", "r", b"r"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RfmCell: _TypeAlias = RfmCell  # noqa: Y015
+
+@_typing.final
+class Coverage(_message.Message):
+    """What the shop's profiles can tell, in customers (each counted once, however many emails or
+    consent records they have).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OptedInEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WITH_EMAIL_FIELD_NUMBER: _builtins.int
+    WITH_ORDER_FIELD_NUMBER: _builtins.int
+    OPTED_IN_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    LOYALTY_MEMBERS_FIELD_NUMBER: _builtins.int
+    with_email: _builtins.int
+    """With at least one email address."""
+    with_order: _builtins.int
+    """With at least one order (cancelled ones left out)."""
+    reachable: _builtins.int
+    """Opted in on at least one channel and not globally unsubscribed."""
+    unsubscribed: _builtins.int
+    """Globally unsubscribed."""
+    loyalty_members: _builtins.int
+    """Members of the shop's loyalty programme."""
+    @_builtins.property
+    def opted_in(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Opted in on the channel and not globally unsubscribed, by channel: "email", "sms",
+        "whatsapp", "push" (every channel listed, 0 included).
+        """
+
+    def __init__(
+        self,
+        *,
+        with_email: _builtins.int = ...,
+        with_order: _builtins.int = ...,
+        opted_in: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        reachable: _builtins.int = ...,
+        unsubscribed: _builtins.int = ...,
+        loyalty_members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loyalty_members", b"loyalty_members", "opted_in", b"opted_in", "reachable", b"reachable", "unsubscribed", b"unsubscribed", "with_email", b"with_email", "with_order", b"with_order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Coverage: _TypeAlias = Coverage  # noqa: Y015
+
+@_typing.final
+class ShopReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LifecycleEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_FIELD_NUMBER: _builtins.int
+    RFM_FIELD_NUMBER: _builtins.int
+    RFM_UNSCORED_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    REFRESHING_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    customers: _builtins.int
+    """Persons with a profile: the denominator of every share. A merged-away or erased person is
+    not a customer.
+    """
+    rfm_unscored: _builtins.int
+    refreshing: _builtins.int
+    """Persons whose profile is waiting to be refreshed after new facts or a merge: the figures
+    are settled when this is 0.
+    """
+    @_builtins.property
+    def lifecycle(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Customers by lifecycle stage: every one of new, engaged, converted, loyal, at_risk, churned
+        and "unscored" (enrichment has not scored them yet), 0 included; they sum to customers.
+        """
+
+    @_builtins.property
+    def rfm(self) -> _containers.RepeatedCompositeFieldContainer[Global___RfmCell]:
+        """The RFM grid, the cells with customers only, by r then f. Customers with no RFM score (no
+        order, or a shop too small to rank) are counted in rfm_unscored; the cells and
+        rfm_unscored sum to customers.
+        """
+
+    @_builtins.property
+    def coverage(self) -> Global___Coverage: ...
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        customers: _builtins.int = ...,
+        lifecycle: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        rfm: _abc.Iterable[Global___RfmCell] | None = ...,
+        rfm_unscored: _builtins.int = ...,
+        coverage: Global___Coverage | None = ...,
+        refreshing: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "customers", b"customers", "lifecycle", b"lifecycle", "refreshing", b"refreshing", "rfm", b"rfm", "rfm_unscored", b"rfm_unscored", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShopReport: _TypeAlias = ShopReport  # noqa: Y015
+
+@_typing.final
+class GetShopReportsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShopReport]:
+        """One per shop, by shop id."""
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___ShopReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShopReportsResponse: _TypeAlias = GetShopReportsResponse  # noqa: Y015

@@ -151,6 +151,11 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.FromString,
                 _registered_method=True)
+        self.GetShopReports = channel.unary_unary(
+                '/c360.profile.v1.Profile/GetShopReports',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServicer:
@@ -327,6 +332,16 @@ class ProfileServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetShopReports(self, request, context):
+        """Shop-level figures for reports, counts only (no PII): customers by lifecycle stage, the
+        RFM grid, profile coverage; one report per shop asked for, or for every shop the token may
+        read. The shop scope is checked here, shop by shop, since an empty list means "the
+        token's shops", which the shared check of shop_id cannot express.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfileServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +459,11 @@ def add_ProfileServicer_to_server(servicer, server):
                     servicer.ExportPerson,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.SerializeToString,
+            ),
+            'GetShopReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShopReports,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1069,6 +1089,33 @@ class Profile:
             '/c360.profile.v1.Profile/ExportPerson',
             c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonRequest.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.ExportPersonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShopReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/GetShopReports',
+            c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.GetShopReportsResponse.FromString,
             options,
             channel_credentials,
             insecure,

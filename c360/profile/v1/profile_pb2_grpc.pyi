@@ -97,6 +97,12 @@ class ProfileStub:
     """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
     person, as data (Gdpr.Export assembles the data subject's document from it).
     """
+    GetShopReports: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetShopReportsRequest, _profile_pb2.GetShopReportsResponse]
+    """Shop-level figures for reports, counts only (no PII): customers by lifecycle stage, the
+    RFM grid, profile coverage; one report per shop asked for, or for every shop the token may
+    read. The shop scope is checked here, shop by shop, since an empty list means "the
+    token's shops", which the shared check of shop_id cannot express.
+    """
 
 @_typing.type_check_only
 class ProfileAsyncStub(ProfileStub):
@@ -166,6 +172,12 @@ class ProfileAsyncStub(ProfileStub):
     ExportPerson: _aio.UnaryUnaryMultiCallable[_profile_pb2.ExportPersonRequest, _profile_pb2.ExportPersonResponse]  # type: ignore[assignment]
     """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
     person, as data (Gdpr.Export assembles the data subject's document from it).
+    """
+    GetShopReports: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetShopReportsRequest, _profile_pb2.GetShopReportsResponse]  # type: ignore[assignment]
+    """Shop-level figures for reports, counts only (no PII): customers by lifecycle stage, the
+    RFM grid, profile coverage; one report per shop asked for, or for every shop the token may
+    read. The shop scope is checked here, shop by shop, since an empty list means "the
+    token's shops", which the shared check of shop_id cannot express.
     """
 
 class ProfileServicer(metaclass=_abc_1.ABCMeta):
@@ -371,6 +383,18 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profile_pb2.ExportPersonResponse, _abc.Awaitable[_profile_pb2.ExportPersonResponse]]:
         """GDPR: every order, refund, event, opt-in, customer record and segment membership of a
         person, as data (Gdpr.Export assembles the data subject's document from it).
+        """
+
+    @_abc_1.abstractmethod
+    def GetShopReports(
+        self,
+        request: _profile_pb2.GetShopReportsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.GetShopReportsResponse, _abc.Awaitable[_profile_pb2.GetShopReportsResponse]]:
+        """Shop-level figures for reports, counts only (no PII): customers by lifecycle stage, the
+        RFM grid, profile coverage; one report per shop asked for, or for every shop the token may
+        read. The shop scope is checked here, shop by shop, since an empty list means "the
+        token's shops", which the shared check of shop_id cannot express.
         """
 
 def add_ProfileServicer_to_server(servicer: ProfileServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
