@@ -73,6 +73,10 @@ bench-enrichment: protos ## The daily enrichment run of 1M customers / 5M orders
 bench-gdpr: protos ## Erasure end to end and unsubscribe -> gate block against plain SQL and the gate's own put
 	$(PY) -m bench.gdpr
 
+.PHONY: soak
+soak: protos ## The mesh under mixed load while Redis, PostgreSQL and a service restart (~5 min)
+	$(PY) -m bench.soak
+
 .PHONY: bench-identity
 bench-identity: protos ## Identity.Resolve at 1M identifiers against a primary-key SELECT, same run
 	$(PY) -m bench.identity

@@ -144,22 +144,18 @@ class LocalRedis:
                 "(Debian: apt-get install redis-server) or set REDIS_URL to a reachable "
                 "redis:// URL."
             )
+        self._server = server
         self.port = free_port()
+        self.start()
+
+    def start(self) -> None:
+        """Starts the server (empty: it keeps nothing) and waits until it accepts connections."""
         self._process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            [self._server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         _wait_until(lambda: reachable("127.0.0.1", self.port), "throwaway Redis")
 
     @property
@@ -168,7 +164,7 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def remove(self) -> None:
-        """Stops the server."""
+        """Stops the server, losing everything it held."""
         self._process.terminate()
         self._process.wait(timeout=START_TIMEOUT_SECONDS)
 

@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, insert, text
+from sqlalchemy import Connection, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -33,6 +33,32 @@ class Rehearsal(Exception):
         self.result = result
 
 
+# What asyncpg raises when the connection, not the statement, failed: the server went away, was
+# shut down or restarted, or the connection broke mid-operation.
+LOST_CONNECTION: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+class DatabaseUnavailable(ConnectionError):
+    """The database connection was lost during a statement: a retry on a new one may succeed."""
+
+
+def _lost_connection(context: ExceptionContext) -> None:
+    """Turns a statement that failed because its connection was lost into DatabaseUnavailable
+    (a dependency failure: UNAVAILABLE, retried) and drops the connection from the pool."""
+    cause: BaseException | None = context.original_exception
+    while cause is not None:
+        if isinstance(cause, LOST_CONNECTION):
+            context.is_disconnect = True
+            raise DatabaseUnavailable(str(cause)) from context.sqlalchemy_exception
+        cause = cause.__cause__
+
+
 def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     """The service's engine. On PostgreSQL every connection works in the service's own schema,
     so services sharing one database never see each other's tables, and plans every statement
@@ -40,7 +66,7 @@ def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     filter the ids over a whole shop instead of looking each one up (seconds instead of ms)."""
     url = make_url(settings.sqlalchemy_url)
     if url.get_backend_name() == "postgresql":
-        return create_async_engine(
+        engine = create_async_engine(
             url,
             pool_pre_ping=True,
             pool_size=10,
@@ -53,6 +79,8 @@ def create_engine(settings: RuntimeSettings) -> AsyncEngine:
                 "timeout": settings.dependency_timeout_seconds * 5,
             },
         )
+        event.listen(engine.sync_engine, "handle_error", _lost_connection)
+        return engine
     if url.database:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     return create_async_engine(url, pool_pre_ping=True)

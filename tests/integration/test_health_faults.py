@@ -2,16 +2,21 @@
 SERVING again when it returns. The outage is a real network cut through a TCP proxy."""
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import text
 
+from services.runtime import db
+from services.runtime.errors import Unavailable, as_c360_error
 from tests.backing import Backing, LocalPostgres
 from tests.conftest import StartService
 from tests.faults import TcpProxy
-from tests.polling import health_becomes
+from tests.polling import eventually, health_becomes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -74,3 +79,37 @@ async def test_stopping_postgresql_turns_health_not_serving_until_it_is_back(
         await health_becomes(f"127.0.0.1:{server.port}", SERVING)
     finally:
         await asyncio.to_thread(postgres.remove)
+
+
+async def test_a_connection_lost_mid_statement_is_a_dependency_failure(
+    settings_for: Any,
+) -> None:
+    """A server that terminates a connection during a statement (a restart, a failover) gives
+    DatabaseUnavailable, which callers see as UNAVAILABLE, never INTERNAL; the pool drops the
+    connection and the next statement runs on a fresh one."""
+    engine = db.create_engine(settings_for("identity"))
+    marker = f"c360-lost-{secrets.token_hex(4)}"
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f"SET application_name = '{marker}'"))
+            sleeping = asyncio.create_task(connection.execute(text("SELECT pg_sleep(30)")))
+
+            async def terminated() -> int:
+                async with engine.connect() as other:
+                    found = await other.execute(
+                        text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE application_name = :marker AND query LIKE 'SELECT pg_sleep%'"
+                        ),
+                        {"marker": marker},
+                    )
+                    return int(found.scalar_one())
+
+            await eventually(terminated, lambda n: n == 1, "the sleeping statement")
+            with pytest.raises(db.DatabaseUnavailable):
+                await sleeping
+        assert isinstance(as_c360_error(db.DatabaseUnavailable("gone")), Unavailable)
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
