@@ -16,6 +16,7 @@ from cli.gdpr import gdpr
 from cli.importing import Importer, Outcome
 from cli.mesh import Mesh, Service, address_options, every_page, run
 from cli.reports import model_lines, write_plot
+from cli.shop_report import report
 
 RUN_TIMEOUT_SECONDS = 3600.0
 
@@ -32,6 +33,7 @@ def main(context: click.Context, /, token: str, **addresses: str) -> None:
 
 main.add_command(gdpr)
 main.add_command(duplicates)
+main.add_command(report)
 
 
 @main.command("import")

@@ -30,6 +30,37 @@ async def reports(mesh: Mesh, *shops: str, token: str = ADMIN_TOKEN) -> list[Any
     return list(answer.reports)
 
 
+async def put_signals(profile: Any, shop_id: str, *scored: tuple[str, str, int, int]) -> None:
+    """Enrichment's signals as PutSignals stores them: (person, lifecycle stage, R, F)."""
+    await profile.PutSignals(
+        profile_pb2.PutSignalsRequest(
+            shop_id=shop_id,
+            signals=[
+                profile_pb2.PersonSignals(
+                    person_id=person,
+                    predictions=profile_pb2.Predictions(
+                        lifecycle_stage=stage, rfm=profile_pb2.Rfm(r=r, f=f, m=3)
+                    ),
+                )
+                for person, stage, r, f in scored
+            ],
+        ),
+        metadata=AUTH,
+    )
+
+
+async def lift_caps(gate: Any, shop_id: str) -> None:
+    """A week's worth of campaigns in one day: the daily caps lifted to 20, fatigue still
+    blocking at 0.70."""
+    await gate.PutShopPolicy(
+        gate_pb2.PutShopPolicyRequest(
+            shop_id=shop_id, global_daily_cap=20,
+            channel_caps=[gate_pb2.ChannelCap(channel=EMAIL, daily_cap=20)],
+        ),
+        metadata=AUTH,
+    )  # fmt: skip
+
+
 async def order(mesh: Mesh, order_id: str, *identifiers: tuple[str, str]) -> str:
     return str((await mesh.order(order_id, "30.00", *identifiers)).person_id)
 
@@ -62,21 +93,7 @@ async def test_a_shop_report_counts_stages_the_rfm_grid_and_coverage(mesh: Mesh)
         ),
         metadata=AUTH,
     )  # fmt: skip
-    await mesh.profile.PutSignals(
-        profile_pb2.PutSignalsRequest(
-            shop_id=mesh.shop,
-            signals=[
-                profile_pb2.PersonSignals(
-                    person_id=person,
-                    predictions=profile_pb2.Predictions(
-                        lifecycle_stage=stage, rfm=profile_pb2.Rfm(r=r, f=f, m=3)
-                    ),
-                )
-                for person, stage, r, f in ((ana, "loyal", 5, 4), (bo, "converted", 3, 1))
-            ],
-        ),
-        metadata=AUTH,
-    )
+    await put_signals(mesh.profile, mesh.shop, (ana, "loyal", 5, 4), (bo, "converted", 3, 1))
 
     [report] = await eventually(
         lambda: reports(mesh, mesh.shop),
@@ -140,13 +157,7 @@ async def test_the_fatigue_posture_counts_what_a_check_counts(start_service: Sta
     shop_id = f"shop-{secrets.token_hex(4)}"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         gate = gate_pb2_grpc.GateStub(channel)
-        await gate.PutShopPolicy(
-            gate_pb2.PutShopPolicyRequest(
-                shop_id=shop_id, global_daily_cap=20,
-                channel_caps=[gate_pb2.ChannelCap(channel=EMAIL, daily_cap=20)],
-            ),
-            metadata=AUTH,
-        )  # fmt: skip
+        await lift_caps(gate, shop_id)
 
         async def send(person: str, message: str, **kw: Any) -> Any:
             return await gate.Check(
