@@ -43,6 +43,7 @@ async def start_service(
         dependencies=[Dependency("database", partial(db.ping, engine)), *dependencies],
         health_interval=settings.health_interval_seconds,
         dependency_timeout=settings.dependency_timeout_seconds,
+        max_connection_age=settings.max_connection_age_seconds,
         on_stop=[*on_stop, engine.dispose],
     )
 

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How long calls in flight on a connection past its age may still run: long enough for the
+# longest stream a client opens (an enrichment run follows its progress for up to an hour).
+CONNECTION_AGE_GRACE = 3600.0
 
 Probe = Callable[[], Awaitable[None]]
 
@@ -153,14 +156,21 @@ async def start_server(
     dependencies: Sequence[Dependency] = (),
     health_interval: float = 2.0,
     dependency_timeout: float = 1.0,
+    max_connection_age: float = 300.0,
     on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> Server:
     """Builds and starts a server on `address` (port 0 picks a free port) with the shared
-    interceptors, the health service and reflection; returns once dependencies were probed."""
+    interceptors, the health service and reflection; returns once dependencies were probed.
+    Connections are recycled after `max_connection_age` seconds (clients reconnect through
+    name resolution, reaching new replicas; calls in flight get CONNECTION_AGE_GRACE)."""
     server = grpc.aio.server(
         interceptors=[
             telemetry.server_interceptor(),
             RuntimeInterceptor(tokens),
+        ],
+        options=[
+            ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE * 1000)),
         ],
     )
     for registration in registrations:

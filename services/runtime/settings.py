@@ -63,6 +63,13 @@ class RuntimeSettings(BaseSettings):
     )
 
     log_level: str = Field("INFO", description="Python log level of the JSON logs.")
+    max_connection_age_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A client connection is asked to go (GOAWAY) after this long, so that "
+        "clients resolve the service again and spread over replicas added since; calls in "
+        "flight get an hour to finish, streams included.",
+    )
     shutdown_grace_seconds: float = Field(
         10.0, description="How long in-flight RPCs may finish after SIGTERM."
     )
