@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 
 from services.runtime.auth import (
     Principal,
@@ -19,7 +21,7 @@ from services.runtime.auth import (
     every_shop,
     required_role,
 )
-from services.runtime.errors import abort_for
+from services.runtime.errors import InvalidArgument, abort_for
 
 log = logging.getLogger("c360.rpc")
 
@@ -68,6 +70,41 @@ class Call:
             )
 
 
+class Undecodable:
+    """The request of a call whose bytes are not a message of the method's request type (cut
+    short, a field sent with the wrong wire type, a string that is not UTF-8, nested too
+    deeply): rejected as INVALID_ARGUMENT once the caller is authenticated."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def lenient(parse: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """The method's request deserializer, answering an Undecodable for bytes it cannot parse
+    (where grpc would end the call UNKNOWN, its message the parser's)."""
+    if parse is None:
+        return None
+    full_name = method.lstrip("/").replace("/", ".")
+    expected = descriptor_pool.Default().FindMethodByName(full_name).input_type.full_name
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError:
+            return Undecodable(f"the request is not a valid {expected}")
+
+    return deserialize
+
+
+def decoded(request: Any) -> Any:
+    """The request, or INVALID_ARGUMENT (the whole request, field "") for undecodable bytes."""
+    if isinstance(request, Undecodable):
+        raise InvalidArgument([("", request.why)])
+    return request
+
+
 class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every c360 method once: UNAUTHENTICATED without a valid token, PERMISSION_DENIED
     for another shop or a missing role, typed errors as statuses, a log line per call."""
@@ -104,14 +141,19 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
 
         async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
+                request = decoded(request)
                 check_shops(current_principal.get(), request, all_shops)
                 yield request
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext, behaviour: Any) -> Any:
+        async def unary(
+            request: Any, context: grpc.aio.ServicerContext, behaviour: Any, stream_in: bool
+        ) -> Any:
             call: Call | None = None
             try:
                 call = begin(method, role, context)
-                check_shops(current_principal.get(), request, all_shops)
+                if not stream_in:
+                    request = decoded(request)
+                    check_shops(current_principal.get(), request, all_shops)
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -130,6 +172,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 if stream_in:
                     request = checked(request)
                 else:
+                    request = decoded(request)
                     check_shops(current_principal.get(), request, all_shops)
                 async for response in behaviour(request, context):
                     yield response
@@ -141,19 +184,19 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 if call is not None:
                     call.finish()
 
-        serializers = (handler.request_deserializer, handler.response_serializer)
+        serializers = (lenient(handler.request_deserializer, method), handler.response_serializer)
         if handler.unary_unary:
             behaviour = handler.unary_unary
 
             async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await unary(request, context, behaviour)
+                return await unary(request, context, behaviour, False)
 
             return grpc.unary_unary_rpc_method_handler(uu, *serializers)
         if handler.stream_unary:
             behaviour = handler.stream_unary
 
             async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await unary(checked(requests), context, behaviour)
+                return await unary(checked(requests), context, behaviour, True)
 
             return grpc.stream_unary_rpc_method_handler(su, *serializers)
         if handler.unary_stream:
