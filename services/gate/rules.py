@@ -58,11 +58,12 @@ class ShopPolicy:
 
 
 def zone(name: str) -> ZoneInfo:
-    """The IANA zone of that name; ValueError when there is none."""
+    """The IANA zone of that name; ValueError when there is none (a name the zone database
+    reads as a folder or as too long a file name included)."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as unknown:
-        raise ValueError(f"unknown time zone {name!r}") from unknown
+    except (ZoneInfoNotFoundError, ValueError, OSError) as unknown:
+        raise ValueError(f"unknown time zone {name[:64]!r}") from unknown
 
 
 def _local_instant(day: date, at: time, tz: ZoneInfo) -> datetime:

@@ -282,6 +282,11 @@ def _signals(item: Any, field: str, violations: Violations) -> Signals:
     for name in ("churn_risk", "p_order_30d", "p_order_90d"):
         if p.HasField(name) and not 0 <= getattr(p, name) <= 1:
             violations.add(f"{field}.predictions.{name}", "a probability, 0 to 1")
+    # Stored as JSON, which holds only times of the years 1-9999.
+    time_field(
+        p, "predicted_next_order_at", violations, required=False,
+        path=f"{field}.predictions.predicted_next_order_at",
+    )  # fmt: skip
     engagement = item.engagement_score if item.HasField("engagement_score") else None
     if engagement is not None and not 0 <= engagement <= 1:
         violations.add(f"{field}.engagement_score", "0 to 1")
@@ -291,7 +296,9 @@ def _signals(item: Any, field: str, violations: Violations) -> Signals:
         rfm,
         p.churn_risk if p.HasField("churn_risk") else None,
         engagement,
-        MessageToDict(p, preserving_proto_field_name=True),
+        # Not converted once a violation is found: the request is rejected, and JSON cannot
+        # hold every value a violation is about.
+        {} if violations.found else MessageToDict(p, preserving_proto_field_name=True),
     )
 
 

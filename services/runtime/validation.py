@@ -132,17 +132,19 @@ def timestamp(instant: datetime | None) -> Timestamp | None:
 
 
 def time_field(
-    message: Any, name: str, violations: Violations, required: bool = True
+    message: Any, name: str, violations: Violations, required: bool = True, path: str = ""
 ) -> datetime | None:
     """A Timestamp field as an aware UTC datetime: None when unset (a violation if required) or
-    outside the years 1-9999 (a violation)."""
+    outside the years 1-9999 (a violation). Violations name `path` (a nested field's path in
+    the request), else `name`."""
+    field = path or name
     if not message.HasField(name):
         if required:
-            violations.add(name, "required")
+            violations.add(field, "required")
         return None
     stamp: Timestamp = getattr(message, name)
     if not MIN_SECONDS <= stamp.seconds <= MAX_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
-        violations.add(name, "must be a time between the years 1 and 9999")
+        violations.add(field, "must be a time between the years 1 and 9999")
         return None
     return stamp.ToDatetime(tzinfo=UTC)
 

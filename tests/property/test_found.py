@@ -3,8 +3,10 @@ plain example against the real service, so that the fix stays whatever hypothesi
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from c360.profile.v1 import profile_pb2
+from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from tests.conftest import ADMIN_TOKEN, StartService
 from tests.rpc import bearer, call, details, service_descriptor
 
@@ -28,6 +30,55 @@ async def test_bytes_that_are_no_request_are_invalid_argument_once_authenticated
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
             await call(channel, get, RawRequest(cut_short))
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def violated(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields an INVALID_ARGUMENT names."""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    return [v.field for d in details(error) for v in d.field_violations]
+
+
+async def test_a_time_zone_the_zone_database_cannot_open_is_invalid(
+    start_service: StartService,
+) -> None:
+    # Was INTERNAL: "x" * 257 is too long a file name, "Europe" a folder (OSError).
+    server = await start_service("gate")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        gate = gate_pb2_grpc.GateStub(channel)
+        for name in ("x" * 257, "Europe", "Europe/", "\x00"):
+            with pytest.raises(grpc.aio.AioRpcError) as policy:
+                await gate.PutContactPolicy(
+                    gate_pb2.PutContactPolicyRequest(
+                        shop_id="shop-a", person_id="p1", time_zone=name
+                    ),
+                    metadata=bearer(ADMIN_TOKEN),
+                )
+            assert violated(policy.value) == ["time_zone"]
+            with pytest.raises(grpc.aio.AioRpcError) as shop:
+                await gate.PutShopPolicy(
+                    gate_pb2.PutShopPolicyRequest(shop_id="shop-a", time_zone=name),
+                    metadata=bearer(ADMIN_TOKEN),
+                )
+            assert violated(shop.value) == ["time_zone"]
+
+
+async def test_a_predicted_next_order_outside_the_timestamp_range_is_invalid(
+    start_service: StartService,
+) -> None:
+    # Was INTERNAL: the predictions are stored as JSON, which cannot write such a time.
+    server = await start_service("profile")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for seconds, nanos in ((946_684_800, -1), (253_402_300_800, 0)):
+            request = profile_pb2.PutSignalsRequest(shop_id="shop-a")
+            item = request.signals.add(person_id="p1")
+            item.predictions.predicted_next_order_at.CopyFrom(
+                Timestamp(seconds=seconds, nanos=nanos)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await profile_pb2_grpc.ProfileStub(channel).PutSignals(
+                    request, metadata=bearer(ADMIN_TOKEN)
+                )
+            assert violated(invalid.value) == ["signals[0].predictions.predicted_next_order_at"]
 
 
 class RawRequest:
