@@ -13,7 +13,7 @@ from services.enrichment import signals
 from services.enrichment.peers import IdentityPeer, ProfilePeer, histories
 from services.enrichment.signals import Model, ShopConfig
 from services.enrichment.store import EnrichmentStore
-from services.runtime.errors import NotFound
+from services.runtime.errors import NotFound, PeerRejected
 from services.runtime.validation import PersonRef
 from services.runtime.worker import Worker
 
@@ -163,7 +163,10 @@ class Enrichment:
         """One person's signals now under the shop's current model, published; with the change
         feed entries they made."""
         if ref.identifier:
-            person_id = await self._identity.lookup(shop_id, *ref.identifier)
+            try:
+                person_id = await self._identity.lookup(shop_id, *ref.identifier)
+            except PeerRejected as rejected:
+                raise rejected.under(ref.field) from None
         else:
             person_id = ref.person_id
         scored, changes = await self._recompute(shop_id, [person_id])

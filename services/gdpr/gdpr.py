@@ -95,13 +95,16 @@ class Gdpr:
         if not ref.identifier:
             return ref.person_id
         kind, value = ref.identifier
-        found = await peer_answer(
-            self._peers.identity.Lookup(
-                identity_pb2.LookupRequest(
-                    shop_id=shop_id, identifier=common_pb2.Identifier(type=kind, value=value)
+        try:
+            found = await peer_answer(
+                self._peers.identity.Lookup(
+                    identity_pb2.LookupRequest(
+                        shop_id=shop_id, identifier=common_pb2.Identifier(type=kind, value=value)
+                    )
                 )
             )
-        )
+        except PeerRejected as rejected:
+            raise rejected.under(ref.field) from None
         return str(found.person_id)
 
     async def erase(
@@ -278,7 +281,7 @@ class Gdpr:
                 continue
             try:
                 return await self.person_of(shop_id, PersonRef(identifier=(kind, str(value))))
-            except PeerRejected as rejected:
+            except (PeerRejected, InvalidArgument) as rejected:
                 if rejected.code not in (
                     grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.INVALID_ARGUMENT,

@@ -509,7 +509,12 @@ class Profiles:
         # Recorded against what the change names, the person id or the identifier: it follows
         # that through merges and unmerges.
         if change.person.identifier is not None:
-            person_id, anchor = await self._identity.find(change.shop_id, *change.person.identifier)
+            try:
+                person_id, anchor = await self._identity.find(
+                    change.shop_id, *change.person.identifier
+                )
+            except PeerRejected as rejected:
+                raise rejected.under(change.person.field) from None
         else:
             person_id = change.person.person_id
             anchor = ("person", person_id)
@@ -548,7 +553,10 @@ class Profiles:
         """The group of a person named by id or by any identifier (read-only: never creates)."""
         person_id = person.person_id
         if person.identifier is not None:
-            person_id = await self._identity.lookup(shop_id, *person.identifier)
+            try:
+                person_id = await self._identity.lookup(shop_id, *person.identifier)
+            except PeerRejected as rejected:
+                raise rejected.under(person.field) from None
         return await self._identity.group(shop_id, person_id)
 
     async def _person_of(self, shop_id: str, anchor: Anchor) -> str:

@@ -201,6 +201,15 @@ class PeerRejected(C360Error):
     def to_status(self) -> status_pb2.Status:
         return self._status if self._status is not None else super().to_status()
 
+    def under(self, field: str) -> C360Error:
+        """The refusal as the caller's own, when the peer's request was made from the caller's
+        `field`: each field violation's field put under it (identity's `identifier.value` is
+        the caller's `person.identifier.value`). Without field violations, unchanged."""
+        violations = self.field_violations()
+        if self.code != grpc.StatusCode.INVALID_ARGUMENT or not violations:
+            return self
+        return InvalidArgument([(f"{field}.{name}".rstrip("."), why) for name, why in violations])
+
     def field_violations(self) -> list[tuple[str, str]]:
         """The peer's BadRequest field violations, as (field, description)."""
         found: list[tuple[str, str]] = []

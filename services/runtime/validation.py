@@ -61,10 +61,12 @@ def person(value: str, field: str, violations: Violations) -> str:
 
 @dataclass(frozen=True)
 class PersonRef:
-    """Who a request is about: a person id, or an identifier (type, value)."""
+    """Who a request is about: a person id, or an identifier (type, value); `field` is the
+    request's field it came from, which a refusal of the identifier names."""
 
     person_id: str = ""
     identifier: tuple[str, str] | None = None
+    field: str = "person"
 
 
 def person_ref(message: Any, field: str, violations: Violations) -> PersonRef:
@@ -73,7 +75,9 @@ def person_ref(message: Any, field: str, violations: Violations) -> PersonRef:
     ref = getattr(message, field)
     which = ref.WhichOneof("ref")
     if which == "person_id":
-        return PersonRef(person_id=person(ref.person_id, f"{field}.person_id", violations))
+        return PersonRef(
+            person_id=person(ref.person_id, f"{field}.person_id", violations), field=field
+        )
     if which == "identifier":
         for part in ("type", "value"):
             value = getattr(ref.identifier, part)
@@ -81,9 +85,9 @@ def person_ref(message: Any, field: str, violations: Violations) -> PersonRef:
                 violations.add(
                     f"{field}.identifier.{part}", f"must be 1-{MAX_IDENTIFIER} printable characters"
                 )
-        return PersonRef(identifier=(ref.identifier.type, ref.identifier.value))
+        return PersonRef(identifier=(ref.identifier.type, ref.identifier.value), field=field)
     violations.add(field, "a person_id or an identifier is required")
-    return PersonRef()
+    return PersonRef(field=field)
 
 
 def channel_name(value: common_pb2.Channel.ValueType, field: str, violations: Violations) -> str:

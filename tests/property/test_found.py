@@ -5,7 +5,10 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from c360.common.v1 import common_pb2
+from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
 from tests.conftest import ADMIN_TOKEN, StartService
 from tests.rpc import bearer, call, details, service_descriptor
@@ -79,6 +82,49 @@ async def test_a_predicted_next_order_outside_the_timestamp_range_is_invalid(
                     request, metadata=bearer(ADMIN_TOKEN)
                 )
             assert violated(invalid.value) == ["signals[0].predictions.predicted_next_order_at"]
+
+
+async def test_an_identifier_identity_refuses_is_a_violation_of_the_callers_field(
+    start_service: StartService,
+) -> None:
+    # Was identity's own field, "identifier.value", which no caller's request has.
+    identity = await start_service("identity")
+    peer = {"identity_addr": f"127.0.0.1:{identity.port}", "service_token": ADMIN_TOKEN}
+    servers = {s: await start_service(s, **peer) for s in ("profile", "gdpr", "enrichment")}
+    blank = common_pb2.PersonRef(
+        identifier=common_pb2.Identifier(type="shopify_customer_id", value=" ")
+    )
+    auth = bearer(ADMIN_TOKEN)
+    channels = {s: grpc.aio.insecure_channel(f"127.0.0.1:{v.port}") for s, v in servers.items()}
+    profile = profile_pb2_grpc.ProfileStub(channels["profile"])
+    calls = [
+        profile.Get(profile_pb2.GetRequest(shop_id="shop-a", person=blank), metadata=auth),
+        profile.SetConsent(
+            profile_pb2.SetConsentRequest(
+                shop_id="shop-a",
+                person=blank,
+                channel=common_pb2.CHANNEL_EMAIL,
+                granted=True,
+                source="checkout",
+                at=Timestamp(seconds=1_700_000_000),
+            ),
+            metadata=auth,
+        ),  # fmt: skip
+        gdpr_pb2_grpc.GdprStub(channels["gdpr"]).PreviewErase(
+            gdpr_pb2.PreviewEraseRequest(shop_id="shop-a", person=blank), metadata=auth
+        ),
+        enrichment_pb2_grpc.EnrichmentStub(channels["enrichment"]).Recompute(
+            enrichment_pb2.RecomputeRequest(shop_id="shop-a", person=blank), metadata=auth
+        ),
+    ]
+    try:
+        for answer in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await answer
+            assert violated(invalid.value) == ["person.identifier.value"]
+    finally:
+        for channel in channels.values():
+            await channel.close(None)
 
 
 class RawRequest:
