@@ -120,7 +120,7 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
     async def progress() -> int:
         return json.loads(checkpoint.read_text())["done"] if checkpoint.exists() else 0
 
-    await eventually(progress, lambda done: done >= 200, "import progress")
+    await eventually(progress, lambda done: done >= 200, "import progress", 60.0)
     await proxy.cut()
     broken = await running
     assert broken.exit_code == 1
