@@ -3,7 +3,6 @@ through its own Erase, in order: the gate blocks first, then the profile tombsto
 then identity forgets), previews, exports, shop redaction and Shopify's GDPR webhooks."""
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from services.gdpr.store import (
 from services.runtime.channels import peer_answer
 from services.runtime.errors import InvalidArgument, NotFound, PeerRejected
 from services.runtime.settings import ServiceName
-from services.runtime.validation import PersonRef, timestamp
+from services.runtime.validation import PersonRef, json_value, timestamp
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -239,7 +238,7 @@ class Gdpr:
         if done is not None:
             return done.job_id, done.person_id
         try:
-            payload = json.loads(body)
+            payload = json_value(body)
         except ValueError as bad:
             raise InvalidArgument([("body", "is not JSON")]) from bad
         if not isinstance(payload, dict):

@@ -1,7 +1,6 @@
 """The profile's GDPR transactions: one person's erasure (tombstone and scrub at once) and the
 reads of their export."""
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from services.profile.store import (
     anchored,
 )
 from services.runtime.db import Rehearsal, dialect_of, hold_lock
+from services.runtime.validation import json_value
 
 # Deliveries still holding their body (processed ones keep none: see Webhooks).
 HELD = ("pending", "dead")
@@ -242,6 +242,6 @@ async def _erase(
 
 def _parsed(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json_value(body)
     except ValueError:
         return body.decode("utf-8", "replace")

@@ -26,7 +26,7 @@ from services.profile.profiles import Profiles
 from services.profile.store import Inbox, WebhookRow
 from services.runtime.auth import TokenRegistry
 from services.runtime.errors import DEPENDENCY_ERRORS, as_c360_error
-from services.runtime.validation import SHOP_ID
+from services.runtime.validation import SHOP_ID, UnreadableJson, json_value
 from services.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ MAX_UPLOAD = 10_000
 MAX_BODY = 5 * 1024 * 1024
 BATCH = 100
 # Failures no retry can cure: the delivery goes straight to the dead letters.
-PERMANENT = (shopify.PayloadError, json.JSONDecodeError, UnicodeDecodeError, DataError)
+PERMANENT = (
+    shopify.PayloadError, json.JSONDecodeError, UnicodeDecodeError, UnreadableJson, DataError,
+)  # fmt: skip
 
 
 class Webhooks:
@@ -134,8 +136,8 @@ class Webhooks:
         if not principal.may_access(shop_id) or not principal.has_role(common_pb2.ROLE_WRITE):
             return web.json_response({"error": "no write access to this shop"}, status=403)
         try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json_value(await request.read())
+        except ValueError:
             return web.json_response({"error": "the body is not JSON"}, status=400)
         records = body.get("customers") if isinstance(body, dict) else None
         if not isinstance(records, list):
@@ -198,7 +200,7 @@ class Webhooks:
 
     async def _apply(self, row: WebhookRow) -> None:
         """Turns a delivery into profile records, or hands a GDPR request to the gdpr service."""
-        payload = json.loads(row.body)  # integers stay exact
+        payload = json_value(row.body)  # integers stay exact
         if not isinstance(payload, dict):
             raise shopify.PayloadError("the body is not a JSON object")
         if row.topic in shopify.ORDER_TOPICS:

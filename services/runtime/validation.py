@@ -1,6 +1,7 @@
 """Request validation every servicer shares: field violations gathered and raised together, the
 ids that travel between services, and timestamps between protobuf and Python."""
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +111,24 @@ def text(value: str, field: str, violations: Violations, required: bool = True) 
     if (required and not value) or len(value) > MAX_TEXT or not value.isprintable():
         violations.add(field, f"must be {'1' if required else '0'}-{MAX_TEXT} printable characters")
     return value
+
+
+class UnreadableJson(ValueError):
+    """JSON that parses as text but not into values: nested deeper than the parser recurses, or
+    an integer of more digits than Python converts (4300)."""
+
+
+def json_value(body: bytes | str) -> Any:
+    """The JSON value of a body a caller sent, integers exact. ValueError for anything else:
+    JSONDecodeError (not JSON), UnicodeDecodeError (not UTF-8), UnreadableJson."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise UnreadableJson("nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError as bad:
+        raise UnreadableJson(str(bad)) from None
 
 
 def plain(value: Any) -> Any:

@@ -1,6 +1,10 @@
 """Inputs the property tests (test_bad_input.py) found answered wrongly, each pinned here as a
 plain example against the real service, so that the fix stays whatever hypothesis draws."""
 
+from collections.abc import Awaitable
+from typing import Any
+
+import aiohttp
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -10,8 +14,18 @@ from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.profile.shopify import signature
 from tests.conftest import ADMIN_TOKEN, StartService
+from tests.polling import eventually
 from tests.rpc import bearer, call, details, service_descriptor
+from tests.sql import sql
+
+# JSON that parses as text but not into values: nested deeper than Python's parser recurses, a
+# number of more digits than Python converts.
+UNREADABLE = (
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"customers": [{"external_id": ' + b"9" * 5000 + b"}]}",
+)
 
 
 async def test_bytes_that_are_no_request_are_invalid_argument_once_authenticated(
@@ -97,7 +111,7 @@ async def test_an_identifier_identity_refuses_is_a_violation_of_the_callers_fiel
     auth = bearer(ADMIN_TOKEN)
     channels = {s: grpc.aio.insecure_channel(f"127.0.0.1:{v.port}") for s, v in servers.items()}
     profile = profile_pb2_grpc.ProfileStub(channels["profile"])
-    calls = [
+    calls: list[Awaitable[Any]] = [
         profile.Get(profile_pb2.GetRequest(shop_id="shop-a", person=blank), metadata=auth),
         profile.SetConsent(
             profile_pb2.SetConsentRequest(
@@ -109,7 +123,7 @@ async def test_an_identifier_identity_refuses_is_a_violation_of_the_callers_fiel
                 at=Timestamp(seconds=1_700_000_000),
             ),
             metadata=auth,
-        ),  # fmt: skip
+        ),
         gdpr_pb2_grpc.GdprStub(channels["gdpr"]).PreviewErase(
             gdpr_pb2.PreviewEraseRequest(shop_id="shop-a", person=blank), metadata=auth
         ),
@@ -125,6 +139,60 @@ async def test_an_identifier_identity_refuses_is_a_violation_of_the_callers_fiel
     finally:
         for channel in channels.values():
             await channel.close(None)
+
+
+async def test_json_nested_too_deeply_or_with_too_long_a_number_is_bad_input(
+    start_service: StartService, settings_for: Any
+) -> None:
+    # The upload answered 500; the inbox retried such a delivery, logging a traceback each
+    # time; HandleShopifyRequest was INTERNAL.
+    secret = "shpss_found"
+    profile = await start_service("profile", webhook_port=0, shopify_api_secret=secret)
+    gdpr = await start_service("gdpr")
+    base = f"http://127.0.0.1:{profile.http_ports['webhooks']}"
+    async with aiohttp.ClientSession() as http:
+        for i, body in enumerate(UNREADABLE):
+            async with http.post(
+                f"{base}/api/customers/upload/", params={"shop_id": "shop-a"}, data=body,
+                headers=dict(bearer(ADMIN_TOKEN)),
+            ) as upload:  # fmt: skip
+                assert (upload.status, await upload.json()) == (
+                    400,
+                    {"error": "the body is not JSON"},
+                )
+            shop = f"found-{i}.myshopify.com"
+            headers = {
+                "X-Shopify-Topic": "orders/create", "X-Shopify-Shop-Domain": shop,
+                "X-Shopify-Webhook-Id": "w1", "X-Shopify-Hmac-Sha256": signature(secret, body),
+            }  # fmt: skip
+            async with http.post(f"{base}/webhooks/shopify", data=body, headers=headers) as hook:
+                assert hook.status == 200
+
+            async def letter(shop: str = shop) -> list[Any]:
+                return await sql(
+                    settings_for("profile"),
+                    "SELECT state, attempts, error FROM webhook_inbox WHERE shop_id = $1",
+                    shop,
+                )
+
+            # Dead at the first attempt (the service's default allows 12): nothing cures it.
+            [row] = await eventually(letter, settled, "the delivery processed")
+            assert (row["state"], row["attempts"]) == ("dead", 1)
+            assert row["error"].startswith("UnreadableJson: ")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gdpr.port}") as channel:
+        for body in UNREADABLE:
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await gdpr_pb2_grpc.GdprStub(channel).HandleShopifyRequest(
+                    gdpr_pb2.ShopifyRequest(
+                        shop_id="shop-a", topic="customers/redact", webhook_id="w1", body=body
+                    ),
+                    metadata=bearer(ADMIN_TOKEN),
+                )
+            assert violated(invalid.value) == ["body"]
+
+
+def settled(rows: list[Any]) -> bool:
+    return bool(rows) and rows[0]["state"] != "pending"
 
 
 class RawRequest:
