@@ -35,6 +35,10 @@ protos-check: $(INSTALLED) ## Fail if c360/ drifts from protos/
 run: protos ## Install, migrate and start the whole mesh on embedded defaults
 	$(PY) -m services.runtime.mesh
 
+.PHONY: demo
+demo: $(INSTALLED) ## Load the demo shop into the mesh make run started (C360_TOKEN: its token)
+	$(VENV)/bin/c360 demo
+
 .PHONY: test
 test: protos-check ## Install and run the whole suite against real PostgreSQL and Redis
 	$(PY) -m pytest tests/unit tests/integration tests/e2e

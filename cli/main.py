@@ -2,38 +2,38 @@
 
 import asyncio
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import click
 import grpc
 
-from c360.enrichment.v1 import enrichment_pb2, enrichment_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.demo import demo
 from cli.duplicates import duplicates
+from cli.enrich import enrich
 from cli.gdpr import gdpr
 from cli.importing import Importer, Outcome
 from cli.mesh import Mesh, Service, address_options, every_page, run
-from cli.reports import model_lines, write_plot
 from cli.shop_report import report
-
-RUN_TIMEOUT_SECONDS = 3600.0
 
 
 @click.group()
 @address_options
-@click.option("--token", envvar="C360_TOKEN", required=True, help="Bearer token (or C360_TOKEN).")
+@click.option("--token", envvar="C360_TOKEN", help="Bearer token (or C360_TOKEN); required.")
 @click.pass_context
-def main(context: click.Context, /, token: str, **addresses: str) -> None:
-    """Operate a c360 mesh: import and export data, run enrichment and read its report,
-    inspect and replay dead letters, answer data-subject requests."""
+def main(context: click.Context, /, token: str | None, **addresses: str) -> None:
+    """Operate a c360 mesh: load a demo shop, report on a shop or an agency's shops, review
+    duplicates, import and export data, run enrichment and read its model report, inspect and
+    replay dead letters, answer data-subject requests. See docs/cli.md."""
     context.obj = Mesh(cast(dict[Service, str], addresses), token)
 
 
 main.add_command(gdpr)
 main.add_command(duplicates)
 main.add_command(report)
+main.add_command(enrich)
+main.add_command(demo)
 
 
 @main.command("import")
@@ -118,68 +118,6 @@ def export(
         finally:
             partial.unlink(missing_ok=True)
     click.echo(f"exported {written} bytes of {dataset} for {shop}", err=True)
-
-
-@main.group()
-def enrich() -> None:
-    """Enrichment: run a shop's models, read their report."""
-
-
-@enrich.command("run")
-@click.option("--shop", required=True)
-@click.option(
-    "--as-of",
-    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
-    help="Back-test as of this UTC time (fitted and reported, nothing published).",
-)
-@click.pass_obj
-def enrich_run(mesh: Mesh, shop: str, as_of: datetime | None) -> None:
-    """Run the shop's daily enrichment now (or a back-test), with progress."""
-    request = enrichment_pb2.RunShopRequest(shop_id=shop)
-    if as_of is not None:
-        request.as_of.FromDatetime(as_of.replace(tzinfo=UTC))
-
-    async def follow() -> None:
-        async with mesh.channel("enrichment") as channel:
-            call = enrichment_pb2_grpc.EnrichmentStub(channel).RunShop(
-                request, metadata=mesh.metadata, timeout=RUN_TIMEOUT_SECONDS
-            )
-            with click.progressbar(length=0, label="publishing", file=sys.stderr) as bar:
-                async for progress in call:
-                    if progress.phase == "publish":
-                        bar.length = progress.total
-                        bar.update(progress.done - bar.pos)
-                    elif progress.phase == "done":
-                        click.echo(f"done: {progress.done} persons", err=True)
-                    else:
-                        click.echo(f"{progress.phase}: {progress.done}", err=True)
-
-    run(follow())
-
-
-@enrich.command("report")
-@click.option("--shop", required=True)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the churn calibration plot: a .png file, or an .html page.",
-)
-@click.pass_obj
-def enrich_report(mesh: Mesh, shop: str, plot: Path | None) -> None:
-    """The shop's fitted parameters, sample sizes and churn calibration."""
-
-    async def fetch() -> Any:
-        async with mesh.channel("enrichment") as channel:
-            return await enrichment_pb2_grpc.EnrichmentStub(channel).GetModelReport(
-                enrichment_pb2.GetModelReportRequest(shop_id=shop), metadata=mesh.metadata
-            )
-
-    report = run(fetch())
-    for line in model_lines(report):
-        click.echo(line)
-    if plot is not None:
-        write_plot(report, plot)
-        click.echo(f"plot written to {plot}", err=True)
 
 
 @main.group()

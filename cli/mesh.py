@@ -29,9 +29,17 @@ T = TypeVar("T")
 class Mesh:
     """The services' addresses and the bearer token."""
 
-    def __init__(self, addresses: dict[Service, str], token: str) -> None:
+    def __init__(self, addresses: dict[Service, str], token: str | None) -> None:
         self.addresses = addresses
-        self.token = token
+        self._token = token
+
+    @property
+    def token(self) -> str:
+        """The token; asked for only by a command that calls the mesh, so that `--help` of
+        every command works without one."""
+        if not self._token:
+            raise click.UsageError("Missing option '--token' (or C360_TOKEN).")
+        return self._token
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

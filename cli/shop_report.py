@@ -39,13 +39,13 @@ async def gather_figures(mesh: Mesh, shops: list[str], with_model: bool) -> list
                     gate_pb2.GetFatiguePostureRequest(shop_id=report.shop_id),
                     metadata=mesh.metadata,
                 )
-                model = await _model(enrichment, mesh, report.shop_id) if with_model else None
+                model = await model_report(enrichment, mesh, report.shop_id) if with_model else None
             return ShopFigures(report, posture, model)
 
         return list(await asyncio.gather(*(figures(r) for r in answer.reports)))
 
 
-async def _model(enrichment: Any, mesh: Mesh, shop: str) -> Any:
+async def model_report(enrichment: Any, mesh: Mesh, shop: str) -> Any:
     """The shop's model report, None when no model was fitted yet."""
     try:
         return await enrichment.GetModelReport(
