@@ -36,96 +36,158 @@ class GammaGamma:
     gamma: float
 
 
-def group(*columns: Floats) -> tuple[list[Floats], Floats, NDArray[np.intp]]:
-    """Identical rows collapsed: (the unique columns, how many customers each row stands for,
-    the index of each customer's row)."""
-    stacked = np.column_stack(columns)
-    unique, inverse, counts = np.unique(stacked, axis=0, return_inverse=True, return_counts=True)
-    return [unique[:, i] for i in range(unique.shape[1])], counts.astype(float), inverse.ravel()
+@dataclass(frozen=True)
+class Distinct:
+    """A column as its distinct values and each row's index among them, so that what depends on
+    the column alone is computed once per value."""
+
+    values: Floats
+    index: NDArray[np.intp]
+
+    @classmethod
+    def of(cls, column: Floats) -> "Distinct":
+        values, index = np.unique(column, return_inverse=True)
+        return cls(values, index.ravel())
+
+    @property
+    def rows(self) -> Floats:
+        return self.per_row(self.values)
+
+    def per_row(self, table: Floats) -> Floats:
+        """A function of the distinct values, given as its value at each, at every row."""
+        return np.take(table, self.index)
+
+    def total(self, weight: Floats) -> Floats:
+        """The weights summed per distinct value."""
+        return np.asarray(
+            np.bincount(self.index, weights=weight, minlength=len(self.values)), dtype=float
+        )
+
+
+def group(*columns: Floats) -> tuple[list[Distinct], Floats]:
+    """Identical rows collapsed: the columns of the distinct rows (in lexicographic order) and
+    how many customers each row stands for."""
+    distinct = [Distinct.of(column) for column in columns]
+    key = np.zeros(len(columns[0]), dtype=np.int64)
+    for column in distinct:  # the row's rank among the distinct rows of the columns so far
+        _, first, key, counts = np.unique(
+            key * len(column.values) + column.index,
+            return_index=True, return_inverse=True, return_counts=True,
+        )  # fmt: skip
+    return [Distinct(c.values, c.index[first]) for c in distinct], counts.astype(float)
 
 
 def bgnbd_log_likelihood(
     params: Floats, x: Floats, t_x: Floats, big_t: Floats
 ) -> tuple[Floats, Floats]:
-    """Each customer's log-likelihood under (r, alpha, a, b) and its gradient with respect to the
-    log of each parameter (shape 4 by n)."""
+    """Each customer's log-likelihood under (r, alpha, a, b), and the gradient of their sum with
+    respect to the log of each parameter."""
+    columns = Distinct.of(x), Distinct.of(t_x), Distinct.of(big_t)
+    return _bgnbd(params, *columns, np.ones(len(x)))
+
+
+def _bgnbd(
+    params: Floats, x: Distinct, t_x: Distinct, big_t: Distinct, weight: Floats
+) -> tuple[Floats, Floats]:
+    """Rows' log-likelihoods and the gradient of their weighted sum (log-parameters)."""
     r, alpha, a, b = params
-    repeat = x > 0
-    a1 = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
-    a2 = betaln(a, b + x) - betaln(a, b)
-    a3 = -(r + x) * np.log(alpha + big_t)
-    shifted = np.where(repeat, b + x - 1, 1.0)
-    a4 = np.where(repeat, np.log(a) - np.log(shifted) - (r + x) * np.log(alpha + t_x), -np.inf)
+    xs = x.values
+    repeat = xs > 0
+    shifted = np.where(repeat, b + xs - 1, 1.0)
+    by_x = gammaln(r + xs) - gammaln(r) + r * np.log(alpha) + betaln(a, b + xs) - betaln(a, b)
+    rx = x.per_row(r + xs)
+    log_big_t = big_t.per_row(np.log(alpha + big_t.values))
+    log_t = t_x.per_row(np.log(alpha + t_x.values))
+    a3 = -rx * log_big_t
+    a4 = x.per_row(np.where(repeat, np.log(a) - np.log(shifted), -np.inf)) - rx * log_t
     top = np.maximum(a3, a4)
-    mix = np.log(np.exp(a3 - top) + np.exp(a4 - top)) + top
-    w3, w4 = np.exp(a3 - mix), np.exp(a4 - mix)
+    e3, e4 = np.exp(a3 - top), np.exp(a4 - top)
+    mix = e3 + e4
+    w3, w4 = weight * e3 / mix, weight * e4 / mix
+    per_x = x.total(weight)
     d_r = (
-        digamma(r + x)
-        - digamma(r)
-        + np.log(alpha)
-        - w3 * np.log(alpha + big_t)
-        - w4 * np.log(alpha + t_x)
+        per_x @ (digamma(r + xs) - digamma(r) + np.log(alpha))
+        - _dot(w3, log_big_t)
+        - _dot(w4, log_t)
     )
-    d_alpha = r / alpha - w3 * (r + x) / (alpha + big_t) - w4 * (r + x) / (alpha + t_x)
-    d_a = digamma(a + b) - digamma(a + b + x) + w4 / a
-    d_b = digamma(a + b) + digamma(b + x) - digamma(b) - digamma(a + b + x) - w4 / shifted
-    gradient = np.vstack([d_r * r, d_alpha * alpha, d_a * a, d_b * b])
-    return a1 + a2 + mix, gradient
+    d_alpha = (
+        weight.sum() * r / alpha
+        - _dot(w3 * rx, big_t.per_row(1 / (alpha + big_t.values)))
+        - _dot(w4 * rx, t_x.per_row(1 / (alpha + t_x.values)))
+    )
+    d_a = per_x @ (digamma(a + b) - digamma(a + b + xs)) + w4.sum() / a
+    d_b = per_x @ (digamma(a + b) + digamma(b + xs) - digamma(b) - digamma(a + b + xs)) - _dot(
+        w4, x.per_row(1 / shifted)
+    )
+    ll = x.per_row(by_x) + np.log(mix) + top
+    return ll, np.array([d_r * r, d_alpha * alpha, d_a * a, d_b * b])
 
 
 def fit_bgnbd(x: Floats, t_x: Floats, big_t: Floats) -> BgNbd:
     """Maximum-likelihood BG/NBD on the customers' (x, t_x, T), grouped so that customers with the
     same summary are evaluated once."""
-    (gx, gt, gbig), weight, _ = group(x, t_x, big_t)
+    (gx, gt, gbig), weight = group(x, t_x, big_t)
     total = weight.sum()
 
     def objective(theta: Floats) -> tuple[float, Floats]:
-        ll, gradient = bgnbd_log_likelihood(np.exp(theta), gx, gt, gbig)
-        return -float(weight @ ll) / total, -(gradient @ weight) / total
+        ll, gradient = _bgnbd(np.exp(theta), gx, gt, gbig, weight)
+        return -_dot(weight, ll) / total, -gradient / total
 
     start = np.log([1.0, max(float(np.mean(big_t)), 1.0), 1.0, 1.0])
     theta = _maximise(objective, start)
     r, alpha, a, b = np.exp(theta)
-    ll, _ = bgnbd_log_likelihood(np.exp(theta), gx, gt, gbig)
-    return BgNbd(float(r), float(alpha), float(a), float(b), float(weight @ ll))
+    ll, _ = _bgnbd(np.exp(theta), gx, gt, gbig, weight)
+    return BgNbd(float(r), float(alpha), float(a), float(b), _dot(weight, ll))
 
 
 def gamma_gamma_log_likelihood(
     params: Floats, x: Floats, mean_value: Floats
 ) -> tuple[Floats, Floats]:
     """Each repeat customer's log-likelihood of their mean repeat order value under
-    (p, q, gamma), and its gradient with respect to the log of each parameter (3 by n)."""
+    (p, q, gamma), and the gradient of their sum with respect to the log of each parameter."""
+    return _gamma_gamma(params, Distinct.of(x), mean_value, np.ones(len(x)))
+
+
+def _gamma_gamma(
+    params: Floats, x: Distinct, mean_value: Floats, weight: Floats
+) -> tuple[Floats, Floats]:
+    """Rows' log-likelihoods and the gradient of their weighted sum (log-parameters)."""
     p, q, gamma = params
-    px = p * x
-    spread = np.log(x * mean_value + gamma)
-    ll = (
-        gammaln(px + q)
-        - gammaln(px)
-        - gammaln(q)
-        + q * np.log(gamma)
-        + (px - 1) * np.log(mean_value)
-        + px * np.log(x)
-        - (px + q) * spread
+    px = p * x.values
+    xs = x.rows
+    spent = xs * mean_value + gamma
+    spread = np.log(spent)
+    log_mean = np.log(mean_value)
+    by_x = gammaln(px + q) - gammaln(px) - gammaln(q) + q * np.log(gamma) + px * np.log(x.values)
+    ll = x.per_row(by_x) + (p * xs - 1) * log_mean - (p * xs + q) * spread
+    per_x = x.total(weight)
+    d_p = per_x @ (x.values * (digamma(px + q) - digamma(px) + np.log(x.values))) + _dot(
+        weight * xs, log_mean - spread
     )
-    d_p = x * (digamma(px + q) - digamma(px) + np.log(mean_value) + np.log(x) - spread)
-    d_q = digamma(px + q) - digamma(q) + np.log(gamma) - spread
-    d_gamma = q / gamma - (px + q) / (x * mean_value + gamma)
-    return ll, np.vstack([d_p * p, d_q * q, d_gamma * gamma])
+    d_q = per_x @ (digamma(px + q) - digamma(q) + np.log(gamma)) - _dot(weight, spread)
+    d_gamma = weight.sum() * q / gamma - _dot(weight * (p * xs + q), 1 / spent)
+    return ll, np.array([d_p * p, d_q * q, d_gamma * gamma])
 
 
 def fit_gamma_gamma(x: Floats, mean_value: Floats) -> GammaGamma:
     """Maximum-likelihood Gamma-Gamma on repeat customers (x ≥ 1) and the mean value of their
     repeat purchase days; values are grouped to the cent."""
-    (gx, gm), weight, _ = group(x, np.round(mean_value, 2))
+    (gx, gm), weight = group(x, np.round(mean_value, 2))
+    values = gm.rows
     total = weight.sum()
 
     def objective(theta: Floats) -> tuple[float, Floats]:
-        ll, gradient = gamma_gamma_log_likelihood(np.exp(theta), gx, gm)
-        return -float(weight @ ll) / total, -(gradient @ weight) / total
+        ll, gradient = _gamma_gamma(np.exp(theta), gx, values, weight)
+        return -_dot(weight, ll) / total, -gradient / total
 
     start = np.log([1.0, 2.0, max(float(np.mean(mean_value)), 1.0)])
     p, q, gamma = np.exp(_maximise(objective, start))
     return GammaGamma(float(p), float(q), float(gamma))
+
+
+def _dot(a: Floats, b: Floats) -> float:
+    """The sum of products, in this thread: BLAS's threads only contend on a busy machine."""
+    return float(np.einsum("i,i", a, b))
 
 
 def _maximise(objective: Callable[[Floats], tuple[float, Floats]], start: Floats) -> Floats:
