@@ -28,14 +28,33 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# A status travels in the call's trailers, which gRPC refuses past 8 KiB (the caller then sees
+# RESOURCE_EXHAUSTED "metadata size exceeds soft limit", not the error): what input makes an
+# error say is clipped, and a request's field violations are listed up to a budget (the first
+# always), the message saying how many more there are.
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATIONS = 8
+MAX_FIELD_BYTES = 96
+MAX_WHY_BYTES = 1024
+MAX_VIOLATIONS_BYTES = 2048
+
+
+def clipped(text: str, limit: int) -> str:
+    """The text cut to at most `limit` bytes of UTF-8, "…" marking a cut."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
 class C360Error(Exception):
     """An error a caller should see: a gRPC status code, a message and typed details."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+        self.message = clipped(message, MAX_MESSAGE_BYTES)
+        super().__init__(self.message)
 
     def details(self) -> Sequence[Message]:
         """The google.rpc error details attached to the status."""
@@ -60,14 +79,25 @@ class InvalidArgument(C360Error):
 
     def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
         self.violations = list(violations)
-        super().__init__("; ".join(f"{field}: {why}" for field, why in self.violations))
+        self.shown: list[tuple[str, str]] = []
+        used = 0
+        for field, why in self.violations[:MAX_VIOLATIONS]:
+            shown = (clipped(field, MAX_FIELD_BYTES), clipped(why, MAX_WHY_BYTES))
+            used += len(shown[0].encode()) + len(shown[1].encode())
+            if self.shown and used > MAX_VIOLATIONS_BYTES:
+                break
+            self.shown.append(shown)
+        more = len(self.violations) - len(self.shown)
+        listed = "; ".join(f"{field}: {why}" for field, why in self.shown)
+        tail = f" (and {more} more)" if more else ""
+        super().__init__(clipped(listed, MAX_MESSAGE_BYTES - len(tail)) + tail)
 
     def details(self) -> Sequence[Message]:
         return (
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
-                    for field, why in self.violations
+                    for field, why in self.shown
                 ]
             ),
         )
@@ -81,7 +111,7 @@ class NotFound(C360Error):
     def __init__(self, resource_type: str, resource_name: str) -> None:
         super().__init__(f"{resource_type} not found")
         self.resource_type = resource_type
-        self.resource_name = resource_name
+        self.resource_name = clipped(resource_name, MAX_MESSAGE_BYTES)
 
     def details(self) -> Sequence[Message]:
         return (
@@ -139,7 +169,7 @@ class PermissionDenied(C360Error):
     def __init__(self, reason: str, message: str, **metadata: str) -> None:
         super().__init__(message)
         self.reason = reason
-        self.metadata = metadata
+        self.metadata = {key: clipped(value, MAX_FIELD_BYTES) for key, value in metadata.items()}
 
     def details(self) -> Sequence[Message]:
         return (

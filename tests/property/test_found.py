@@ -191,6 +191,38 @@ async def test_json_nested_too_deeply_or_with_too_long_a_number_is_bad_input(
             assert violated(invalid.value) == ["body"]
 
 
+async def test_an_error_about_huge_or_many_bad_values_still_reaches_the_caller(
+    start_service: StartService,
+) -> None:
+    # Was RESOURCE_EXHAUSTED ("received metadata size exceeds soft limit"), at random or
+    # always: the status echoed the input, or listed every one of 1001 violations.
+    gate = await start_service("gate")
+    profile = await start_service("profile")
+    auth = bearer(ADMIN_TOKEN)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}") as to_gate,
+        grpc.aio.insecure_channel(f"127.0.0.1:{profile.port}") as to_profile,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as huge:
+            await gate_pb2_grpc.GateStub(to_gate).PutContactPolicy(
+                gate_pb2.PutContactPolicyRequest(
+                    shop_id="shop-a", person_id="p1", time_zone="\u202e" * 70_000
+                ),
+                metadata=auth,
+            )
+        assert violated(huge.value) == ["time_zone"]
+        [why] = [v.description for d in details(huge.value) for v in d.field_violations]
+        assert len(why.encode()) <= 1024
+        assert why.endswith("…")
+        with pytest.raises(grpc.aio.AioRpcError) as many:
+            await profile_pb2_grpc.ProfileStub(to_profile).GetContactPolicies(
+                profile_pb2.GetContactPoliciesRequest(shop_id="shop-a", person_ids=["{"] * 1001),
+                metadata=auth,
+            )
+        assert violated(many.value) == ["person_ids"] + [f"person_ids[{i}]" for i in range(7)]
+        assert str(many.value.details()).endswith(" (and 994 more)")
+
+
 def settled(rows: list[Any]) -> bool:
     return bool(rows) and rows[0]["state"] != "pending"
 
