@@ -196,8 +196,10 @@ class Loader:
         return bool(found.name.first_name)
 
     async def campaigns(self, persons: dict[int, str], shoppers: list[Shopper]) -> None:
-        """This week's marketing emails, checked at the gate (one batch per round, so that a
-        shopper's messages are decided in order and the one past fatigue 0.70 is blocked)."""
+        """This week's marketing emails, checked at the gate: one batch per round, so that a
+        shopper's messages are decided in order and the one past fatigue 0.70 is blocked. A
+        round the gate has decided already is not sent again (an allowed message would only be
+        replayed, but a blocked one would be decided, and logged, once more)."""
         rounds = max((s.emails_this_week for s in shoppers), default=0)
         for n in range(rounds):
             items = [
@@ -205,6 +207,9 @@ class Loader:
                 for s in shoppers
                 if n < s.emails_this_week
             ]
+            if await self._decided(items[0]):
+                self.repeated["messages"] += len(items)
+                continue
             answer = await self._call(
                 self._gate.CheckBatch,
                 gate_pb2.CheckBatchRequest(
@@ -212,12 +217,22 @@ class Loader:
                 ),
             )
             for result in answer.results:
-                if result.replayed:
+                if result.replayed:  # decided before, and allowed: counted once
                     self.repeated["messages"] += 1
                 elif result.allowed:
                     self.written["messages allowed"] += 1
                 else:
                     self.written[f"messages blocked ({result.reason.split(':')[0]})"] += 1
+
+    async def _decided(self, item: gate_pb2.BatchItem) -> bool:
+        """Whether the gate's log holds a decision on the message."""
+        history = await self._call(
+            self._gate.GetContactHistory,
+            gate_pb2.GetContactHistoryRequest(
+                shop_id=self.shop_id, person_id=item.person_id, include_log=True, log_limit=50
+            ),
+        )
+        return any(line.message_id == item.message_id for line in history.log)
 
     async def settled(self, progress: Callable[[Any], None]) -> Any:
         """The shop's report once no profile is waiting to be refreshed (every write before

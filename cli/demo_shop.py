@@ -314,18 +314,18 @@ class _Generator:
             )[0]
 
     def duplicate(self, index: int, of: Shopper, kind: int) -> Shopper:
-        """A second person for a shopper: another Shopify account with the same email (a
-        conflict of two Shopify ids), or someone else's email with the shopper's phone (a
-        phone-only link); either way a merge candidate, not a merge."""
+        """A second person for a shopper, and a merge candidate rather than a merge: another
+        Shopify account with the same email (two Shopify ids), or a guest checkout with
+        another email and the shopper's phone (a link by phone alone)."""
         twin = Shopper(index, of.first_name, of.last_name, duplicate_of=of.index)
-        account = ("shopify_customer_id", str(7_100_000_000_000 + index))
         if kind == 0:
+            account = ("shopify_customer_id", str(7_100_000_000_000 + index))
             ids: tuple[tuple[str, str], ...] = (account, ("email", of.email))
         else:
             twin.email = f"{of.first_name}.{of.last_name}.{index}@{DOMAINS[0]}".lower()
-            ids = (account, ("email", twin.email), ("phone", of.phone))
-        twin.orders.append(self.order(twin, "online", self.instant(self.rng.uniform(2, 60)), ids,
-                                      regular=False))  # fmt: skip
+            ids = (("email", twin.email), ("phone", of.phone))
+        at = self.instant(self.rng.uniform(2, 60))
+        twin.orders.append(self.order(twin, "online", at, ids, regular=False))
         return twin
 
 

@@ -17,6 +17,8 @@ matplotlib.use("Agg")  # files only, never a window
 
 from matplotlib.figure import Figure  # after choosing the backend
 
+from services.gate.rules import parse_fatigue  # the gate's own "0.70" -> 70
+
 STAGES = ("new", "engaged", "converted", "loyal", "at_risk", "churned", "unscored")
 CHANNELS = ("email", "sms", "whatsapp", "push")
 # The posture the spec reports on: customers at fatigue >= 0.70, a shop flagged above 60% of them.
@@ -56,7 +58,7 @@ class ShopFigures:
         for are at 0.00 (never below 0 when the gate knows persons the profile does not)."""
         levels = dict.fromkeys(LEVELS, 0)
         for level in self.posture.levels:
-            levels[_hundredths(level.fatigue)] += level.customers
+            levels[parse_fatigue(level.fatigue)] += level.customers
         levels[0] = max(self.customers - sum(levels.values()), 0)
         return levels
 
@@ -69,11 +71,6 @@ class ShopFigures:
     def flagged(self) -> bool:
         """More than 60% of the customers at fatigue >= 0.70."""
         return self.customers > 0 and self.fatigued / self.customers > FLAG_SHARE
-
-
-def _hundredths(fatigue: str) -> int:
-    whole, _, fraction = fatigue.partition(".")
-    return int(whole) * 100 + int(fraction.ljust(2, "0")[:2])
 
 
 def _share(part: int, whole: int) -> float:
@@ -179,7 +176,7 @@ def _fatigue(figures: ShopFigures) -> Section:
         [level / 100 for level in levels], list(levels.values()), width=0.08,
         color=[RED if level >= FATIGUED_AT else BLUE for level in levels],
     )  # fmt: skip
-    axes.axvline(_hundredths(figures.posture.threshold) / 100 - 0.05, color=GREY, linestyle="--",
+    axes.axvline(parse_fatigue(figures.posture.threshold) / 100 - 0.05, color=GREY, linestyle="--",
                  label=f"blocked from {figures.posture.threshold}")  # fmt: skip
     axes.set(
         xlabel="fatigue (messages in the last 7 days; 7 = 0.70)", ylabel="customers",
