@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -18,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
+from cli.demo_shop import generate
 from services.runtime.settings import SERVICES, ServiceName
 from tests.backing import Backing, free_port
 from tests.polling import eventually
@@ -32,6 +34,8 @@ CHANNELS = [
     common_pb2.CHANNEL_PUSH,
 ]
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+C360 = str(Path(sys.executable).parent / "c360")
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -248,3 +252,79 @@ async def test_the_mesh_runs_on_postgresql_and_redis(
     finally:
         code, _ = await stop_mesh(mesh)
     assert code == 0
+
+
+async def c360(mesh: Mesh, cwd: Path, *args: str) -> tuple[int, str]:
+    """The c360 command, as a newcomer runs it: the token and the addresses in the environment."""
+    env = {
+        **base_env(cwd),
+        "C360_TOKEN": DEV_TOKEN,
+        **{f"C360_{s.upper()}_ADDR": f"localhost:{port}" for s, port in mesh.ports.items()},
+    }
+    process = await asyncio.create_subprocess_exec(
+        C360, *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    return await process.wait(), output.decode()
+
+
+def table(report: str, title: str) -> dict[str, list[str]]:
+    """A section of `c360 report`'s output: its rows by their first cell."""
+    lines = report.split(f"\n{title}\n")[1].split("\n\n")[0].splitlines()
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines if "  " in line.strip()]
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+async def test_a_newcomer_loads_the_demo_and_reads_the_report_with_pictures(
+    embedded_mesh: Mesh, tmp_path: Path
+) -> None:
+    code, loaded = await c360(embedded_mesh, tmp_path, "demo", "--shop", "e2e-demo",
+                              "--customers", "100", "--seed", "3")  # fmt: skip
+    assert code == 0, loaded
+    summary = loaded.splitlines()[0]
+    assert summary.startswith("shop e2e-demo: 100 customers as of ")
+    assert summary.endswith(", 2 of them duplicates waiting for review")
+    day = datetime.strptime(summary.split(" as of ")[1][:10], "%Y-%m-%d").date()
+    shoppers = generate(seed=3, customers=100, today=day).shoppers
+
+    code, shown = await c360(embedded_mesh, tmp_path, "report", "--shop", "e2e-demo",
+                             "--out", "report")  # fmt: skip
+    assert code == 0, shown
+    assert shown.splitlines()[0] == "Shop e2e-demo: 100 customers"
+    stages = table(shown, "Lifecycle distribution")
+    assert sum(int(row[0]) for row in stages.values()) == 100
+    assert stages["unscored"] == ["0", "0.0%"]  # enrichment scored every customer
+    grid = table(shown, "RFM grid: customers by recency (R) and frequency (F), 5 = the shop's best")
+    scored = sum(int(n) for row in grid.values() for n in row)
+    unranked = re.search(r"no RFM score \(no order, or too few customers to rank\): (\d+)", shown)
+    assert unranked is not None
+    assert scored + int(unranked[1]) == 100
+    # Fatigue as the gate counted this week's emails: the 8th to anyone was blocked at 0.70.
+    fatigue = table(shown, "Fatigue posture")
+    sent = [min(s.emails_this_week, 7) * 10 for s in shoppers if s.emails_this_week]
+    assert {level: int(row[0]) for level, row in fatigue.items()} == {
+        f"{n / 100:.2f}": sent.count(n) if n else 100 - len(sent) for n in range(0, 101, 10)
+    }
+    coverage = {k: int(v[0]) for k, v in table(shown, "Profile coverage").items()}
+    assert coverage["with email"] == sum(1 for s in shoppers if s.email)
+    assert coverage["unsubscribed"] == sum(1 for s in shoppers if s.unsubscribed_at)
+    pictures = tmp_path / "report"
+    assert sorted(p.name for p in pictures.iterdir()) == [
+        "calibration.png", "coverage.png", "fatigue.png", "lifecycle.png", "report.html",
+        "rfm.png",
+    ]  # fmt: skip
+    assert all(p.read_bytes().startswith(PNG) for p in pictures.glob("*.png"))
+    assert (pictures / "report.html").read_text("utf-8").count("<svg") == 5
+
+    code, listed = await c360(embedded_mesh, tmp_path, "duplicates", "list", "--shop", "e2e-demo")
+    assert code == 0, listed
+    assert listed.splitlines()[-1] == "2 open candidates"
+    reasons = sorted(line.split()[1] for line in listed.splitlines() if line.startswith("c"))
+    assert reasons == ["phone_only_link", "two_shopify_customer_ids"]
+
+    # Loaded again: every record is already there, nothing changes.
+    code, again = await c360(embedded_mesh, tmp_path, "demo", "--shop", "e2e-demo",
+                             "--customers", "100", "--seed", "3")  # fmt: skip
+    assert code == 0, again
+    assert again.splitlines()[:2] == [summary, "written: nothing"]
