@@ -5,12 +5,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
-from google.protobuf.json_format import ParseDict
 
 from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from c360.profile.v1 import profile_pb2, profile_pb2_grpc
-from services.enrichment.signals import Histories, Scored, predictions
+from services.enrichment.signals import Histories, Scored
 from services.runtime.channels import peer_answer
 from services.runtime.validation import timestamp
 
@@ -21,30 +20,31 @@ PAGE_TIMEOUT_SECONDS = 120.0
 def histories(pages: Sequence[profile_pb2.HistoryPage]) -> Histories:
     """Pages laid end to end as one columnar Histories."""
 
-    def ints(name: str) -> np.ndarray:
-        return np.fromiter((v for page in pages for v in getattr(page, name)), dtype=np.int64)
+    def column(name: str, dtype: type = np.int64) -> np.ndarray:
+        return np.concatenate([np.array(getattr(page, name), dtype=dtype) for page in pages])
 
     return Histories(
         person_ids=[p for page in pages for p in page.person_ids],
-        order_days=ints("order_days"),
-        order_day=ints("order_day"),
-        order_count=ints("order_count"),
-        order_value=np.fromiter((v for page in pages for v in page.order_value), dtype=float),
-        last_order_at=ints("last_order_at"),
-        events=ints("events"),
-        event_at=ints("event_at"),
-        event_kind=[_kind(k) for page in pages for k in page.event_kind],
-        repeat_products=ints("repeat_products"),
+        order_days=column("order_days"),
+        order_day=column("order_day"),
+        order_count=column("order_count"),
+        order_value=column("order_value", float),
+        last_order_at=column("last_order_at"),
+        events=column("events"),
+        event_at=column("event_at"),
+        event_kind=[KINDS[k] for page in pages for k in page.event_kind],
+        repeat_products=column("repeat_products"),
         product=[p for page in pages for p in page.product],
-        product_days=ints("product_days"),
-        product_first_day=ints("product_first_day"),
-        product_last_day=ints("product_last_day"),
+        product_days=column("product_days"),
+        product_first_day=column("product_first_day"),
+        product_last_day=column("product_last_day"),
     )
 
 
-def _kind(value: int) -> str:
-    """An EventKind as the profile names it ("visit" for EVENT_KIND_VISIT)."""
-    return profile_pb2.EventKind.Name(value).removeprefix("EVENT_KIND_").lower()  # type: ignore[arg-type]
+KINDS = {
+    value: name.removeprefix("EVENT_KIND_").lower() for name, value in profile_pb2.EventKind.items()
+}
+"""Event kinds as the profile names them ("visit" for EVENT_KIND_VISIT)."""
 
 
 class ProfilePeer:
@@ -84,7 +84,7 @@ class ProfilePeer:
         )
         for s in scored:
             item = request.signals.add(person_id=s.person_id, engagement_score=s.engagement)
-            ParseDict(predictions(s), item.predictions)
+            _predictions(s, item.predictions)
         answer = await self._stub.PutSignals(request, timeout=PAGE_TIMEOUT_SECONDS)
         return answer.changes
 
@@ -94,6 +94,25 @@ class ProfilePeer:
             profile_pb2.ListActivityRequest(after_sequence=after, limit=limit)
         )
         return list(answer.activity)
+
+
+def _predictions(s: Scored, into: profile_pb2.Predictions) -> None:
+    """Sets the Predictions message of profile.proto to a person's signals."""
+    into.lifecycle_stage = s.lifecycle_stage
+    if s.rfm:
+        into.rfm.r, into.rfm.f, into.rfm.m = s.rfm
+    if s.churn_risk is not None:
+        into.churn_risk = s.churn_risk
+    if s.p_order_30d is not None:
+        into.p_order_30d = s.p_order_30d
+    if s.p_order_90d is not None:
+        into.p_order_90d = s.p_order_90d
+    into.historical_ltv = s.historical_ltv
+    into.predicted_ltv_90d = s.predicted_ltv_90d
+    if s.next_order_at:
+        into.predicted_next_order_at.FromDatetime(s.next_order_at)
+    into.next_order_overdue = s.next_order_overdue
+    into.products_due.extend(s.products_due)
 
 
 class IdentityPeer:

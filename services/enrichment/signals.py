@@ -322,7 +322,6 @@ def score(h: Histories, model: Model, now: datetime) -> list[Scored]:
     config = model.config
     through = _day(now)
     p = purchases(h, through)
-    buyer = p.buyer
     stages, changes_at = lifecycle(h, p, config, now)
     fitted = model.customers > 0
     ranked = model.customers >= MIN_RANKED
@@ -332,26 +331,30 @@ def score(h: Histories, model: Model, now: datetime) -> list[Scored]:
     m = quintile(model.aov.below(p.aov))
     churn = model.calibrator(seed_score(p, model.frequency, model.spend, config))
     purchases_90, p30, p90, value = _predictions(model, p)
-    engagement = engagement_score(h, now)
     next_day = np.where(p.days >= 2, p.last + np.round(p.t_x / np.maximum(p.x, 1)), 0)
     due = _products_due(h, through)
+    # Python numbers, a list per signal: indexing numpy arrays a person at a time is slow.
+    engagement = engagement_score(h, now).tolist()
+    buyer, spend, repeat = p.buyer.tolist(), p.spend.tolist(), (p.days >= 2).tolist()
+    next_at = next_day.astype(np.int64).tolist()
+    rfm = list(zip(r.tolist(), f.tolist(), m.tolist(), strict=True))
+    risk, worth = churn.tolist(), (purchases_90 * value).tolist()
+    within_30, within_90 = p30.tolist(), p90.tolist()
     scored = []
     for i, person_id in enumerate(h.person_ids):
-        s = Scored(
-            person_id, str(stages[i]), changes_at[i], None, None, round(float(engagement[i]), 4)
-        )
+        s = Scored(person_id, stages[i], changes_at[i], None, None, round(engagement[i], 4))
         if buyer[i]:
-            s.historical_ltv = f"{p.spend[i]:.2f}"
+            s.historical_ltv = f"{spend[i]:.2f}"
         if buyer[i] and fitted:
             if ranked:
-                s.rfm = (int(r[i]), int(f[i]), int(m[i]))
-            s.churn_risk = round(float(churn[i]), 4)
-            s.predicted_ltv_90d = f"{purchases_90[i] * value[i]:.2f}"
-            s.p_order_30d = round(float(p30[i]), 4)
-            s.p_order_90d = round(float(p90[i]), 4)
-        if p.days[i] >= 2:
-            if next_day[i] >= through:
-                s.next_order_at = datetime.fromtimestamp(int(next_day[i]) * DAY, UTC)
+                s.rfm = rfm[i]
+            s.churn_risk = round(risk[i], 4)
+            s.predicted_ltv_90d = f"{worth[i]:.2f}"
+            s.p_order_30d = round(within_30[i], 4)
+            s.p_order_90d = round(within_90[i], 4)
+        if repeat[i]:
+            if next_at[i] >= through:
+                s.next_order_at = datetime.fromtimestamp(next_at[i] * DAY, UTC)
             else:
                 s.next_order_overdue = True
         s.products_due = due.get(i, [])
@@ -379,7 +382,7 @@ def _predictions(model: Model, p: Purchases) -> tuple[Floats, Floats, Floats, Fl
 
 def lifecycle(
     h: Histories, p: Purchases, config: ShopConfig, now: datetime
-) -> tuple[NDArray[np.str_], list[datetime | None]]:
+) -> tuple[list[str], list[datetime | None]]:
     """Each person's stage at `now`, and when time alone will change it. Buyers: churned after
     `churned_days` without an order, at_risk after `at_risk_days`, else loyal (two or more
     orders) or converted (one). Others: engaged with `engaged_min_events` engagement events in
@@ -399,20 +402,21 @@ def lifecycle(
         ),
         np.where(counts >= config.engaged_min_events, "engaged", "new"),
     )  # fmt: skip
-    ends = np.concatenate([[0], np.cumsum(h.events)]).astype(np.int64)
-    changes: list[datetime | None] = []
-    for i in range(h.size):
-        stage = stages[i]
-        at: float | None = None
-        if stage in ("loyal", "converted"):
-            at = h.last_order_at[i] + config.at_risk_days * DAY
-        elif stage == "at_risk":
-            at = h.last_order_at[i] + config.churned_days * DAY
-        elif stage == "engaged":
-            # The event that keeps the count at the minimum leaves the window.
-            at = h.event_at[ends[i + 1] - config.engaged_min_events] + config.engaged_days * DAY
-        changes.append(datetime.fromtimestamp(at, UTC) if at is not None else None)
-    return stages, changes
+    # The engaged: when the event that keeps their count at the minimum leaves the window.
+    kept = np.cumsum(h.events) - config.engaged_min_events
+    engaged = stages == "engaged"
+    kept_at = h.event_at[np.where(engaged, kept, 0)] if len(h.event_at) else np.zeros(h.size)
+    at = np.select(
+        [(stages == "loyal") | (stages == "converted"), stages == "at_risk", engaged],
+        [h.last_order_at + config.at_risk_days * DAY, h.last_order_at + config.churned_days * DAY,
+         kept_at + config.engaged_days * DAY],
+        np.nan,
+    )  # fmt: skip
+    changes = [
+        datetime.fromtimestamp(t, UTC) if moves else None
+        for t, moves in zip(at.tolist(), np.isfinite(at).tolist(), strict=True)
+    ]
+    return stages.tolist(), changes
 
 
 def engagement_score(h: Histories, now: datetime) -> Floats:
@@ -437,22 +441,3 @@ def _products_due(h: Histories, through: int) -> dict[int, list[str]]:
     for j in np.flatnonzero(next_day <= through + DUE_AHEAD_DAYS):
         due.setdefault(int(owner[j]), []).append((float(next_day[j]), h.product[j]))
     return {i: [name for _, name in sorted(items)] for i, items in due.items()}
-
-
-def predictions(s: Scored) -> dict[str, Any]:
-    """The Predictions message of profile.proto, as a dict, of a person's signals."""
-    out: dict[str, Any] = {"lifecycle_stage": s.lifecycle_stage}
-    if s.rfm:
-        out["rfm"] = dict(zip(("r", "f", "m"), s.rfm, strict=True))
-    for name in ("churn_risk", "p_order_30d", "p_order_90d"):
-        if getattr(s, name) is not None:
-            out[name] = getattr(s, name)
-    if s.historical_ltv:
-        out["historical_ltv"] = s.historical_ltv
-    if s.predicted_ltv_90d:
-        out["predicted_ltv_90d"] = s.predicted_ltv_90d
-    if s.next_order_at:
-        out["predicted_next_order_at"] = s.next_order_at.isoformat().replace("+00:00", "Z")
-    out["next_order_overdue"] = s.next_order_overdue
-    out["products_due"] = s.products_due
-    return out
