@@ -294,6 +294,7 @@ class Compiler:
         if window.what == "events":
             return (
                 select(A.person_id, func.count().label("amount"))
+                .select_from(EventRow)
                 .join(
                     A,
                     (A.shop_id == EventRow.shop_id)

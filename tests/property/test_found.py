@@ -1,6 +1,7 @@
 """Inputs the property tests (test_bad_input.py) found answered wrongly, each pinned here as a
 plain example against the real service, so that the fix stays whatever hypothesis draws."""
 
+import secrets
 from collections.abc import Awaitable
 from typing import Any
 
@@ -221,6 +222,59 @@ async def test_an_error_about_huge_or_many_bad_values_still_reaches_the_caller(
             )
         assert violated(many.value) == ["person_ids"] + [f"person_ids[{i}]" for i in range(7)]
         assert str(many.value.details()).endswith(" (and 994 more)")
+
+
+async def test_a_filter_counting_events_in_a_window_finds_the_persons_with_them(
+    start_service: StartService,
+) -> None:
+    # Was INTERNAL for any filter counting events (clicks(30d), visits(7d), ...): the query
+    # counting them had no table to join the person anchors to.
+    identity = await start_service("identity")
+    server = await start_service(
+        "profile", identity_addr=f"127.0.0.1:{identity.port}", service_token=ADMIN_TOKEN,
+        summary_refresh_interval_seconds=0.05,
+    )  # fmt: skip
+    auth, now = bearer(ADMIN_TOKEN), Timestamp()
+    now.GetCurrentTime()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        profile = profile_pb2_grpc.ProfileStub(channel)
+        people = {}
+        for name in ("ada", "bob"):
+            email = common_pb2.Identifier(type="email", value=f"{name}@example.com")
+            placed = await profile.IngestOrder(
+                profile_pb2.IngestOrderRequest(
+                    shop_id="shop-a", order_id=f"o-{name}", identifiers=[email], placed_at=now,
+                    total="10.00", currency="EUR", source=profile_pb2.ORDER_SOURCE_ONLINE,
+                ),
+                metadata=auth,
+            )  # fmt: skip
+            people[name] = placed.person_id
+        await profile.IngestEvent(
+            profile_pb2.IngestEventRequest(
+                shop_id="shop-a", event_id="e-ada", kind=profile_pb2.EVENT_KIND_CLICK,
+                channel=common_pb2.CHANNEL_EMAIL, at=now,
+                identifiers=[common_pb2.Identifier(type="email", value="ada@example.com")],
+            ),
+            metadata=auth,
+        )  # fmt: skip
+
+        async def clickers() -> list[str]:
+            segment = await profile.CreateSegment(
+                profile_pb2.CreateSegmentRequest(
+                    shop_id="shop-a", name=f"clickers {secrets.token_hex(4)}",
+                    filter="orders >= 1 and clicks(30d, email) > 0 and not visits(7d) > 0",
+                ),
+                metadata=auth,
+            )  # fmt: skip
+            stream = profile.StreamSegmentMembers(
+                profile_pb2.StreamSegmentMembersRequest(
+                    shop_id="shop-a", segment_id=segment.segment_id
+                ),
+                metadata=auth,
+            )
+            return [member.person_id async for member in stream]
+
+        await eventually(clickers, lambda found: found == [people["ada"]], "ada alone")
 
 
 def settled(rows: list[Any]) -> bool:
