@@ -9,8 +9,9 @@ in the same run, because this machine is shared and noisy:
   rows; run at a fraction of the target's 50,000 customers and 200,000 orders (--backfill), the
   full-size time projected from the measured rate.
 
-Usage: python -m bench.profile [--seconds S] [--people N] [--backfill F]; results in
-bench/results/profile.json.
+Usage: python -m bench.profile [--seconds S] [--people N] [--backfill F] [--only get]; results
+in bench/results/profile.json (with --only get, the Get figures only, in
+bench/results/profile-get.json, so the full run's file keeps the other measurements).
 """
 
 import argparse
@@ -277,7 +278,7 @@ async def copy_baseline(profile: ProfileSettings, customers: int, orders: int) -
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
+async def run(seconds: float, people: int, backfill: float, only: str = "") -> dict[str, Any]:
     database_url = bench_database_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
@@ -319,6 +320,8 @@ async def run(seconds: float, people: int, backfill: float) -> dict[str, Any]:
                 "throughput_ratio": got["per_second"] / echo["per_second"],
                 "p99_ratio": got["p99_ms"] / echo["p99_ms"],
             }  # fmt: skip
+        if only == "get":
+            return results
         ok = drive("load-webhooks", f"http://127.0.0.1:{ports['ok']}/webhooks/shopify", "16",
                    str(seconds))  # fmt: skip
         stored = drive("load-webhooks", f"http://127.0.0.1:{ports['webhooks']}/webhooks/shopify",
@@ -361,6 +364,8 @@ def report(r: dict[str, Any]) -> str:
             f" | Get {g['get']['per_second']:>6.0f}/s p99 {g['get']['p99_ms']:6.2f}ms"
             f" | ratio {g['throughput_ratio']:.2f}, p99 x{g['p99_ratio']:.2f}"
         )
+    if "webhooks" not in r:
+        return "\n".join(lines)
     w = r["webhooks"]
     lines.append(
         f"orders/create webhooks, 16 senders: accepted durably {w['accepted']['per_second']:.0f}/s"
@@ -400,12 +405,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--people", type=int, default=100_000)
     parser.add_argument("--backfill", type=float, default=0.02)
+    parser.add_argument("--only", choices=["get"], default="", help="run only this measurement")
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(run(args.seconds, args.people, args.backfill))
-    RESULTS.write_text(json.dumps(results, indent=2))
+    results = asyncio.run(run(args.seconds, args.people, args.backfill, args.only))
+    written = RESULTS.with_name("profile-get.json") if args.only else RESULTS
+    written.write_text(json.dumps(results, indent=2))
     print(report(results))
-    print(f"written to {RESULTS.relative_to(ROOT)}")
+    print(f"written to {written.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
