@@ -3,13 +3,12 @@ signals and the loyalty ledger."""
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Select, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.profile.loyalty import Earning, Programme, Tier
+from services.profile.loyalty import Earning, Programme
 from services.profile.store import (
     ActivityRow,
     Anchor,
@@ -25,8 +24,10 @@ from services.profile.store import (
     SummaryDueRow,
     SummaryRow,
     TagRow,
+    earning,
+    programme_of,
 )
-from services.runtime.db import append_to_outbox, dialect_of, hold_lock, utc
+from services.runtime.db import append_to_outbox, dialect_of, hold_lock
 
 STREAM_BATCH = 1000
 
@@ -54,17 +55,6 @@ def _ledger(shop_id: str) -> Select:
         )
         .outerjoin(refunds, refunds.c.order_id == OrderRow.order_id)
         .where(OrderRow.shop_id == shop_id, OrderRow.cancelled.is_(False))
-    )
-
-
-def earning(row: Sequence[Any]) -> Earning:
-    total, refunded, rate, earned_at, expires_at = row
-    return Earning(
-        Decimal(total),
-        Decimal(refunded),
-        Decimal(rate),
-        utc(earned_at),
-        utc(expires_at) if expires_at else None,
     )
 
 
@@ -292,8 +282,7 @@ class AudienceStore:
             row = await session.get(ProgrammeRow, shop_id)
         if row is None:
             return None
-        tiers = [Tier(t["name"], int(t["threshold"]), list(t["benefits"])) for t in row.tiers]
-        return Programme(tiers, Decimal(row.points_per_unit), row.expiry_days)
+        return programme_of(row.tiers, row.points_per_unit, row.expiry_days)
 
     async def ledger(self, shop_id: str, anchors: Sequence[Anchor]) -> list[Earning]:
         """The ledger entries of one person's orders."""

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from services.profile import loyalty, segments
-from services.profile.audience_store import AudienceStore, earning
+from services.profile.audience_store import AudienceStore
 from services.profile.loyalty import Earning, Programme, Standing
 from services.profile.peers import GatePeer, Group, IdentityPeer
 from services.profile.profiles import Profile, assemble
@@ -27,6 +27,7 @@ from services.profile.store import (
     SignalRow,
     SummaryDueRow,
     SummaryRow,
+    earning,
 )
 from services.runtime.db import utc
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PeerRejected

@@ -7,13 +7,14 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from c360.identity.v1 import identity_pb2
-from services.profile import custobar
+from services.profile import custobar, loyalty
+from services.profile.loyalty import Standing
 from services.profile.peers import GatePeer, Group, History, IdentityPeer, Resolved
 from services.profile.store import (
     Anchor,
@@ -25,6 +26,7 @@ from services.profile.store import (
     OrderTotals,
     ProfileStore,
     RefundRow,
+    SignalRow,
 )
 from services.runtime.errors import NotFound, PeerRejected
 from services.runtime.validation import PersonRef
@@ -143,6 +145,8 @@ class Profile:
     name: tuple[str, str] = ("", "")
     tags: list[str] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
+    standing: Standing = field(default_factory=Standing)
+    signals: SignalRow | None = None
 
 
 def hidden(shop_id: str, key: str) -> str:
@@ -571,16 +575,22 @@ class Profiles:
 
     async def get(self, shop_id: str, person: PersonRef, include_log: bool) -> Profile:
         """Everything known about the person (the group identity keeps them in); NOT_FOUND for
-        a person erased under GDPR (checked beside the reads, not before them)."""
+        a person erased under GDPR (checked in the same statement as the reads, not before
+        them). The profile's own tables are read by one statement while the gate is asked for
+        the contact history."""
         group = await self._person(shop_id, person)
-        facts, history, erased = await asyncio.gather(
-            self._store.facts(shop_id, group.anchors),
+        picture, history = await asyncio.gather(
+            self._store.picture(shop_id, group.person_id, group.anchors),
             self._history(shop_id, group.person_id, include_log),
-            self._store.erased(shop_id, group.person_id),
         )
-        if erased:
+        if picture.erased:
             raise NotFound("person", group.person_id)
-        return assemble(shop_id, group, facts, history)
+        profile = assemble(shop_id, group, picture.facts, history)
+        return replace(
+            profile,
+            standing=loyalty.standing(picture.programme, picture.ledger, self._clock()),
+            signals=picture.signals,
+        )
 
     async def _history(self, shop_id: str, person_id: str, include_log: bool) -> History | None:
         """The gate's contact history; absent (not invented) while the gate cannot answer."""

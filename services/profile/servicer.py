@@ -1,6 +1,5 @@
 """Profile RPCs: requests validated and turned into profile calls, answers into protos."""
 
-import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -366,12 +365,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         ref = person_ref(request, "person", violations)
         violations.raise_any()
         found = await self._profiles.get(shop_id, ref, request.include_message_log)
-        standing, signals = await asyncio.gather(
-            self._audiences.standing(shop_id, found.group),
-            self._audiences.signals(shop_id, found.group.person_id),
-        )
         answer = _profile(found, request.include_message_log)
-        answer.loyalty.CopyFrom(_loyalty(standing))
+        answer.loyalty.CopyFrom(_loyalty(found.standing))
+        signals = found.signals
         if signals is not None:
             answer.predictions.CopyFrom(_predictions(signals, self._clock()))
             if signals.engagement is not None:

@@ -8,7 +8,7 @@ unmerges regroup facts without rewriting any.
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -25,16 +25,22 @@ from sqlalchemy import (
     Numeric,
     String,
     UniqueConstraint,
+    bindparam,
     case,
+    cast,
     delete,
     func,
+    literal_column,
+    null,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.profile.loyalty import Earning, Programme, Tier
 from services.runtime.db import append_to_outbox, dialect_of, utc
 
 BIGINT = BigInteger().with_variant(Integer, "sqlite")
@@ -363,6 +369,177 @@ class Facts:
     customers: list[CustomerRow]
 
 
+@dataclass(frozen=True)
+class Picture:
+    """What one read of the profile's tables returns (see `ProfileStore.picture`)."""
+
+    facts: Facts
+    erased: bool = False
+    signals: SignalRow | None = None
+    programme: Programme | None = None
+    ledger: list[Earning] = field(default_factory=list)
+
+
+def earning(row: Sequence[Any]) -> Earning:
+    """A ledger entry from (total, refunded, rate, earned_at, expires_at)."""
+    total, refunded, rate, earned_at, expires_at = row
+    return Earning(
+        Decimal(total),
+        Decimal(refunded),
+        Decimal(rate),
+        utc(earned_at),
+        utc(expires_at) if expires_at else None,
+    )
+
+
+def programme_of(tiers: list[dict[str, Any]], points_per_unit: Any, expiry_days: int) -> Programme:
+    """A loyalty programme from its stored row's columns."""
+    return Programme(
+        [Tier(t["name"], int(t["threshold"]), list(t["benefits"])) for t in tiers],
+        Decimal(points_per_unit),
+        expiry_days,
+    )
+
+
+# One read of a profile is one statement: a UNION ALL of small selects, each row tagged with
+# its kind and its values in the columns below (NULL where a kind has none), so that the
+# database is asked once and answers in one round trip. Core tables, not ORM entities: the rows
+# are decoded by hand (`_picture`).
+_SLOTS: list[tuple[str, Any]] = [
+    ("a", String()), ("b", String()), ("c", String()), ("d", String()), ("n", BigInteger()),
+    ("x", MONEY), ("y", Numeric(20, 6)), ("z", Numeric(20, 6)), ("t", DateTime(timezone=True)),
+    ("u", DateTime(timezone=True)), ("flag", Boolean()), ("j", JSON()), ("k", JSON()),
+    ("f", Float()),
+]  # fmt: skip
+
+
+def _tagged(kind: str, **values: Any) -> Any:
+    """A select of one kind of row, its values in their slots."""
+    columns = [literal_column(f"'{kind}'", String()).label("kind")]
+    columns += [
+        (values.pop(name) if name in values else cast(null(), type_)).label(name)
+        for name, type_ in _SLOTS
+    ]
+    assert not values, f"no slot for {sorted(values)}"
+    return select(*columns)
+
+
+def _statement(extras: bool) -> Any:
+    """The statement of `ProfileStore.facts` (extras False) or `ProfileStore.picture`."""
+    shop_id: Any = bindparam("shop_id")
+    anchors: Any = bindparam("anchors", expanding=True)
+
+    def of(table: Any) -> Any:
+        return (table.c.shop_id == shop_id) & tuple_(table.c.anchor_type, table.c.anchor_key).in_(
+            anchors
+        )
+
+    o, r, e = OrderRow.__table__, RefundRow.__table__, EventRow.__table__
+    c, u = ConsentRow.__table__, CustomerRow.__table__
+    mine = (
+        select(o.c.order_id, o.c.currency, o.c.source, o.c.location, o.c.total, o.c.placed_at)
+        .where(of(o), o.c.cancelled.is_(False))
+        .cte("mine")
+    )
+    # What was refunded of each of their orders.
+    refunds = (
+        select(r.c.order_id, func.sum(r.c.amount).label("amount"))
+        .where(r.c.shop_id == shop_id, r.c.order_id.in_(select(mine.c.order_id)))
+        .group_by(r.c.order_id)
+        .cte("refunds")
+    )
+    capped = case((refunds.c.amount > mine.c.total, mine.c.total), else_=refunds.c.amount)
+    parts = [
+        _tagged(
+            "order", a=mine.c.currency, b=mine.c.source, c=mine.c.location, n=func.count(),
+            x=func.sum(mine.c.total), t=func.min(mine.c.placed_at), u=func.max(mine.c.placed_at),
+        ).group_by(mine.c.currency, mine.c.source, mine.c.location),
+        # Refunds per currency, never more of an order than the order itself.
+        _tagged("refunded", a=mine.c.currency, x=func.sum(capped))
+        .select_from(mine.join(refunds, refunds.c.order_id == mine.c.order_id))
+        .group_by(mine.c.currency),
+        _tagged("event", a=e.c.channel, b=e.c.kind, n=func.count(), t=func.max(e.c.at))
+        .where(of(e))
+        .group_by(e.c.channel, e.c.kind),
+        _tagged(
+            "consent", a=c.c.channel, b=c.c.source, c=c.c.consent_id, d=c.c.consent_text,
+            flag=c.c.granted, t=c.c.at,
+        ).where(of(c)),
+        _tagged(
+            "customer", a=u.c.first_name, b=u.c.last_name, c=u.c.source, d=u.c.source_id,
+            j=u.c.tags, k=u.c.attributes, t=u.c.updated_at,
+        ).where(of(u), u.c.deleted.is_(False)),
+    ]  # fmt: skip
+    if extras:
+        person_id: Any = bindparam("person_id")
+        x, s = ErasedPersonRow.__table__, SignalRow.__table__
+        p, g = ProgrammeRow.__table__, EarningRow.__table__
+        parts += [
+            _tagged("erased").where(x.c.shop_id == shop_id, x.c.person_id == person_id),
+            _tagged("signals", j=s.c.predictions, f=s.c.engagement).where(
+                s.c.shop_id == shop_id, s.c.person_id == person_id
+            ),
+            _tagged("programme", j=p.c.tiers, y=p.c.points_per_unit, n=p.c.expiry_days).where(
+                p.c.shop_id == shop_id
+            ),
+            # Their earning orders, with all that was refunded of each.
+            _tagged(
+                "ledger", x=mine.c.total, y=func.coalesce(refunds.c.amount, literal_column("0")),
+                z=g.c.rate, t=g.c.earned_at, u=g.c.expires_at,
+            ).select_from(
+                mine.join(g, (g.c.shop_id == shop_id) & (g.c.order_id == mine.c.order_id))
+                .outerjoin(refunds, refunds.c.order_id == mine.c.order_id)
+            ),
+        ]  # fmt: skip
+    return union_all(*parts)
+
+
+def _picture(rows: Sequence[Any]) -> Picture:
+    """The rows of `_statement`, decoded."""
+    orders: list[OrderTotals] = []
+    refunded: dict[str, Decimal] = {}
+    engagement: list[tuple[str, str, int, datetime]] = []
+    consents: list[ConsentRow] = []
+    customers: list[CustomerRow] = []
+    erased, signals, programme, ledger = False, None, None, []
+    for kind, a, b, c, d, n, x, y, z, t, u, flag, j, k, f in rows:
+        if kind == "order":
+            orders.append(OrderTotals(a, b, c, n, x, utc(t), utc(u)))
+        elif kind == "refunded":
+            refunded[a] = x
+        elif kind == "event":
+            engagement.append((a, b, n, utc(t)))
+        elif kind == "consent":
+            consents.append(
+                ConsentRow(
+                    consent_id=c, channel=a, granted=flag, consent_text=d, source=b, at=utc(t)
+                )
+            )
+        elif kind == "customer":
+            customers.append(
+                CustomerRow(
+                    source=c, source_id=d, first_name=a, last_name=b, tags=j, attributes=k,
+                    updated_at=utc(t),
+                )
+            )  # fmt: skip
+        elif kind == "erased":
+            erased = True
+        elif kind == "signals":
+            signals = SignalRow(predictions=j, engagement=f)
+        elif kind == "programme":
+            programme = programme_of(j, y, n)
+        elif kind == "ledger":
+            ledger.append(earning((x, y, z, t, u)))
+    # In the order the separate queries gave them: groups by their key, consents oldest first,
+    # customer records oldest first.
+    orders.sort(key=lambda o: (o.currency, o.source, o.location))
+    engagement.sort(key=lambda e: (e[0], e[1]))
+    consents.sort(key=lambda c: (c.at, c.consent_id))
+    customers.sort(key=lambda c: (c.updated_at, c.source, c.source_id))
+    facts = Facts(orders, refunded, engagement, consents, customers)
+    return Picture(facts, erased, signals, programme, ledger)
+
+
 async def _request_push(
     session: AsyncSession, shop_id: str, person_id: str, now: datetime, urgent: bool
 ) -> None:
@@ -613,74 +790,21 @@ class ProfileStore:
 
     async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
         """The facts anchored on any of these identifiers, aggregated in the database."""
+        return (await self._read(FACTS, shop_id, "", anchors)).facts
+
+    async def picture(self, shop_id: str, person_id: str, anchors: Sequence[Anchor]) -> Picture:
+        """Everything of a person's profile this service holds, read by one statement (one
+        snapshot, one round trip): the facts anchored on any of these anchors, whether the
+        person was erased, their signals, the shop's loyalty programme and their ledger."""
+        return await self._read(PICTURE, shop_id, person_id, anchors)
+
+    async def _read(
+        self, statement: Any, shop_id: str, person_id: str, anchors: Sequence[Anchor]
+    ) -> Picture:
+        parameters = {"shop_id": shop_id, "person_id": person_id, "anchors": list(anchors)}
         async with self._sessions() as session:
-            mine = (OrderRow.shop_id == shop_id) & anchored(OrderRow, anchors)
-            live = mine & OrderRow.cancelled.is_(False)
-            orders = [
-                OrderTotals(currency, source, location, n, spend, utc(first), utc(last))
-                for currency, source, location, n, spend, first, last in await session.execute(
-                    select(
-                        OrderRow.currency,
-                        OrderRow.source,
-                        OrderRow.location,
-                        func.count(),
-                        func.sum(OrderRow.total),
-                        func.min(OrderRow.placed_at),
-                        func.max(OrderRow.placed_at),
-                    )
-                    .where(live)
-                    .group_by(OrderRow.currency, OrderRow.source, OrderRow.location)
-                )
-            ]
-            # Refunds per order of theirs, never more than the order itself.
-            per_order = (
-                select(RefundRow.order_id, func.sum(RefundRow.amount).label("amount"))
-                .where(
-                    RefundRow.shop_id == shop_id,
-                    RefundRow.order_id.in_(select(OrderRow.order_id).where(live)),
-                )
-                .group_by(RefundRow.order_id)
-                .subquery()
-            )
-            capped = case(
-                (per_order.c.amount > OrderRow.total, OrderRow.total), else_=per_order.c.amount
-            )
-            refunded = {
-                currency: amount
-                for currency, amount in await session.execute(
-                    select(OrderRow.currency, func.sum(capped))
-                    .join(per_order, per_order.c.order_id == OrderRow.order_id)
-                    .where(live)
-                    .group_by(OrderRow.currency)
-                )
-            }
-            engagement = [
-                (channel, kind, n, utc(last))
-                for channel, kind, n, last in await session.execute(
-                    select(EventRow.channel, EventRow.kind, func.count(), func.max(EventRow.at))
-                    .where(EventRow.shop_id == shop_id, anchored(EventRow, anchors))
-                    .group_by(EventRow.channel, EventRow.kind)
-                )
-            ]
-            consents = list(
-                await session.scalars(
-                    select(ConsentRow)
-                    .where(ConsentRow.shop_id == shop_id, anchored(ConsentRow, anchors))
-                    .order_by(ConsentRow.at, ConsentRow.consent_id)
-                )
-            )
-            customers = list(
-                await session.scalars(
-                    select(CustomerRow)
-                    .where(
-                        CustomerRow.shop_id == shop_id,
-                        anchored(CustomerRow, anchors),
-                        CustomerRow.deleted.is_(False),
-                    )
-                    .order_by(CustomerRow.updated_at)
-                )
-            )
-            return Facts(orders, refunded, engagement, consents, customers)
+            rows = (await session.execute(statement, parameters)).all()
+        return _picture(rows)
 
     async def cursor(self, name: str) -> int:
         async with self._sessions() as session:
@@ -838,3 +962,7 @@ class Inbox:
     async def get(self, row_id: int) -> WebhookRow | None:
         async with self._sessions() as session:
             return await session.get(WebhookRow, row_id)
+
+
+FACTS = _statement(extras=False)
+PICTURE = _statement(extras=True)
