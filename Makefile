@@ -41,7 +41,7 @@ demo: $(INSTALLED) ## Load the demo shop into the mesh make run started (C360_TO
 
 .PHONY: test
 test: protos-check ## Install and run the whole suite against real PostgreSQL and Redis
-	$(PY) -m pytest tests/unit tests/integration tests/e2e
+	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/property
 
 .PHONY: lint
 lint: protos-check ## ruff (lint and format check) and mypy on our code

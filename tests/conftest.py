@@ -73,27 +73,48 @@ def service_module(service: ServiceName) -> Any:
     return importlib.import_module(f"services.{service}.__main__")
 
 
+def service_settings(
+    backing: Backing, run_id: str, service: ServiceName, **overrides: Any
+) -> RuntimeSettings:
+    """Settings of a service on port 0 against the real PostgreSQL (and Redis for the gate), in
+    this run's schemas."""
+    module = importlib.import_module(f"services.{service}.settings")
+    settings_class = getattr(module, f"{service.capitalize()}Settings")
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        f"{service}_port": 0,
+        "database_url": backing.database_url,
+        "db_schema_prefix": f"{run_id}_",
+        "tokens": TOKENS,
+        "health_interval_seconds": 0.1,
+        "dependency_timeout_seconds": 0.5,
+    }
+    if service == "gate":
+        values["redis_url"] = backing.redis_url
+    values.update(overrides)
+    settings: RuntimeSettings = settings_class(**values)
+    return settings
+
+
+async def start_with(
+    settings: RuntimeSettings,
+    telemetry: Telemetry | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Server:
+    """Migrates a service's schema and starts the service in process."""
+    module = service_module(settings.service)
+    await asyncio.to_thread(db.migrate, settings, Path(module.MIGRATIONS))
+    timed = {"clock": clock} if clock else {}
+    server: Server = await module.build(settings, telemetry or Telemetry(), **timed)
+    return server
+
+
 @pytest.fixture
 def settings_for(backing: Backing, run_id: str, drop_schemas: None) -> Callable[..., Any]:
     """Settings of a service on port 0 against the real PostgreSQL (and Redis for the gate)."""
 
     def make(service: ServiceName, **overrides: Any) -> RuntimeSettings:
-        module = importlib.import_module(f"services.{service}.settings")
-        settings_class = getattr(module, f"{service.capitalize()}Settings")
-        values: dict[str, Any] = {
-            "host": "127.0.0.1",
-            f"{service}_port": 0,
-            "database_url": backing.database_url,
-            "db_schema_prefix": f"{run_id}_",
-            "tokens": TOKENS,
-            "health_interval_seconds": 0.1,
-            "dependency_timeout_seconds": 0.5,
-        }
-        if service == "gate":
-            values["redis_url"] = backing.redis_url
-        values.update(overrides)
-        settings: RuntimeSettings = settings_class(**values)
-        return settings
+        return service_settings(backing, run_id, service, **overrides)
 
     return make
 
@@ -109,11 +130,7 @@ async def start_service(settings_for: Callable[..., Any]) -> AsyncIterator[Start
         clock: Callable[[], datetime] | None = None,
         **overrides: Any,
     ) -> Server:
-        settings = settings_for(service, **overrides)
-        module = service_module(service)
-        await asyncio.to_thread(db.migrate, settings, Path(module.MIGRATIONS))
-        timed = {"clock": clock} if clock else {}
-        server: Server = await module.build(settings, telemetry or Telemetry(), **timed)
+        server = await start_with(settings_for(service, **overrides), telemetry, clock)
         started.append(server)
         return server
 
