@@ -116,9 +116,9 @@ class Enrichment:
                     await self._store.start_run(shop_id, as_of)
             yield Progress("fit", 1, 1, resume)
             if not back_test:
-                scored = await asyncio.to_thread(signals.score, h, model, as_of)
-                async for done in self._publish(shop_id, scored, model.version):
-                    yield Progress("publish", done, len(scored), resume)
+                scores = await asyncio.to_thread(signals.scores, h, model, as_of)
+                async for done in self._publish(shop_id, scores, model.version):
+                    yield Progress("publish", done, scores.size, resume)
                 await self._store.finish_run(shop_id, self._clock())
             yield Progress("done", h.size, h.size, resume)
 
@@ -139,23 +139,23 @@ class Enrichment:
                 return
 
     async def _publish(
-        self, shop_id: str, scored: Sequence[signals.Scored], version: datetime | None
+        self, shop_id: str, scores: signals.Scores, version: datetime | None
     ) -> AsyncIterator[int]:
         """Hands signals to the profile in batches, PUBLISH_IN_FLIGHT at a time, recording
         progress after each group so that a resumed run never skips an unpublished batch."""
         size = self._publish_batch
-        batches = [scored[i : i + size] for i in range(0, len(scored), size)]
-        done = 0
-        for start in range(0, len(batches), PUBLISH_IN_FLIGHT):
-            group = batches[start : start + PUBLISH_IN_FLIGHT]
-            await asyncio.gather(*(self._profile.put_signals(shop_id, b, version) for b in group))
-            published = [s for batch in group for s in batch]
+        for start in range(0, scores.size, size * PUBLISH_IN_FLIGHT):
+            group = scores.persons(start, min(start + size * PUBLISH_IN_FLIGHT, scores.size))
+            await asyncio.gather(
+                *(
+                    self._profile.put_signals(shop_id, group[i : i + size], version)
+                    for i in range(0, len(group), size)
+                )
+            )
             await self._store.published(
-                shop_id, published[-1].person_id,
-                [(s.person_id, s.stage_changes_at) for s in published],
-            )  # fmt: skip
-            done += len(published)
-            yield done
+                shop_id, group[-1].person_id, [(s.person_id, s.stage_changes_at) for s in group]
+            )
+            yield start + len(group)
 
     # --- one person -----------------------------------------------------------------------------
 

@@ -317,49 +317,100 @@ class Scored:
     products_due: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """A shop's persons' signals as columns (NaN: none), made into each person's `Scored` a
+    slice at a time: a run publishes them batch by batch."""
+
+    person_ids: list[str]
+    stage: NDArray[np.str_]
+    stage_changes_at: Floats
+    engagement: Floats
+    historical_ltv: Floats
+    rfm: Ints
+    churn_risk: Floats
+    predicted_ltv_90d: Floats
+    p_order_30d: Floats
+    p_order_90d: Floats
+    next_order_day: Floats
+    through: int
+    products_due: dict[int, list[str]]
+
+    @property
+    def size(self) -> int:
+        return len(self.person_ids)
+
+    def persons(self, start: int, stop: int) -> list[Scored]:
+        """The signals of persons start to stop, person by person."""
+        # Python numbers, a list per column: indexing numpy arrays a person at a time is slow.
+        part = slice(start, stop)
+        stage, changes_at = self.stage[part].tolist(), self.stage_changes_at[part].tolist()
+        engagement, spend = self.engagement[part].tolist(), self.historical_ltv[part].tolist()
+        rfm, risk = [tuple(r) for r in self.rfm[part].tolist()], self.churn_risk[part].tolist()
+        worth, within_30 = self.predicted_ltv_90d[part].tolist(), self.p_order_30d[part].tolist()
+        within_90, next_day = self.p_order_90d[part].tolist(), self.next_order_day[part].tolist()
+        scored = []
+        for i, person_id in enumerate(self.person_ids[part]):
+            at = changes_at[i]
+            s = Scored(
+                person_id, stage[i], datetime.fromtimestamp(at, UTC) if at == at else None,
+                None, None, round(engagement[i], 4),
+            )  # fmt: skip
+            if spend[i] == spend[i]:
+                s.historical_ltv = f"{spend[i]:.2f}"
+            if risk[i] == risk[i]:
+                if rfm[i][0]:
+                    s.rfm = rfm[i]
+                s.churn_risk = round(risk[i], 4)
+                s.predicted_ltv_90d = f"{worth[i]:.2f}"
+                s.p_order_30d = round(within_30[i], 4)
+                s.p_order_90d = round(within_90[i], 4)
+            if next_day[i] >= self.through:
+                s.next_order_at = datetime.fromtimestamp(next_day[i] * DAY, UTC)
+            elif next_day[i] == next_day[i]:
+                s.next_order_overdue = True
+            s.products_due = self.products_due.get(start + i, [])
+            scored.append(s)
+        return scored
+
+
 def score(h: Histories, model: Model, now: datetime) -> list[Scored]:
     """Every person's signals at `now` (their histories read up to `now`) under the shop's model."""
+    s = scores(h, model, now)
+    return s.persons(0, s.size)
+
+
+def scores(h: Histories, model: Model, now: datetime) -> Scores:
+    """Every person's signals at `now`, as columns (see `score`)."""
     config = model.config
     through = _day(now)
     p = purchases(h, through)
-    stages, changes_at = lifecycle(h, p, config, now)
-    fitted = model.customers > 0
-    ranked = model.customers >= MIN_RANKED
-    recency = through - p.last
-    r = 5 - np.searchsorted(np.asarray(config.recency_bands), recency, side="left")
+    scored = p.buyer & (model.customers > 0)
+    ranked = scored & (model.customers >= MIN_RANKED)
+    r = 5 - np.searchsorted(np.asarray(config.recency_bands), through - p.last, side="left")
     f = quintile(model.frequency.below(p.orders))
     m = quintile(model.aov.below(p.aov))
-    churn = model.calibrator(seed_score(p, model.frequency, model.spend, config))
     purchases_90, p30, p90, value = _predictions(model, p)
-    next_day = np.where(p.days >= 2, p.last + np.round(p.t_x / np.maximum(p.x, 1)), 0)
-    due = _products_due(h, through)
-    # Python numbers, a list per signal: indexing numpy arrays a person at a time is slow.
-    engagement = engagement_score(h, now).tolist()
-    buyer, spend, repeat = p.buyer.tolist(), p.spend.tolist(), (p.days >= 2).tolist()
-    next_at = next_day.astype(np.int64).tolist()
-    rfm = list(zip(r.tolist(), f.tolist(), m.tolist(), strict=True))
-    risk, worth = churn.tolist(), (purchases_90 * value).tolist()
-    within_30, within_90 = p30.tolist(), p90.tolist()
-    scored = []
-    for i, person_id in enumerate(h.person_ids):
-        s = Scored(person_id, stages[i], changes_at[i], None, None, round(engagement[i], 4))
-        if buyer[i]:
-            s.historical_ltv = f"{spend[i]:.2f}"
-        if buyer[i] and fitted:
-            if ranked:
-                s.rfm = rfm[i]
-            s.churn_risk = round(risk[i], 4)
-            s.predicted_ltv_90d = f"{worth[i]:.2f}"
-            s.p_order_30d = round(within_30[i], 4)
-            s.p_order_90d = round(within_90[i], 4)
-        if repeat[i]:
-            if next_at[i] >= through:
-                s.next_order_at = datetime.fromtimestamp(next_at[i] * DAY, UTC)
-            else:
-                s.next_order_overdue = True
-        s.products_due = due.get(i, [])
-        scored.append(s)
-    return scored
+
+    def of_scored(values: Floats) -> Floats:
+        return np.where(scored, values, np.nan)
+
+    stage, changes_at = lifecycle(h, p, config, now)
+    return Scores(
+        person_ids=h.person_ids,
+        stage=stage,
+        stage_changes_at=changes_at,
+        engagement=engagement_score(h, now),
+        historical_ltv=np.where(p.buyer, p.spend, np.nan),
+        rfm=np.where(ranked[:, None], np.column_stack([r, f, m]), 0),
+        churn_risk=of_scored(model.calibrator(seed_score(p, model.frequency, model.spend, config))),
+        predicted_ltv_90d=of_scored(purchases_90 * value),
+        p_order_30d=of_scored(p30),
+        p_order_90d=of_scored(p90),
+        next_order_day=np.where(p.days >= 2, p.last + np.round(p.t_x / np.maximum(p.x, 1)), np.nan),
+        through=through,
+        products_due=_products_due(h, through),
+    )
 
 
 def _predictions(model: Model, p: Purchases) -> tuple[Floats, Floats, Floats, Floats]:
@@ -382,8 +433,9 @@ def _predictions(model: Model, p: Purchases) -> tuple[Floats, Floats, Floats, Fl
 
 def lifecycle(
     h: Histories, p: Purchases, config: ShopConfig, now: datetime
-) -> tuple[list[str], list[datetime | None]]:
-    """Each person's stage at `now`, and when time alone will change it. Buyers: churned after
+) -> tuple[NDArray[np.str_], Floats]:
+    """Each person's stage at `now`, and when time alone will change it (Unix seconds; NaN:
+    never). Buyers: churned after
     `churned_days` without an order, at_risk after `at_risk_days`, else loyal (two or more
     orders) or converted (one). Others: engaged with `engaged_min_events` engagement events in
     the last `engaged_days`, else new."""
@@ -412,11 +464,7 @@ def lifecycle(
          kept_at + config.engaged_days * DAY],
         np.nan,
     )  # fmt: skip
-    changes = [
-        datetime.fromtimestamp(t, UTC) if moves else None
-        for t, moves in zip(at.tolist(), np.isfinite(at).tolist(), strict=True)
-    ]
-    return stages.tolist(), changes
+    return stages, np.asarray(at, dtype=float)
 
 
 def engagement_score(h: Histories, now: datetime) -> Floats:

@@ -151,7 +151,7 @@ class EnrichmentStore:
             for p, at in sorted((p, at) for p, at in deadlines if at is not None)
         ]
         if rows:
-            insert = dialect_of(session).insert(StageRow)
+            insert = dialect_of(session).insert(StageRow.__table__)
             await session.execute(
                 insert.on_conflict_do_update(
                     index_elements=["shop_id", "person_id"],
