@@ -553,20 +553,18 @@ class IdentityGraph:
 
     async def person(self, shop_id: str, person_id: str) -> PersonView:
         """The group a person belongs to, seen from its root."""
-        async with self._store.transaction(shop_id) as tx:
-            person = await tx.person(person_id)
-            if person is None:
-                raise NotFound("person", person_id)
-            members = await tx.members(person.root_id)
-            ids = [m.person_id for m in members]
-            return PersonView(
-                person_id=members[0].person_id,
-                created_at=utc(members[0].created_at),
-                erased=members[0].erased_at is not None,
-                identifiers=await tx.identifiers_of(ids),
-                merges=await tx.merges_of(ids),
-                members=ids[1:],
-            )
+        found = await self._store.group(shop_id, person_id)
+        if found is None:
+            raise NotFound("person", person_id)
+        members, identifiers, merges = found
+        return PersonView(
+            person_id=members[0].person_id,
+            created_at=utc(members[0].created_at),
+            erased=members[0].erased_at is not None,
+            identifiers=identifiers,
+            merges=merges,
+            members=[m.person_id for m in members[1:]],
+        )
 
     async def candidates(
         self, shop_id: str, after: int, limit: int

@@ -23,13 +23,17 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     insert,
+    literal_column,
+    null,
     or_,
     select,
     text,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -676,6 +680,77 @@ class Tx:
         return int(getattr(await self.session.execute(statement), "rowcount", 0))
 
 
+# GetPerson's read is one statement: the person's group (every member), their identifiers and
+# the merges that touched them, as a UNION ALL of selects whose rows are tagged with their kind
+# and carry their values in the slots below (NULL where a kind has none). One snapshot, one round
+# trip, no transaction. Rows come ordered by kind, then (t, a, b): identifiers by type and match
+# key, merges by time and id, as the database collates them.
+_SLOTS: list[tuple[str, Any]] = [
+    ("a", String()), ("b", String()), ("c", String()), ("d", String()), ("e", String()),
+    ("f", String()), ("g", String()), ("h", String()), ("i", String()), ("j", String()),
+    ("t", DateTime(timezone=True)), ("u", DateTime(timezone=True)),
+    ("v", DateTime(timezone=True)),
+]  # fmt: skip
+
+
+def _tagged(kind: str, **values: Any) -> Any:
+    columns = [literal_column(f"'{kind}'", String()).label("kind")]
+    columns += [
+        (values.pop(name) if name in values else null().cast(type_)).label(name)
+        for name, type_ in _SLOTS
+    ]
+    assert not values, f"no slot for {sorted(values)}"
+    return select(*columns)
+
+
+def _group_statement() -> Any:
+    shop_id: Any = bindparam("shop_id")
+    person_id: Any = bindparam("person_id")
+    p, i, m = PersonRow.__table__, IdentifierRow.__table__, MergeRow.__table__
+    root = select(p.c.root_id).where(p.c.shop_id == shop_id, p.c.person_id == person_id)
+    members = (
+        select(p.c.person_id, p.c.root_id, p.c.created_at, p.c.erased_at)
+        .where(p.c.shop_id == shop_id, p.c.root_id == root.scalar_subquery())
+        .cte("members")
+    )
+    ids = select(members.c.person_id)
+    return union_all(
+        _tagged(
+            "member",
+            a=members.c.person_id,
+            b=members.c.root_id,
+            u=members.c.created_at,
+            v=members.c.erased_at,
+        ),
+        _tagged(
+            "identifier",
+            a=i.c.type,
+            b=i.c.match_key,
+            c=i.c.raw_value,
+            d=i.c.value,
+            u=i.c.first_seen_at,
+        ).where(i.c.shop_id == shop_id, i.c.person_id.in_(ids)),
+        _tagged(
+            "merge",
+            t=m.c.merged_at,
+            a=m.c.merge_id,
+            c=m.c.survivor_id,
+            d=m.c.merged_id,
+            e=m.c.merged_by,
+            f=m.c.reason,
+            g=m.c.event_id,
+            h=m.c.candidate_id,
+            i=m.c.unmerged_by,
+            j=m.c.unmerge_reason,
+            u=m.c.unmerge_deadline,
+            v=m.c.unmerged_at,
+        ).where(m.c.shop_id == shop_id, or_(m.c.survivor_id.in_(ids), m.c.merged_id.in_(ids))),
+    ).order_by(*(literal_column(name) for name in ("kind", "t", "a", "b")))
+
+
+_GROUP = _group_statement()
+
+
 class IdentityStore:
     """Transactions on the identity tables, and the reads that need none."""
 
@@ -695,6 +770,45 @@ class IdentityStore:
             tx = Tx(session, shop_id)
             yield tx
             await append_to_outbox(session, ChangeRow, tx.changes)
+
+    async def group(
+        self, shop_id: str, person_id: str
+    ) -> tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None:
+        """The persons grouped with this one (its root first), their identifiers (by type and
+        match key) and every merge that involved one of them (oldest first), read by one
+        statement; None for a person nobody knows."""
+        async with self._sessions() as session:
+            rows = (
+                await session.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
+            ).all()
+        members: list[PersonRow] = []
+        identifiers: list[IdentifierRow] = []
+        merges: list[MergeRow] = []
+        for kind, a, b, c, d, e, f, g, h, i, j, t, u, v in rows:
+            if kind == "member":
+                members.append(
+                    PersonRow(shop_id=shop_id, person_id=a, root_id=b, created_at=u, erased_at=v)
+                )
+            elif kind == "identifier":
+                identifiers.append(
+                    IdentifierRow(
+                        shop_id=shop_id, type=a, match_key=b, raw_value=c, value=d,
+                        person_id=None, first_seen_at=u,
+                    )
+                )  # fmt: skip
+            else:
+                merges.append(
+                    MergeRow(
+                        merge_id=a, shop_id=shop_id, survivor_id=c, merged_id=d, merged_by=e,
+                        reason=f, event_id=g, candidate_id=h, merged_at=t, unmerge_deadline=u,
+                        unmerged_at=v, unmerged_by=i, unmerge_reason=j,
+                    )
+                )  # fmt: skip
+        if not members:
+            return None
+        root_id = members[0].root_id
+        members.sort(key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
+        return members, identifiers, merges
 
     async def shop_policy(self, shop_id: str) -> ShopPolicyRow | None:
         async with self._sessions() as session:
