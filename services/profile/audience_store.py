@@ -194,15 +194,17 @@ class AudienceStore:
             )
             rows, changes = write({row.person_id: row for row in current})
             if rows:
-                insert = dialect_of(session).insert(SignalRow)
+                # A Core upsert of the table: the ORM's bulk path took twice as long a row.
+                table = SignalRow.__table__
+                insert = dialect_of(session).insert(table)
                 columns = [c for c in rows[0] if c != "person_id"]
                 await session.execute(
                     insert.on_conflict_do_update(
                         index_elements=["shop_id", "person_id"],
                         set_={c: insert.excluded[c] for c in columns},
                         where=or_(
-                            SignalRow.model_fitted_at.is_(None),
-                            SignalRow.model_fitted_at <= insert.excluded.model_fitted_at,
+                            table.c.model_fitted_at.is_(None),
+                            table.c.model_fitted_at <= insert.excluded.model_fitted_at,
                         ),
                     ),
                     [{"shop_id": shop_id, **row} for row in rows],

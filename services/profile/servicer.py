@@ -297,8 +297,24 @@ def _signals(item: Any, field: str, violations: Violations) -> Signals:
         engagement,
         # Not converted once a violation is found: the request is rejected, and JSON cannot
         # hold every value a violation is about.
-        {} if violations.found else MessageToDict(p, preserving_proto_field_name=True),
+        {} if violations.found else stored_predictions(p),
     )
+
+
+def stored_predictions(message: Any) -> dict[str, Any]:
+    """A Predictions message as the JSON it is stored as: what MessageToDict makes of it with
+    the fields' own names, for the kinds of field Predictions has (numbers, strings, booleans,
+    repeated or not; Timestamps; messages of those), many times faster (a daily run stores a
+    million)."""
+    stored: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            stored[field.name] = list(value) if field.is_repeated else value
+        elif field.message_type.full_name == "google.protobuf.Timestamp":
+            stored[field.name] = value.ToJsonString()
+        else:
+            stored[field.name] = stored_predictions(value)
+    return stored
 
 
 def _shop_report(figures: ShopFigures) -> profile_pb2.ShopReport:
