@@ -275,8 +275,7 @@ class Gate:
         for start in range(0, len(people), REBUILD_CHUNK):
             chunk = people[start : start + REBUILD_CHUNK]
             async with asyncio.timeout(self._database_timeout):
-                policies = await self._store.contact_policies(shop_id, chunk)
-                reservations = await self._store.reservations_since(
+                policies, reservations = await self._store.rebuild_reads(
                     shop_id, chunk, now - FATIGUE_WINDOW
                 )
                 unknown = [p for p in chunk if p not in policies]
@@ -446,8 +445,7 @@ class Gate:
         if outcome is None:
             raise CountersUnavailable("the counters did not answer")
         await self._log.flush()
-        last_contact = await self._store.last_contact(shop_id, person_id)
-        log = await self._store.log(shop_id, person_id, log_limit) if log_limit else []
+        last_contact, log = await self._store.history(shop_id, person_id, log_limit)
         return History(_counts(outcome), last_contact, log)
 
     async def fatigue_posture(self, shop_id: str) -> Posture:

@@ -153,6 +153,99 @@ def _policy_values(
     }
 
 
+async def _contact_policies(
+    session: AsyncSession, shop_id: str, person_ids: Sequence[str]
+) -> dict[str, ContactPolicy]:
+    """The durable contact policies of customers (those that have one)."""
+    rows = await session.scalars(
+        select(ContactPolicyRow).where(
+            ContactPolicyRow.shop_id == shop_id, ContactPolicyRow.person_id.in_(person_ids)
+        )
+    )
+    return {
+        row.person_id: ContactPolicy(
+            frozenset(row.granted),
+            row.global_unsubscribe,
+            row.time_zone,
+            frozenset(row.suppressed),
+            row.version,
+        )
+        for row in rows
+    }
+
+
+async def _reservations_since(
+    session: AsyncSession, shop_id: str, person_ids: Sequence[str], since: datetime
+) -> dict[str, list[tuple[str, str, datetime, str]]]:
+    """Counted messages (allowed, marketing, not released) decided since `since`, per
+    customer: (message_id, channel, decided_at, entry_id), what Redis needs to be rebuilt."""
+    rows = await session.execute(
+        select(
+            MessageLogRow.person_id,
+            MessageLogRow.message_id,
+            MessageLogRow.channel,
+            MessageLogRow.decided_at,
+            MessageLogRow.entry_id,
+        )
+        .where(
+            MessageLogRow.shop_id == shop_id,
+            MessageLogRow.person_id.in_(person_ids),
+            MessageLogRow.decided_at >= since,
+            MessageLogRow.allowed.is_(True),
+            MessageLogRow.transactional.is_(False),
+            ~_released().exists(),
+        )
+        .order_by(MessageLogRow.decided_at)
+    )
+    found: dict[str, list[tuple[str, str, datetime, str]]] = {}
+    for person_id, message_id, channel, at, entry_id in rows:
+        found.setdefault(person_id, []).append((message_id, channel, utc(at), entry_id))
+    return found
+
+
+async def _last_contact(session: AsyncSession, shop_id: str, person_id: str) -> dict[str, datetime]:
+    """The last allowed, not released message per channel."""
+    rows = await session.execute(
+        select(MessageLogRow.channel, func.max(MessageLogRow.decided_at))
+        .where(
+            MessageLogRow.shop_id == shop_id,
+            MessageLogRow.person_id == person_id,
+            MessageLogRow.allowed.is_(True),
+            ~_released().exists(),
+        )
+        .group_by(MessageLogRow.channel)
+    )
+    return {channel: utc(at) for channel, at in rows}
+
+
+async def _log(session: AsyncSession, shop_id: str, person_id: str, limit: int) -> list[LogLine]:
+    """The newest decisions about a customer."""
+    rows = await session.execute(
+        select(MessageLogRow, ReleaseRow.entry_id)
+        .outerjoin(
+            ReleaseRow,
+            (ReleaseRow.shop_id == MessageLogRow.shop_id)
+            & (ReleaseRow.person_id == MessageLogRow.person_id)
+            & (ReleaseRow.entry_id == MessageLogRow.entry_id),
+        )
+        .where(MessageLogRow.shop_id == shop_id, MessageLogRow.person_id == person_id)
+        .order_by(MessageLogRow.decided_at.desc(), MessageLogRow.id.desc())
+        .limit(limit)
+    )
+    return [
+        LogLine(
+            row.message_id,
+            row.channel,
+            row.transactional,
+            row.allowed,
+            row.reason,
+            utc(row.decided_at),
+            released is not None,
+        )
+        for row, released in rows
+    ]
+
+
 class GateStore:
     """Queries of the gate's tables."""
 
@@ -169,27 +262,6 @@ class GateStore:
         """Replaces a shop's policy document."""
         async with self._sessions.begin() as session:
             await session.merge(ShopPolicyRow(shop_id=shop_id, policy=policy, updated_at=now))
-
-    async def contact_policies(
-        self, shop_id: str, person_ids: Sequence[str]
-    ) -> dict[str, ContactPolicy]:
-        """The durable contact policies of customers (those that have one)."""
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(ContactPolicyRow).where(
-                    ContactPolicyRow.shop_id == shop_id, ContactPolicyRow.person_id.in_(person_ids)
-                )
-            )
-            return {
-                row.person_id: ContactPolicy(
-                    frozenset(row.granted),
-                    row.global_unsubscribe,
-                    row.time_zone,
-                    frozenset(row.suppressed),
-                    row.version,
-                )
-                for row in rows
-            }
 
     async def put_contact_policy(
         self, shop_id: str, person_id: str, policy: ContactPolicy, now: datetime
@@ -267,35 +339,6 @@ class GateStore:
                     [row(r) for r in released],
                 )
 
-    async def reservations_since(
-        self, shop_id: str, person_ids: Sequence[str], since: datetime
-    ) -> dict[str, list[tuple[str, str, datetime, str]]]:
-        """Counted messages (allowed, marketing, not released) decided since `since`, per
-        customer: (message_id, channel, decided_at, entry_id), what Redis needs to be rebuilt."""
-        async with self._sessions() as session:
-            rows = await session.execute(
-                select(
-                    MessageLogRow.person_id,
-                    MessageLogRow.message_id,
-                    MessageLogRow.channel,
-                    MessageLogRow.decided_at,
-                    MessageLogRow.entry_id,
-                )
-                .where(
-                    MessageLogRow.shop_id == shop_id,
-                    MessageLogRow.person_id.in_(person_ids),
-                    MessageLogRow.decided_at >= since,
-                    MessageLogRow.allowed.is_(True),
-                    MessageLogRow.transactional.is_(False),
-                    ~_released().exists(),
-                )
-                .order_by(MessageLogRow.decided_at)
-            )
-            found: dict[str, list[tuple[str, str, datetime, str]]] = {}
-            for person_id, message_id, channel, at, entry_id in rows:
-                found.setdefault(person_id, []).append((message_id, channel, utc(at), entry_id))
-            return found
-
     async def customers_by_count(self, shop_id: str, since: datetime) -> dict[int, int]:
         """How many of a shop's customers have n counted messages (allowed, marketing, not
         released) decided after `since`, by n (customers with none are left out)."""
@@ -317,45 +360,26 @@ class GateStore:
             )
             return {int(n): int(customers) for n, customers in rows}
 
-    async def last_contact(self, shop_id: str, person_id: str) -> dict[str, datetime]:
-        """The last allowed, not released message per channel."""
+    async def rebuild_reads(
+        self, shop_id: str, person_ids: Sequence[str], since: datetime
+    ) -> tuple[dict[str, ContactPolicy], dict[str, list[tuple[str, str, datetime, str]]]]:
+        """What Redis needs to rebuild customers, on one connection: their durable contact
+        policies (those that have one) and their counted messages since `since`."""
         async with self._sessions() as session:
-            rows = await session.execute(
-                select(MessageLogRow.channel, func.max(MessageLogRow.decided_at))
-                .where(
-                    MessageLogRow.shop_id == shop_id,
-                    MessageLogRow.person_id == person_id,
-                    MessageLogRow.allowed.is_(True),
-                    ~_released().exists(),
-                )
-                .group_by(MessageLogRow.channel)
-            )
-            return {channel: utc(at) for channel, at in rows}
+            policies = await _contact_policies(session, shop_id, person_ids)
+            return policies, await _reservations_since(session, shop_id, person_ids, since)
+
+    async def history(
+        self, shop_id: str, person_id: str, log_limit: int
+    ) -> tuple[dict[str, datetime], list[LogLine]]:
+        """A customer's last contact per channel and (log_limit > 0) the newest decisions about
+        them, on one connection."""
+        async with self._sessions() as session:
+            last = await _last_contact(session, shop_id, person_id)
+            log = await _log(session, shop_id, person_id, log_limit) if log_limit else []
+            return last, log
 
     async def log(self, shop_id: str, person_id: str, limit: int) -> list[LogLine]:
         """The newest decisions about a customer."""
         async with self._sessions() as session:
-            rows = await session.execute(
-                select(MessageLogRow, ReleaseRow.entry_id)
-                .outerjoin(
-                    ReleaseRow,
-                    (ReleaseRow.shop_id == MessageLogRow.shop_id)
-                    & (ReleaseRow.person_id == MessageLogRow.person_id)
-                    & (ReleaseRow.entry_id == MessageLogRow.entry_id),
-                )
-                .where(MessageLogRow.shop_id == shop_id, MessageLogRow.person_id == person_id)
-                .order_by(MessageLogRow.decided_at.desc(), MessageLogRow.id.desc())
-                .limit(limit)
-            )
-            return [
-                LogLine(
-                    row.message_id,
-                    row.channel,
-                    row.transactional,
-                    row.allowed,
-                    row.reason,
-                    utc(row.decided_at),
-                    released is not None,
-                )
-                for row, released in rows
-            ]
+            return await _log(session, shop_id, person_id, limit)
