@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import random
 import secrets
 import signal
@@ -108,12 +109,13 @@ async def serve_ok(port: int) -> None:
 async def load_get(address: str, concurrency: int, seconds: float, people: int) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    without_history = 0  # answers the gate's contact history was missing from
     async with grpc.aio.insecure_channel(address) as channel:
         stub = profile_pb2_grpc.ProfileStub(channel)
         deadline = time.perf_counter() + seconds
 
         async def caller(index: int) -> None:
-            nonlocal errors
+            nonlocal errors, without_history
             rng = random.Random(index)
             while time.perf_counter() < deadline:
                 request = profile_pb2.GetRequest(
@@ -122,15 +124,27 @@ async def load_get(address: str, concurrency: int, seconds: float, people: int) 
                 )
                 started = time.perf_counter()
                 try:
-                    await stub.Get(request, metadata=AUTH, timeout=5)
+                    answer = await stub.Get(request, metadata=AUTH, timeout=5)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
                 latencies.append((time.perf_counter() - started) * 1000)
+                without_history += not answer.HasField("contact_history")
 
         started = time.perf_counter()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        return summarize(latencies, time.perf_counter() - started, errors)
+        summary = summarize(latencies, time.perf_counter() - started, errors)
+        return {**summary, "without_contact_history": without_history}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far; 0 where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def load_webhooks(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -310,15 +324,24 @@ async def run(seconds: float, people: int, backfill: float, only: str = "") -> d
         for bare in ("echo", "ok"):  # the bare baselines have no health service
             await wait_listening(ports[bare])
         results["get"] = {}
+        mesh = dict(zip(("identity", "gate", "profile"), servers, strict=False))
         for concurrency in (1, 16):
+            # The services' CPU while the echo server is measured is their background work
+            # (followers, outboxes, health): taken off what they use while serving Get.
+            idle = {name: cpu_seconds(p.pid) for name, p in mesh.items()}
             echo = drive("load-get", f"127.0.0.1:{ports['echo']}", str(concurrency), str(seconds),
                          str(people))  # fmt: skip
+            busy = {name: cpu_seconds(p.pid) for name, p in mesh.items()}
+            idle = {name: busy[name] - idle[name] for name in mesh}
             got = drive("load-get", f"127.0.0.1:{ports['profile']}", str(concurrency),
                         str(seconds), str(people))  # fmt: skip
+            used = {name: cpu_seconds(p.pid) - busy[name] - idle[name] for name, p in mesh.items()}
             results["get"][str(concurrency)] = {
                 "echo": echo, "get": got,
                 "throughput_ratio": got["per_second"] / echo["per_second"],
                 "p99_ratio": got["p99_ms"] / echo["p99_ms"],
+                "cpu_ms_per_get": {n: round(1000 * u / max(got["calls"], 1), 2)
+                                   for n, u in used.items()},
             }  # fmt: skip
         if only == "get":
             return results
@@ -359,10 +382,13 @@ async def run(seconds: float, people: int, backfill: float, only: str = "") -> d
 def report(r: dict[str, Any]) -> str:
     lines = [f"Profile.Get vs a bare echo server, {r['people']:,} people stored"]
     for level, g in r["get"].items():
+        cpu = g.get("cpu_ms_per_get", {})
         lines.append(
             f"  c{level:<3} echo {g['echo']['per_second']:>7.0f}/s p99 {g['echo']['p99_ms']:6.2f}ms"
             f" | Get {g['get']['per_second']:>6.0f}/s p99 {g['get']['p99_ms']:6.2f}ms"
             f" | ratio {g['throughput_ratio']:.2f}, p99 x{g['p99_ratio']:.2f}"
+            f" | CPU ms/Get {', '.join(f'{n} {v:.2f}' for n, v in cpu.items())}"
+            f" | {g['get'].get('without_contact_history', 0)} without contact history"
         )
     if "webhooks" not in r:
         return "\n".join(lines)
