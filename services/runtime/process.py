@@ -3,6 +3,7 @@ SIGINT."""
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -60,6 +61,10 @@ async def serve(settings: S, build: Callable[[S, Telemetry], Awaitable[Server]])
     """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
     telemetry = telemetry_from_environment(settings.service)
     server = await build(settings, telemetry)
+    # What start-up made (modules, descriptors, mappers, the wiring) lives as long as the
+    # process: the collector stops walking it at every full collection (a fifth of a bulk
+    # call's CPU went to collections walking it).
+    gc.freeze()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
