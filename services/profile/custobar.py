@@ -9,6 +9,8 @@ record from use for good.
 import re
 from typing import Any
 
+from services.runtime.validation import unstorable
+
 IDENTIFYING = ("external_id", "email", "phone_number")
 EXTERNAL_ID = re.compile(r"[A-Za-z0-9-]{1,256}")
 PERMISSIONS = {"can_email": "email", "can_sms": "sms", "can_push": "push"}
@@ -52,9 +54,13 @@ def problems(record: Any) -> list[tuple[str, str]]:
     if external_id not in (None, "") and not EXTERNAL_ID.fullmatch(str(plain(external_id))):
         found.append(("external_id", "1-256 letters, digits and dashes"))
     for name, limit in LIMITS.items():
-        if len(str(record.get(name, ""))) > limit:
+        if len(str(plain(record.get(name, "")))) > limit:  # as it is stored
             found.append((name, f"at most {limit} characters"))
     for key, value in record.items():
+        why = unstorable(key) or unstorable(value)
+        if why is not None:
+            found.append((key, why))
+            continue
         base = key.rsplit(".", 1)[0] if key.endswith((".add", ".remove")) else key
         if base in SETS and key != base:
             if not isinstance(value, list | str):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from c360.common.v1 import common_pb2
@@ -96,6 +97,16 @@ def _amount(value: str, field: str, violations: Violations) -> Decimal:
 
 def _identifiers(request: Any) -> list[tuple[str, str]]:
     return [(i.type, i.value) for i in request.identifiers]
+
+
+def _json(value: Any) -> Any:
+    """A google.protobuf Struct, ListValue or value as JSON values, numbers as floats (NaN and
+    the infinities too, which MessageToDict refuses before validation can report them)."""
+    if isinstance(value, struct_pb2.Struct):
+        return {key: _json(item) for key, item in value.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [_json(item) for item in value]
+    return value
 
 
 def _money(amount: Decimal) -> str:
@@ -730,7 +741,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
         if len(request.customers) > MAX_UPLOAD:
             violations.add("customers", f"at most {MAX_UPLOAD} records a call")
         violations.raise_any()
-        records = [MessageToDict(record) for record in request.customers]
+        records = [_json(record) for record in request.customers]
         accepted, errors = await self._profiles.upsert_customers(shop_id, records)
         return profile_pb2.UpsertCustomersResponse(
             accepted=accepted,

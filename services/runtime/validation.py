@@ -2,6 +2,7 @@
 ids that travel between services, and timestamps between protobuf and Python."""
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,6 +130,37 @@ def json_value(body: bytes | str) -> Any:
         raise
     except ValueError as bad:
         raise UnreadableJson(str(bad)) from None
+
+
+# Nesting of a caller's JSON value past which it is refused: far beyond any real document, and
+# well within what the code that walks it (recursively) can follow.
+MAX_JSON_DEPTH = 64
+
+
+def unstorable(value: Any) -> str | None:
+    """Why a JSON-like value (strings, numbers, lists, objects) cannot be stored as PostgreSQL
+    text or JSON, or None: a string or key holding a NUL character or a lone surrogate (what
+    "\\u0000" and "\\ud800" decode to), a number that is not finite (NaN, Infinity), or
+    nesting deeper than MAX_JSON_DEPTH."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain NUL characters"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "must be valid Unicode (a lone surrogate is not)"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "must be a finite number"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_JSON_DEPTH:
+                return f"must be nested at most {MAX_JSON_DEPTH} levels deep"
+            inner = [x for pair in item.items() for x in pair] if isinstance(item, dict) else item
+            pending.extend((x, depth + 1) for x in inner)
+    return None
 
 
 def plain(value: Any) -> Any:

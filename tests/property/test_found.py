@@ -1,6 +1,7 @@
 """Inputs the property tests (test_bad_input.py) found answered wrongly, each pinned here as a
 plain example against the real service, so that the fix stays whatever hypothesis draws."""
 
+import json
 import secrets
 from collections.abc import Awaitable
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from c360.common.v1 import common_pb2
@@ -275,6 +277,60 @@ async def test_a_filter_counting_events_in_a_window_finds_the_persons_with_them(
             return [member.person_id async for member in stream]
 
         await eventually(clickers, lambda found: found == [people["ada"]], "ada alone")
+
+
+# Upload records PostgreSQL cannot store as they are, each with the field it names.
+UNSTORABLE_RECORDS = [
+    ('{"email": "a@example.com", "COMPANY__score": NaN}', "COMPANY__score"),
+    ('{"email": "b@example.com", "COMPANY__score": -Infinity}', "COMPANY__score"),
+    ('{"email": "c@example.com", "first_name": 1e300}', "first_name"),  # 301 digits stored
+    ('{"email": "d@example.com", "first_name": "Ad\\u0000a"}', "first_name"),
+    ('{"email": "e@example.com", "last_name": "\\udc00x"}', "last_name"),
+    ('{"email": "f\\u0000@example.com"}', "email"),
+    ('{"email": "g@example.com", "COMPANY__deep": ' + "[" * 65 + "]" * 65 + "}", "COMPANY__deep"),
+]
+
+
+async def test_upload_records_postgresql_cannot_store_are_reported_not_failed(
+    start_service: StartService,
+) -> None:
+    # The upload answered 503 and UpsertCustomers INTERNAL (the whole call, the valid records
+    # with it): NaN and Infinity in JSON, NUL and lone surrogates in text, a number stored with
+    # more digits than a name may have.
+    identity = await start_service("identity")
+    profile = await start_service(
+        "profile", identity_addr=f"127.0.0.1:{identity.port}", service_token=ADMIN_TOKEN,
+        webhook_port=0,
+    )  # fmt: skip
+    records = "[" + ", ".join(r for r, _ in UNSTORABLE_RECORDS) + ', {"email": "h@example.com"}]'
+    url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/api/customers/upload/"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            url, params={"shop_id": "shop-a"}, headers=dict(bearer(ADMIN_TOKEN)),
+            data=('{"customers": ' + records + "}").encode(),
+        ) as upload,
+    ):  # fmt: skip
+        assert upload.status == 200
+        answer = await upload.json()
+    assert answer["accepted"] == 1
+    assert [(e["index"], e["field"]) for e in answer["errors"]] == [
+        (i, field) for i, (_, field) in enumerate(UNSTORABLE_RECORDS)
+    ]
+    structs = []
+    for record, _ in UNSTORABLE_RECORDS[:3]:
+        values = json.loads(record)  # NaN and Infinity become floats, as a Struct holds them
+        structs.append(Struct())
+        structs[-1].update(values)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{profile.port}") as channel:
+        reply = await profile_pb2_grpc.ProfileStub(channel).UpsertCustomers(
+            profile_pb2.UpsertCustomersRequest(shop_id="shop-b", customers=structs),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+    assert reply.accepted == 0
+    assert [(e.index, e.field) for e in reply.errors] == [
+        (i, field) for i, (_, field) in enumerate(UNSTORABLE_RECORDS[:3])
+    ]
 
 
 def settled(rows: list[Any]) -> bool:
