@@ -305,9 +305,11 @@ class Counters:
             raise CountersUnavailable(type(e).__name__) from e
 
     async def check(self, keys: CustomerKeys, args: CheckArgs) -> Outcome:
-        """Runs the atomic check for one customer: one round trip."""
+        """Runs the atomic check for one customer: one round trip. A peek (the contact history:
+        a read, no decision for a sender waiting on it) may wait as long as a write."""
         argv = args.argv(self._log_retention_ms)
-        return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=argv)))
+        seconds = self._write_timeout if args.mode == "peek" else 0.0
+        return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=argv), seconds))
 
     async def check_many(
         self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]
@@ -358,16 +360,18 @@ class Counters:
         customers: Sequence[
             tuple[CustomerKeys, ContactPolicy, Sequence[tuple[str, str, int, str]]]
         ],
+        for_a_read: bool = False,
     ) -> None:
         """Restores customers' policies and reservations (message_id, channel, ms, log entry id),
-        each unless someone did first, in one pipelined round trip."""
+        each unless someone did first, in one pipelined round trip; `for_a_read` (a peek's
+        rebuild) may wait as long as a write."""
         pipeline = self._client.pipeline(transaction=False)
         for keys, policy, reservations in customers:
             flat = [value for reservation in reservations for value in reservation]
             await self._rebuild(
                 keys=keys.all()[:3], args=[*policy.as_args(), KEY_TTL_MS, *flat], client=pipeline
             )
-        await self._bounded(pipeline.execute())
+        await self._bounded(pipeline.execute(), self._write_timeout if for_a_read else 0.0)
 
     async def release(self, keys: CustomerKeys, message_id: str, now: datetime) -> str:
         """Gives back a reservation; returns the log entry id of the reservation, "" when there

@@ -266,10 +266,12 @@ class Gate:
         )
 
     async def _rebuild(
-        self, shop_id: str, person_ids: Sequence[str], now: datetime, pull: bool = True
+        self, shop_id: str, person_ids: Sequence[str], now: datetime, peek: bool = False
     ) -> None:
         """Restores customers Redis does not hold in full (lost, or never seen) from the durable
-        data, in bulk; with `pull`, asks for the policies of customers it has none for."""
+        data, in bulk, asking for the policies of customers it has none for; for a peek (the
+        contact history needs counts, not consent) without asking, and as patiently as a
+        write."""
         await self._log.flush()
         people = list(dict.fromkeys(person_ids))
         for start in range(0, len(people), REBUILD_CHUNK):
@@ -279,7 +281,7 @@ class Gate:
                     shop_id, chunk, now - FATIGUE_WINDOW
                 )
                 unknown = [p for p in chunk if p not in policies]
-                if unknown and pull and self._policy_source is not None:
+                if unknown and not peek and self._policy_source is not None:
                     policies.update(await self._pull(shop_id, unknown, now))
             await self._counters.rebuild_many(
                 [
@@ -289,7 +291,8 @@ class Gate:
                         [(m, c, ms(at), e) for m, c, at, e in reservations.get(person_id, [])],
                     )
                     for person_id in chunk
-                ]
+                ],
+                for_a_read=peek,
             )
 
     async def _pull(
@@ -341,7 +344,7 @@ class Gate:
             try:
                 if lost:
                     # A peek (the contact history) needs counts, not consent: no pull.
-                    await self._rebuild(requests[0].shop_id, lost, now, pull=mode != "peek")
+                    await self._rebuild(requests[0].shop_id, lost, now, peek=mode == "peek")
                 again = await self._run_checks([requests[i] for i in pending], policy, now, mode)
             except UNDECIDABLE:
                 again = [None] * len(pending)
