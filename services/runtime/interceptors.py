@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from services.runtime.auth import (
     Principal,
@@ -71,14 +71,47 @@ class Call:
 
 
 class Undecodable:
-    """The request of a call whose bytes are not a message of the method's request type (cut
-    short, a field sent with the wrong wire type, a string that is not UTF-8, nested too
-    deeply): rejected as INVALID_ARGUMENT once the caller is authenticated."""
+    """The request of a call that is refused before any servicer sees it, as INVALID_ARGUMENT
+    once the caller is authenticated: bytes that are not a message of the method's request
+    type (cut short, a field sent with the wrong wire type, a string that is not UTF-8, nested
+    too deeply; field ""), or a string field holding NUL."""
 
-    __slots__ = ("why",)
+    __slots__ = ("field", "why")
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, field: str = "") -> None:
+        self.field = field
         self.why = why
+
+
+# Documents a service validates itself, record by record (Profile.UpsertCustomers' records).
+DOCUMENTS = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+
+
+def nul_field(message: Message, prefix: str = "") -> str | None:
+    """The path of the first string field (or map key) of the message holding a NUL character,
+    which PostgreSQL text cannot store; None when there is none. Documents are left out."""
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        entry = field.message_type
+        if entry is not None and entry.full_name in DOCUMENTS:
+            continue
+        if entry is not None and entry.GetOptions().map_entry:
+            for key, item in value.items():
+                if "\x00" in str(key) or (isinstance(item, str) and "\x00" in item):
+                    return path
+                if isinstance(item, Message) and (found := nul_field(item, f"{path}.")):
+                    return found
+            continue
+        repeated = field.is_repeated
+        for i, item in enumerate(value if repeated else [value]):
+            at = f"{path}[{i}]" if repeated else path
+            if isinstance(item, str) and "\x00" in item:
+                return at
+            if isinstance(item, Message) and (found := nul_field(item, f"{at}.")):
+                return found
+    return None
 
 
 def lenient(parse: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
@@ -91,17 +124,21 @@ def lenient(parse: Callable[[bytes], Any] | None, method: str) -> Callable[[byte
 
     def deserialize(raw: bytes) -> Any:
         try:
-            return parse(raw)
+            request = parse(raw)
         except DecodeError:
             return Undecodable(f"the request is not a valid {expected}")
+        # A NUL in a string is a zero byte on the wire; most requests have none to look for.
+        if b"\x00" in raw and (field := nul_field(request)) is not None:
+            return Undecodable("must not contain NUL characters", field)
+        return request
 
     return deserialize
 
 
 def decoded(request: Any) -> Any:
-    """The request, or INVALID_ARGUMENT (the whole request, field "") for undecodable bytes."""
+    """The request, or INVALID_ARGUMENT for one refused while it was decoded."""
     if isinstance(request, Undecodable):
-        raise InvalidArgument([("", request.why)])
+        raise InvalidArgument([(request.field, request.why)])
     return request
 
 
