@@ -113,3 +113,44 @@ async def test_a_connection_lost_mid_statement_is_a_dependency_failure(
             assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
     finally:
         await engine.dispose()
+
+
+async def test_pooled_connections_the_server_closed_are_replaced_before_use(
+    settings_for: Any,
+) -> None:
+    """Idle pooled connections whose backends were terminated (as by a restart or a failover)
+    are replaced at checkout: every statement after runs, none fails."""
+    settings = settings_for("identity")
+    engine = db.create_engine(settings)
+    marker = f"c360-idle-{secrets.token_hex(4)}"
+    try:
+        pooled = [await engine.connect() for _ in range(4)]
+        for connection in pooled:
+            await connection.execute(text(f"SET application_name = '{marker}'"))
+            await connection.commit()
+        for connection in pooled:
+            await connection.close()
+        other = await db.plain_connection(settings)
+        try:
+            terminated = await other.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                marker,
+            )
+
+            async def left() -> int:
+                count: int = await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", marker
+                )
+                return count
+
+            await eventually(left, lambda n: n == 0, "the backends gone")
+        finally:
+            await other.close()
+        assert terminated == 4
+        await asyncio.sleep(0.1)  # the pool's connections read the server's close
+        for _ in range(6):
+            async with engine.connect() as connection:
+                assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
