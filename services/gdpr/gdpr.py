@@ -3,6 +3,7 @@ through its own Erase, in order: the gate blocks first, then the profile tombsto
 then identity forgets), previews, exports, shop redaction and Shopify's GDPR webhooks."""
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +91,16 @@ class Gdpr:
     # --- persons ------------------------------------------------------------------------------
 
     async def person_of(self, shop_id: str, ref: PersonRef) -> str:
-        """The person a reference names (NOT_FOUND passes on)."""
+        """The person a reference names. NOT_FOUND passes on, before anything is written, when
+        identity answers that it knows no such person; while identity cannot answer, a person
+        id is taken as given (an erasure is accepted and waits for it)."""
         if not ref.identifier:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # unreachable, not a refusal
+                await peer_answer(
+                    self._peers.identity.GetPerson(
+                        identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=ref.person_id)
+                    )
+                )
             return ref.person_id
         kind, value = ref.identifier
         try:
@@ -308,7 +317,7 @@ class Gdpr:
                 if step.done:
                     continue
                 try:
-                    removed = await self._step(job, step.service, False)
+                    removed = await self._erase_step(job, step.service)
                 except Exception as exc:
                     error = as_text(exc)
                     log.warning(
@@ -327,6 +336,16 @@ class Gdpr:
             )  # fmt: skip
         self._running.pop(job_id, None)
         return True
+
+    async def _erase_step(self, job: JobRow, service: str) -> dict[str, int]:
+        """One service's part of a job, done; a service that knows no such person holds nothing
+        of them (else a job for a person no service holds would retry its steps forever)."""
+        try:
+            return await self._step(job, service, False)
+        except PeerRejected as rejected:
+            if rejected.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return {}
 
     async def _step(self, job: JobRow, service: str, dry_run: bool) -> dict[str, int]:
         """One service's part of a job: its rows and keys removed (or, rehearsed, counted)."""

@@ -451,6 +451,53 @@ async def test_a_nul_in_any_string_of_a_request_is_invalid_naming_the_field(
             assert violated(invalid.value) == [field]
 
 
+async def test_erasing_a_person_nobody_holds_is_not_found_and_starts_no_job(
+    start_service: StartService, settings_for: Any
+) -> None:
+    # Was OK with a durable job whose profile step answered NOT_FOUND on every retry, forever
+    # (a step answered NOT_FOUND now holds nothing of the person: a job accepted while
+    # identity was down still finishes).
+    identity = await start_service("identity")
+    gate = await start_service("gate")
+    profile = await start_service(
+        "profile", identity_addr=f"127.0.0.1:{identity.port}", gate_addr=f"127.0.0.1:{gate.port}",
+        service_token=ADMIN_TOKEN,
+    )  # fmt: skip
+    gdpr = await start_service(
+        "gdpr", identity_addr=f"127.0.0.1:{identity.port}", gate_addr=f"127.0.0.1:{gate.port}",
+        profile_addr=f"127.0.0.1:{profile.port}", service_token=ADMIN_TOKEN,
+    )  # fmt: skip
+
+    def erase(person_id: str) -> gdpr_pb2.EraseRequest:
+        return gdpr_pb2.EraseRequest(
+            shop_id="nobody-shop", person=common_pb2.PersonRef(person_id=person_id)
+        )
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gdpr.port}") as channel:
+        stub = gdpr_pb2_grpc.GdprStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.Erase(erase("p_nobody"), metadata=bearer(ADMIN_TOKEN))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        for table in ("erasure_job", "audit_entry"):
+            rows = await sql(
+                settings_for("gdpr"), f"SELECT count(*) AS n FROM {table} WHERE shop_id = $1",
+                "nobody-shop",
+            )  # fmt: skip
+            assert rows[0]["n"] == 0, table
+        # While identity cannot answer, the erasure is accepted; it finishes once it can.
+        port = identity.port
+        await identity.stop(grace=0.5)
+        started = await stub.Erase(erase("p_ghost"), metadata=bearer(ADMIN_TOKEN))
+        await start_service("identity", identity_port=port)
+
+        async def job() -> Any:
+            return await stub.GetErasure(
+                gdpr_pb2.GetErasureRequest(job_id=started.job_id), metadata=bearer(ADMIN_TOKEN)
+            )
+
+        await eventually(job, lambda j: j.state == gdpr_pb2.ERASURE_STATE_DONE, "the job")
+
+
 def settled(rows: list[Any]) -> bool:
     return bool(rows) and rows[0]["state"] != "pending"
 
