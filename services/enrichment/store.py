@@ -3,7 +3,7 @@ deadlines and the activity cursor."""
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -12,6 +12,8 @@ from sqlalchemy import (
     DateTime,
     Index,
     String,
+    Table,
+    bindparam,
     delete,
     select,
 )
@@ -141,10 +143,17 @@ class EnrichmentStore:
     ) -> None:
         """Sets or clears persons' deadlines; an upsert in person order, so a run and the
         follower writing the same persons at once neither collide nor deadlock."""
-        cleared = [p for p, at in deadlines if at is None]
+        cleared = sorted(p for p, at in deadlines if at is None)
         if cleared:
+            # A delete a person (one statement, many parameter sets): given a long IN list,
+            # PostgreSQL reads the shop's every deadline when its statistics predate the shop's
+            # growth (as in a shop's first run).
+            table = cast(Table, StageRow.__table__)
             await session.execute(
-                delete(StageRow).where(StageRow.shop_id == shop_id, StageRow.person_id.in_(cleared))
+                delete(table).where(
+                    table.c.shop_id == bindparam("shop"), table.c.person_id == bindparam("person")
+                ),
+                [{"shop": shop_id, "person": p} for p in cleared],
             )
         rows = [
             {"shop_id": shop_id, "person_id": p, "changes_at": at}

@@ -5,8 +5,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, or_, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    Select,
+    String,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from services.profile.loyalty import Earning, Programme
 from services.profile.store import (
@@ -56,6 +69,34 @@ def _ledger(shop_id: str) -> Select:
         .outerjoin(refunds, refunds.c.order_id == OrderRow.order_id)
         .where(OrderRow.shop_id == shop_id, OrderRow.cancelled.is_(False))
     )
+
+
+def _locked_signals(
+    session: AsyncSession, shop_id: str, person_ids: Sequence[str]
+) -> Select[SignalRow]:
+    """The persons' stored signals, locked in person order so that writers never deadlock. On
+    PostgreSQL each person is looked up on their own (a lateral join over the ids): given a long
+    IN list, PostgreSQL reads the shop's every row when its statistics predate the shop's growth
+    (as in a shop's first run, which that made quadratic)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return (
+            select(SignalRow)
+            .where(SignalRow.shop_id == shop_id, SignalRow.person_id.in_(person_ids))
+            .order_by(SignalRow.person_id)
+            .with_for_update()
+        )
+    wanted = (
+        func.unnest(bindparam("person_ids", sorted(person_ids), type_=ARRAY(String)))
+        .table_valued("person_id")
+        .render_derived(name="wanted")
+    )
+    locked = (
+        select(SignalRow)
+        .where(SignalRow.shop_id == shop_id, SignalRow.person_id == wanted.c.person_id)
+        .with_for_update()
+        .lateral()
+    )
+    return select(aliased(SignalRow, locked)).select_from(wanted).join(locked, true())
 
 
 class AudienceStore:
@@ -185,13 +226,10 @@ class AudienceStore:
         never deadlock), and returns the rows to store and the change feed entries; returns how
         many entries it appended. A row never replaces one of a newer model, even when two
         writers insert a person's first signals at once."""
+        if not person_ids:
+            return 0
         async with self._sessions.begin() as session:
-            current = await session.scalars(
-                select(SignalRow)
-                .where(SignalRow.shop_id == shop_id, SignalRow.person_id.in_(person_ids))
-                .order_by(SignalRow.person_id)
-                .with_for_update()
-            )
+            current = await session.scalars(_locked_signals(session, shop_id, person_ids))
             rows, changes = write({row.person_id: row for row in current})
             if rows:
                 # A Core upsert of the table: the ORM's bulk path took twice as long a row.
