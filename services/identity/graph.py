@@ -545,8 +545,7 @@ class IdentityGraph:
         except InvalidIdentifier as exc:
             field = "type" if "identifier type" in str(exc) else "value"
             raise InvalidArgument([(f"identifier.{field}", str(exc))]) from None
-        async with self._store.transaction(shop_id) as tx:
-            found = (await tx.identifiers([n.key])).get(n.key)
+        found = await self._store.identifier(shop_id, n.key)
         if found is None or n.blocked:
             raise NotFound("identifier", type_)
         return found.root_id, n.match_key

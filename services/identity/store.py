@@ -255,6 +255,35 @@ class Stored:
     conflicts: int
 
 
+async def _stored(
+    session: AsyncSession, shop_id: str, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Stored]:
+    """The stored identifiers among these (type, match key) pairs, with their roots."""
+    if not keys:
+        return {}
+    rows = await session.execute(
+        select(
+            IdentifierRow.type,
+            IdentifierRow.match_key,
+            IdentifierRow.person_id,
+            PersonRow.root_id,
+            IdentifierRow.conflicts,
+        )
+        .join(
+            PersonRow,
+            (PersonRow.shop_id == IdentifierRow.shop_id)
+            & (PersonRow.person_id == IdentifierRow.person_id),
+        )
+        .where(
+            IdentifierRow.shop_id == shop_id,
+            tuple_(IdentifierRow.type, IdentifierRow.match_key).in_(keys),
+        )
+    )
+    return {
+        (type_, key): Stored(home, root, conflicts) for type_, key, home, root, conflicts in rows
+    }
+
+
 class Tx:
     """The queries of one identity transaction."""
 
@@ -300,30 +329,7 @@ class Tx:
 
     async def identifiers(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
         """The stored identifiers among these (type, match key) pairs, with their roots."""
-        if not keys:
-            return {}
-        rows = await self.session.execute(
-            select(
-                IdentifierRow.type,
-                IdentifierRow.match_key,
-                IdentifierRow.person_id,
-                PersonRow.root_id,
-                IdentifierRow.conflicts,
-            )
-            .join(
-                PersonRow,
-                (PersonRow.shop_id == IdentifierRow.shop_id)
-                & (PersonRow.person_id == IdentifierRow.person_id),
-            )
-            .where(
-                IdentifierRow.shop_id == self.shop_id,
-                tuple_(IdentifierRow.type, IdentifierRow.match_key).in_(keys),
-            )
-        )
-        return {
-            (type_, key): Stored(home, root, conflicts)
-            for type_, key, home, root, conflicts in rows
-        }
+        return await _stored(self.session, self.shop_id, keys)
 
     async def lock_persons(self, person_ids: Iterable[str]) -> dict[str, PersonRow]:
         """Locks persons (sorted, so two transactions take them in the same order)."""
@@ -809,6 +815,12 @@ class IdentityStore:
         root_id = members[0].root_id
         members.sort(key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
         return members, identifiers, merges
+
+    async def identifier(self, shop_id: str, key: tuple[str, str]) -> Stored | None:
+        """A stored identifier (type, match key) with its root, read by one statement outside
+        any transaction."""
+        async with self._sessions() as session:
+            return (await _stored(session, shop_id, [key])).get(key)
 
     async def shop_policy(self, shop_id: str) -> ShopPolicyRow | None:
         async with self._sessions() as session:
