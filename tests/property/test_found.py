@@ -412,7 +412,9 @@ async def test_a_nul_in_any_string_of_a_request_is_invalid_naming_the_field(
     start_service: StartService,
 ) -> None:
     # Was INTERNAL where a field reached a text column with only its length checked (a
-    # location, a string compared in a segment filter): PostgreSQL text cannot hold NUL.
+    # location, a string compared in a segment filter), or accepted into JSON and then copied
+    # to a text column (a line item's category: the person's summary was never refreshed
+    # again): PostgreSQL text cannot hold NUL.
     server = await start_service("profile")
     auth, placed = bearer(ADMIN_TOKEN), Timestamp(seconds=1_700_000_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -427,6 +429,17 @@ async def test_a_nul_in_any_string_of_a_request_is_invalid_naming_the_field(
                     metadata=auth,
                 ),
                 "location",
+            ),
+            (
+                profile.IngestOrder(
+                    profile_pb2.IngestOrderRequest(
+                        shop_id="shop-a", order_id="2", placed_at=placed, total="1",
+                        currency="EUR", source=profile_pb2.ORDER_SOURCE_ONLINE,
+                        line_items=[profile_pb2.LineItem(category="co\x00ffee", price="1")],
+                    ),
+                    metadata=auth,
+                ),
+                "line_items[0].category",
             ),
             (
                 profile.CreateSegment(
