@@ -142,20 +142,40 @@ class Enrichment:
         self, shop_id: str, scores: signals.Scores, version: datetime | None
     ) -> AsyncIterator[int]:
         """Hands signals to the profile in batches, PUBLISH_IN_FLIGHT at a time, recording
-        progress after each group so that a resumed run never skips an unpublished batch."""
-        size = self._publish_batch
-        for start in range(0, scores.size, size * PUBLISH_IN_FLIGHT):
-            group = scores.persons(start, min(start + size * PUBLISH_IN_FLIGHT, scores.size))
-            await asyncio.gather(
+        progress after each group so that a resumed run never skips an unpublished batch. The
+        next group is made (in a thread) while one is in flight and sent while that one is
+        recorded, so that the profile is not kept waiting on this side."""
+        size, step = self._publish_batch, self._publish_batch * PUBLISH_IN_FLIGHT
+        starts = iter(range(0, scores.size, step))
+
+        def make(start: int | None) -> list[signals.Scored]:
+            return [] if start is None else scores.persons(start, min(start + step, scores.size))
+
+        def send(group: list[signals.Scored]) -> asyncio.Future[list[int]]:
+            return asyncio.gather(
                 *(
                     self._profile.put_signals(shop_id, group[i : i + size], version)
                     for i in range(0, len(group), size)
                 )
             )
-            await self._store.published(
-                shop_id, group[-1].person_id, [(s.person_id, s.stage_changes_at) for s in group]
-            )
-            yield start + len(group)
+
+        group = make(next(starts, None))
+        sending = send(group)
+        done = 0
+        try:
+            while group:
+                following = await asyncio.to_thread(make, next(starts, None))
+                await sending
+                recording = self._store.published(
+                    shop_id, group[-1].person_id, [(s.person_id, s.stage_changes_at) for s in group]
+                )
+                sending = send(following)
+                await recording
+                done += len(group)
+                yield done
+                group = following
+        finally:
+            sending.cancel()
 
     # --- one person -----------------------------------------------------------------------------
 
