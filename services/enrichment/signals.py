@@ -118,23 +118,22 @@ class Purchases:
 
 def purchases(h: Histories, through: int) -> Purchases:
     """Each person's purchases on days up to `through` (a prefix of their ascending days)."""
-    owner = np.repeat(np.arange(h.size), h.order_days)
     kept = h.order_day <= through
+    owner = np.repeat(np.arange(h.size), h.order_days)[kept]
     n = h.size
-    days = np.bincount(owner[kept], minlength=n).astype(float)
+    days = np.bincount(owner, minlength=n).astype(float)
     start = np.concatenate([[0], np.cumsum(h.order_days)[:-1]]).astype(np.int64)
     has = days > 0
     first_index = np.where(has, start, 0)
     last_index = np.where(has, start + days.astype(np.int64) - 1, 0)
-    day = h.order_day.astype(float)
-    value = h.order_value
+    day, value = h.order_day, h.order_value
     pick = len(day) > 0
     return Purchases(
         days=days,
         first=np.where(has, day[first_index], 0.0) if pick else np.zeros(n),
         last=np.where(has, day[last_index], 0.0) if pick else np.zeros(n),
-        spend=np.bincount(owner[kept], weights=value[kept], minlength=n).astype(float),
-        orders=np.bincount(owner[kept], weights=h.order_count[kept], minlength=n).astype(float),
+        spend=np.bincount(owner, weights=value[kept], minlength=n).astype(float),
+        orders=np.bincount(owner, weights=h.order_count[kept], minlength=n).astype(float),
         first_value=np.where(has, value[first_index], 0.0) if pick else np.zeros(n),
         through=through,
     )
