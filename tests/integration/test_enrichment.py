@@ -32,6 +32,10 @@ AUTH = bearer(ADMIN_TOKEN)
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
+# The profile refreshes summaries in the background; a busy machine may take a while.
+SUMMARIES_SECONDS = 60.0
+
+
 @dataclass
 class Mesh:
     profile: Any
@@ -122,10 +126,14 @@ async def test_a_run_lands_stage_rfm_churn_ltv_and_next_order_on_the_profile(mes
         await mesh.order(f"o-{i}", f"once{i}@example.com", "20.00", days_ago=200 + i)
     for n, days_ago in enumerate((70, 40, 10)):
         await mesh.order(f"r-{n}", "regular@example.com", "45.50", days_ago=days_ago)
-    await eventually(mesh.persons, lambda n: n == MIN_RANKED + 5, "the summaries")
+    await eventually(
+        mesh.persons, lambda n: n == MIN_RANKED + 5, "the summaries", SUMMARIES_SECONDS
+    )
     # A run reads repeat products from the summaries: the regular's must show all three days
     # (the follower would otherwise race the run with fresher products due).
-    await eventually(mesh.product_days, lambda days: days == [3], "the regular's summary")
+    await eventually(
+        mesh.product_days, lambda days: days == [3], "the regular's summary", SUMMARIES_SECONDS
+    )
 
     progress = await mesh.run()
 
@@ -198,7 +206,7 @@ async def test_recompute_answers_for_one_person_and_knows_nobody_it_was_not_told
 ) -> None:
     await mesh.order("o-1", "bo@example.com", "12.00", days_ago=40)
     person = (await mesh.get("bo@example.com")).person_id
-    await eventually(mesh.persons, lambda n: n == 1, "the summary")
+    await eventually(mesh.persons, lambda n: n == 1, "the summary", SUMMARIES_SECONDS)
     by_email = common_pb2.PersonRef(
         identifier=common_pb2.Identifier(type="email", value="bo@example.com")
     )
@@ -254,7 +262,7 @@ async def test_shop_windows_are_validated_and_move_stages(mesh: Mesh) -> None:
 async def test_an_interrupted_run_resumes_after_the_last_published_batch(mesh: Mesh) -> None:
     for i in range(25):
         await mesh.order(f"o-{i}", f"p{i}@example.com", "20.00", days_ago=10 + i)
-    await eventually(mesh.persons, lambda n: n == 25, "the summaries")
+    await eventually(mesh.persons, lambda n: n == 25, "the summaries", SUMMARIES_SECONDS)
     # A run publishing 2 persons a call (8 a group of four calls), stopped after its first group.
     enrichment, engine, close_peers = wire(
         mesh.settings.model_copy(update={"publish_batch": 2}), Telemetry(), mesh.clock
@@ -285,7 +293,7 @@ async def test_an_interrupted_run_resumes_after_the_last_published_batch(mesh: M
 
 async def test_a_back_test_reports_but_never_scores_anyone(mesh: Mesh) -> None:
     await mesh.order("o-1", "dee@example.com", "20.00", days_ago=40)
-    await eventually(mesh.persons, lambda n: n == 1, "the summary")
+    await eventually(mesh.persons, lambda n: n == 1, "the summary", SUMMARIES_SECONDS)
 
     progress = await mesh.run(as_of=stamp(NOW - timedelta(days=30)))
 
@@ -308,7 +316,9 @@ async def test_the_cli_runs_a_shop_and_draws_its_calibration(mesh: Mesh, tmp_pat
     for i in range(MIN_RANKED + 4):
         await mesh.order(f"o-{i}", f"once{i}@example.com", "20.00", days_ago=200 + i)
     await mesh.order("r-0", "regular@example.com", "45.50", days_ago=10)
-    await eventually(mesh.persons, lambda n: n == MIN_RANKED + 5, "the summaries")
+    await eventually(
+        mesh.persons, lambda n: n == MIN_RANKED + 5, "the summaries", SUMMARIES_SECONDS
+    )
     profile, enrichment = mesh.addresses
 
     def c360(*args: str) -> Result:
