@@ -251,21 +251,53 @@ class IdentityGraph:
     async def resolve(self, observation: Observation) -> Resolution:
         """Records the observation and returns the person it belongs to (see linking.py for
         when identifiers join and when they raise a merge candidate instead)."""
-        policy = await self.policy(observation.shop_id)
-        normalized, skipped = self._normalize(observation, policy.rules)
-        resolution = await self._retrying(
-            observation.shop_id,
-            lambda tx: self._resolve(tx, observation, normalized, policy.unmerge_window),
-        )
-        return dataclasses.replace(resolution, skipped=tuple(skipped))
+        return (await self.resolve_batch([observation], named=False))[0]
+
+    async def resolve_batch(
+        self, observations: Sequence[Observation], named: bool = True
+    ) -> list[Resolution]:
+        """Resolves the observations (all of one shop) in one transaction, with the results and
+        the stored state of resolving each in turn. Every observation is normalised first: any
+        invalid one raises INVALID_ARGUMENT for all of them (violations named
+        `records[<i>].<field>` when `named`) and nothing is stored."""
+        shop_id = observations[0].shop_id
+        policy = await self.policy(shop_id)
+        prepared: list[tuple[list[Normalized], list[str]]] = []
+        violations: list[tuple[str, str]] = []
+        for i, observation in enumerate(observations):
+            try:
+                prepared.append(self._normalize(observation, policy.rules))
+            except InvalidArgument as exc:
+                prefix = f"records[{i}]." if named else ""
+                violations += [(prefix + name, why) for name, why in exc.violations]
+        if violations:
+            raise InvalidArgument(violations)
+
+        async def work(tx: Tx) -> list[Resolution]:
+            # Every lock of the batch at once, sorted: two batches never wait on each other in a
+            # circle (the event's own lock too: two deliveries never both pass its check).
+            await tx.lock_identifiers(
+                [
+                    *(n.key for normalized, _ in prepared for n in normalized if not n.blocked),
+                    *((EVENT_LOCK, o.event_id) for o in observations),
+                ]
+            )
+            return [
+                await self._resolve(tx, observation, normalized, policy.unmerge_window)
+                for observation, (normalized, _) in zip(observations, prepared, strict=True)
+            ]
+
+        resolutions = await self._retrying(shop_id, work)
+        return [
+            dataclasses.replace(resolution, skipped=tuple(skipped))
+            for resolution, (_, skipped) in zip(resolutions, prepared, strict=True)
+        ]
 
     async def _resolve(
         self, tx: Tx, observation: Observation, normalized: list[Normalized], window: timedelta
     ) -> Resolution:
         linkable = [n for n in normalized if not n.blocked]
         keys = [n.key for n in linkable]
-        # The event's own lock too: two deliveries of one event never both pass the check below.
-        await tx.lock_identifiers([*keys, (EVENT_LOCK, observation.event_id)])
         prior = await tx.evidence(observation.event_id)
         if prior is not None:
             return await self._replay(tx, prior)

@@ -7,7 +7,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.identity.graph import IdentityGraph, Observation, Policy
+from services.identity.graph import IdentityGraph, Observation, Policy, Resolution
 from services.identity.store import IdentifierRow, MergeRow
 from services.runtime.auth import current_principal
 from services.runtime.db import utc
@@ -40,6 +40,8 @@ CHANGE_KINDS = {
 }
 STRENGTHS = {"authoritative": identity_pb2.STRENGTH_AUTHORITATIVE}
 MAX_EVENT_ID = 256
+# Records a ResolveBatch may carry.
+MAX_BATCH = 1000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 # Anything longer is out of range; the graph checks the exact bounds.
@@ -85,6 +87,47 @@ def _policy(policy: Policy) -> identity_pb2.ShopPolicy:
     )
 
 
+def _observation(request: Any, shop_id: str, prefix: str, violations: Violations) -> Observation:
+    """A ResolveRequest as an observation; its violations named `prefix` + field."""
+    event_id = request.event_id
+    if not event_id or len(event_id) > MAX_EVENT_ID or not event_id.isprintable():
+        violations.add(prefix + "event_id", f"must be 1-{MAX_EVENT_ID} printable characters")
+    source = text(request.source, prefix + "source", violations)
+    if request.strength not in (
+        identity_pb2.STRENGTH_AUTHORITATIVE,
+        identity_pb2.STRENGTH_ASSERTED,
+    ):
+        violations.add(prefix + "strength", "must be STRENGTH_AUTHORITATIVE or STRENGTH_ASSERTED")
+    if request.country and not (len(request.country) == 2 and request.country.isalpha()):
+        violations.add(prefix + "country", "must be an ISO 3166-1 alpha-2 code, e.g. GB")
+    observed_at = time_field(
+        request, "observed_at", violations, required=False, path=prefix + "observed_at"
+    )
+    return Observation(
+        shop_id=shop_id,
+        identifiers=[(i.type, i.value) for i in request.identifiers],
+        source=source,
+        asserted=request.strength == identity_pb2.STRENGTH_ASSERTED,
+        event_id=event_id,
+        country=request.country.upper(),
+        observed_at=observed_at,
+        skip_invalid=request.skip_invalid,
+    )
+
+
+def _resolution(resolution: Resolution) -> identity_pb2.ResolveResponse:
+    anchor = None
+    if resolution.anchor is not None:
+        anchor = common_pb2.Identifier(type=resolution.anchor[0], value=resolution.anchor[1])
+    return identity_pb2.ResolveResponse(
+        person_id=resolution.person_id,
+        outcome=OUTCOMES[resolution.outcome],
+        candidate_id=resolution.candidate_id,
+        anchor=anchor,
+        skipped=resolution.skipped,
+    )
+
+
 class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     """The Identity service over the identity graph."""
 
@@ -94,41 +137,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
     async def Resolve(self, request: Any, context: Any) -> identity_pb2.ResolveResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        event_id = request.event_id
-        if not event_id or len(event_id) > MAX_EVENT_ID or not event_id.isprintable():
-            violations.add("event_id", f"must be 1-{MAX_EVENT_ID} printable characters")
-        source = text(request.source, "source", violations)
-        if request.strength not in (
-            identity_pb2.STRENGTH_AUTHORITATIVE,
-            identity_pb2.STRENGTH_ASSERTED,
-        ):
-            violations.add("strength", "must be STRENGTH_AUTHORITATIVE or STRENGTH_ASSERTED")
-        if request.country and not (len(request.country) == 2 and request.country.isalpha()):
-            violations.add("country", "must be an ISO 3166-1 alpha-2 code, e.g. GB")
-        observed_at = time_field(request, "observed_at", violations, required=False)
+        observation = _observation(request, shop_id, "", violations)
         violations.raise_any()
-        resolution = await self._graph.resolve(
-            Observation(
-                shop_id=shop_id,
-                identifiers=[(i.type, i.value) for i in request.identifiers],
-                source=source,
-                asserted=request.strength == identity_pb2.STRENGTH_ASSERTED,
-                event_id=event_id,
-                country=request.country.upper(),
-                observed_at=observed_at,
-                skip_invalid=request.skip_invalid,
-            )
-        )
-        anchor = None
-        if resolution.anchor is not None:
-            anchor = common_pb2.Identifier(type=resolution.anchor[0], value=resolution.anchor[1])
-        return identity_pb2.ResolveResponse(
-            person_id=resolution.person_id,
-            outcome=OUTCOMES[resolution.outcome],
-            candidate_id=resolution.candidate_id,
-            anchor=anchor,
-            skipped=resolution.skipped,
-        )
+        return _resolution((await self._graph.resolve_batch([observation], named=False))[0])
+
+    async def ResolveBatch(self, request: Any, context: Any) -> identity_pb2.ResolveBatchResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 1 <= len(request.records) <= MAX_BATCH:
+            violations.add("records", f"must hold 1-{MAX_BATCH} records")
+        observations = []
+        for i, record in enumerate(request.records[:MAX_BATCH]):
+            prefix = f"records[{i}]."
+            if record.shop_id and record.shop_id != request.shop_id:
+                violations.add(prefix + "shop_id", "must be empty or the request's shop_id")
+            observations.append(_observation(record, shop_id, prefix, violations))
+        violations.raise_any()
+        resolutions = await self._graph.resolve_batch(observations)
+        return identity_pb2.ResolveBatchResponse(results=[_resolution(r) for r in resolutions])
 
     async def Lookup(self, request: Any, context: Any) -> identity_pb2.LookupResponse:
         violations = Violations()

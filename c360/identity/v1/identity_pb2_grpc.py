@@ -40,6 +40,11 @@ class IdentityStub:
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.ResolveBatch = channel.unary_unary(
+                '/c360.identity.v1.Identity/ResolveBatch',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchResponse.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/c360.identity.v1.Identity/Lookup',
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupRequest.SerializeToString,
@@ -105,6 +110,18 @@ class IdentityServicer:
         """Records that the given identifiers were seen together and returns the person they belong to,
         creating or linking as the evidence allows. A conflict raises a merge candidate instead of
         merging. Idempotent per (shop_id, event_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveBatch(self, request, context):
+        """Resolves up to 1,000 records of one shop in one call (bulk imports, backfills). The results
+        and the stored state are exactly those of calling Resolve on each record in request order:
+        a later record sees what an earlier one linked, an event id repeated in the batch (or seen
+        before) is answered like a replay, and each record is idempotent per (shop_id, event_id) as
+        with Resolve. All or nothing: an invalid record rejects the whole batch (INVALID_ARGUMENT,
+        violations named `records[<i>].<field>`) and nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +218,11 @@ def add_IdentityServicer_to_server(servicer, server):
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.FromString,
                     response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.SerializeToString,
             ),
+            'ResolveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveBatch,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchResponse.SerializeToString,
+            ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupRequest.FromString,
@@ -285,6 +307,33 @@ class Identity:
             '/c360.identity.v1.Identity/Resolve',
             c360_dot_identity_dot_v1_dot_identity__pb2.ResolveRequest.SerializeToString,
             c360_dot_identity_dot_v1_dot_identity__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/ResolveBatch',
+            c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.ResolveBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

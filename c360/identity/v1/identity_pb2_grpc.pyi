@@ -38,6 +38,14 @@ class IdentityStub:
     creating or linking as the evidence allows. A conflict raises a merge candidate instead of
     merging. Idempotent per (shop_id, event_id).
     """
+    ResolveBatch: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ResolveBatchRequest, _identity_pb2.ResolveBatchResponse]
+    """Resolves up to 1,000 records of one shop in one call (bulk imports, backfills). The results
+    and the stored state are exactly those of calling Resolve on each record in request order:
+    a later record sees what an earlier one linked, an event id repeated in the batch (or seen
+    before) is answered like a replay, and each record is idempotent per (shop_id, event_id) as
+    with Resolve. All or nothing: an invalid record rejects the whole batch (INVALID_ARGUMENT,
+    violations named `records[<i>].<field>`) and nothing is stored.
+    """
     Lookup: _grpc.UnaryUnaryMultiCallable[_identity_pb2.LookupRequest, _identity_pb2.LookupResponse]
     """Read-only: the person holding an identifier. Never creates anything; NOT_FOUND when unknown."""
     GetPerson: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetPersonRequest, _identity_pb2.Person]
@@ -81,6 +89,14 @@ class IdentityAsyncStub(IdentityStub):
     """Records that the given identifiers were seen together and returns the person they belong to,
     creating or linking as the evidence allows. A conflict raises a merge candidate instead of
     merging. Idempotent per (shop_id, event_id).
+    """
+    ResolveBatch: _aio.UnaryUnaryMultiCallable[_identity_pb2.ResolveBatchRequest, _identity_pb2.ResolveBatchResponse]  # type: ignore[assignment]
+    """Resolves up to 1,000 records of one shop in one call (bulk imports, backfills). The results
+    and the stored state are exactly those of calling Resolve on each record in request order:
+    a later record sees what an earlier one linked, an event id repeated in the batch (or seen
+    before) is answered like a replay, and each record is idempotent per (shop_id, event_id) as
+    with Resolve. All or nothing: an invalid record rejects the whole batch (INVALID_ARGUMENT,
+    violations named `records[<i>].<field>`) and nothing is stored.
     """
     Lookup: _aio.UnaryUnaryMultiCallable[_identity_pb2.LookupRequest, _identity_pb2.LookupResponse]  # type: ignore[assignment]
     """Read-only: the person holding an identifier. Never creates anything; NOT_FOUND when unknown."""
@@ -128,6 +144,20 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         """Records that the given identifiers were seen together and returns the person they belong to,
         creating or linking as the evidence allows. A conflict raises a merge candidate instead of
         merging. Idempotent per (shop_id, event_id).
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveBatch(
+        self,
+        request: _identity_pb2.ResolveBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.ResolveBatchResponse, _abc.Awaitable[_identity_pb2.ResolveBatchResponse]]:
+        """Resolves up to 1,000 records of one shop in one call (bulk imports, backfills). The results
+        and the stored state are exactly those of calling Resolve on each record in request order:
+        a later record sees what an earlier one linked, an event id repeated in the batch (or seen
+        before) is answered like a replay, and each record is idempotent per (shop_id, event_id) as
+        with Resolve. All or nothing: an invalid record rejects the whole batch (INVALID_ARGUMENT,
+        violations named `records[<i>].<field>`) and nothing is stored.
         """
 
     @_abc_1.abstractmethod

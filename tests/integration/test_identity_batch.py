@@ -1,0 +1,229 @@
+"""Identity.ResolveBatch over a real channel, on PostgreSQL and on SQLite: a batch answers and
+stores exactly what resolving its records one by one would, and rejects bad input whole."""
+
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import text_format
+
+from c360.common.v1 import common_pb2
+from c360.identity.v1 import identity_pb2
+from services.identity import graph
+from tests.conftest import ADMIN_TOKEN, READER_TOKEN
+from tests.integration.test_identity import ASSERTED, AUTHORITATIVE, Identity, identity  # noqa: F401
+from tests.rpc import bearer, details
+
+Record = tuple[list[tuple[str, str]], dict[str, Any]]
+
+
+def workload(rng: random.Random, size: int) -> list[Record]:
+    """Records a shop might see: known persons, new sessions and new shoppers, identifiers that
+    meet again within a few records (merges), conflicts of every common kind, junk and invalid
+    values, national phone numbers and repeated event ids."""
+    people = 40
+    fresh = itertools.count()
+    news: list[str] = []
+    records: list[Record] = []
+
+    def ids(p: int) -> list[tuple[str, str]]:
+        return [
+            ("shopify_customer_id", f"70000{p:04d}"),
+            ("email", f"c{p}@x.example"),
+            ("phone", f"+1415555{p:04d}"),
+            ("cookie", f"ck-{p}"),
+        ]
+
+    for n in range(size):
+        p, q = rng.sample(range(people), k=2)
+        draw = rng.random()
+        options: dict[str, Any] = {"event_id": f"ev-{n}"}
+        if draw < 0.30:  # a known person (or, early on, one about to be met again)
+            found = rng.sample(ids(p), k=rng.randint(1, 3))
+        elif draw < 0.40:  # a new session of a known person
+            found = [rng.choice(ids(p)[:3]), ("cookie", f"ck-new-{next(fresh)}")]
+        elif draw < 0.52:  # a new shopper
+            news.append(f"new{next(fresh)}@y.example")
+            found = [("email", news[-1]), ("cookie", f"ck-new-{next(fresh)}")]
+        elif draw < 0.57 and news:  # a new shopper met again (often in the same batch)
+            found = [("email", rng.choice(news)), ("phone", f"+1415666{next(fresh):04d}")]
+        elif draw < 0.63:  # two Shopify ids
+            found = [ids(p)[1], ("shopify_customer_id", f"70000{q:04d}")]
+        elif draw < 0.67:  # a session bridging two people
+            found = [ids(p)[1], ("cookie", f"ck-{q}")]
+        elif draw < 0.71:  # a phone-only link
+            found = [("email", f"other{p}@z.example"), ids(q)[2]]
+        elif draw < 0.75:  # asserted: typed into a form
+            found = [ids(p)[1], ids(q)[2]]
+            options["strength"] = ASSERTED
+            options["source"] = "web_form"
+        elif draw < 0.81:  # junk beside (or instead of) a real identifier
+            junk = [("email", "test@test.com"), ("phone", "0000000"), ("external_id", "null"),
+                    ("email", "orders@x.example")]  # fmt: skip
+            found = rng.sample(junk, k=2) + rng.sample(ids(p), k=rng.randint(0, 1))
+        elif draw < 0.85:  # an invalid phone, left out
+            found = [ids(p)[1], ("phone", "555-555-SHIP")]
+            options["skip_invalid"] = True
+        elif draw < 0.89:  # a national number read with the record's country
+            found = [ids(p)[0], ("phone", f"07911 12{p:04d}")]
+            options["country"] = "GB"
+        elif draw < 0.95 and n:  # an event delivered again, with what it carried or not
+            options["event_id"] = f"ev-{rng.randrange(n)}"
+            found = rng.sample(ids(p), k=1)
+        else:  # a record that names two persons' strongest ids: a merge or a candidate
+            found = [ids(p)[2], ids(q)[3], ("crm_id", f"crm-{p}")]
+        records.append((found, options))
+    return records
+
+
+def request(shop: str, record: Record) -> Any:
+    found, options = record
+    return identity_pb2.ResolveRequest(
+        shop_id=shop,
+        identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in found],
+        source=options.get("source", "shopify"),
+        strength=options.get("strength", AUTHORITATIVE),
+        event_id=options["event_id"],
+        country=options.get("country", ""),
+        skip_invalid=options.get("skip_invalid", False),
+    )
+
+
+def counted_ids(tag: str) -> Callable[[str], str]:
+    """Ids drawn from a counter, so that two runs that create the same things name them alike
+    (apart from `tag`)."""
+    counter = itertools.count()
+    return lambda prefix: f"{prefix}_{tag}{next(counter):06d}"
+
+
+async def snapshot(client: Identity, records: list[Record], answers: list[Any]) -> list[str]:
+    """Everything a caller can read back about the records, as text: the answers, who holds
+    each identifier, every person reached in full, the Duplicates list and the changes."""
+    auth = bearer(ADMIN_TOKEN)
+    seen: list[str] = [text_format.MessageToString(a) for a in answers]
+    persons = {a.person_id for a in answers if a.person_id}
+    for type_, value in sorted({i for found, _ in records for i in found}):
+        try:
+            found = await client.stub.Lookup(
+                identity_pb2.LookupRequest(
+                    shop_id=client.shop, identifier=common_pb2.Identifier(type=type_, value=value)
+                ),
+                metadata=auth,
+            )
+        except grpc.aio.AioRpcError as error:
+            seen.append(f"{type_} {value}: {error.code().name}")
+        else:
+            seen.append(f"{type_} {value}: {text_format.MessageToString(found)}")
+            persons.add(found.person_id)
+    for person_id in sorted(persons):
+        seen.append(text_format.MessageToString(await client.person(person_id)))
+    seen.append(
+        text_format.MessageToString(
+            await client.stub.ListMergeCandidates(
+                identity_pb2.ListMergeCandidatesRequest(shop_id=client.shop, page_size=1000),
+                metadata=auth,
+            )
+        )
+    )
+    changes = await client.stub.ListChanges(
+        identity_pb2.ListChangesRequest(shop_id=client.shop, limit=1000), metadata=auth
+    )
+    for change in changes.changes:
+        change.sequence = 0  # numbered across every shop
+        seen.append(text_format.MessageToString(change))
+    return seen
+
+
+def batches(rng: random.Random, records: list[Record]) -> Iterator[list[Record]]:
+    """The records in batches of 1 to 120."""
+    start = 0
+    while start < len(records):
+        size = rng.choice([1, 2, 7, 30, 120])
+        yield records[start : start + size]
+        start += size
+
+
+async def test_a_batch_answers_and_stores_what_resolving_one_by_one_would(
+    identity: Identity,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(20261124)  # noqa: S311  # a reproducible workload, not a secret
+    records = workload(rng, 400)
+    one_by_one = Identity(identity.stub, f"{identity.shop}-seq", identity.clock, itertools.count())
+    batched = Identity(identity.stub, f"{identity.shop}-bat", identity.clock, itertools.count())
+
+    monkeypatch.setattr(graph, "new_id", counted_ids("seqrun"))
+    sequential = [
+        await one_by_one.stub.Resolve(request(one_by_one.shop, r), metadata=bearer(ADMIN_TOKEN))
+        for r in records
+    ]
+    monkeypatch.setattr(graph, "new_id", counted_ids("batrun"))
+    answers = []
+    for batch in batches(rng, records):
+        answer = await batched.stub.ResolveBatch(
+            identity_pb2.ResolveBatchRequest(
+                shop_id=batched.shop, records=[request("", r) for r in batch]
+            ),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+        answers.extend(answer.results)
+
+    outcomes = {identity_pb2.ResolveOutcome.Name(a.outcome) for a in sequential}
+    assert outcomes == {f"RESOLVE_OUTCOME_{o}" for o in (
+        "CREATED", "LINKED", "MERGED", "CANDIDATE_RAISED", "UNCHANGED", "ANONYMOUS",
+    )}  # fmt: skip
+    expected = [
+        line.replace("seqrun", "batrun").replace(one_by_one.shop, batched.shop)
+        for line in await snapshot(one_by_one, records, sequential)
+    ]
+    assert await snapshot(batched, records, answers) == expected
+
+
+async def test_a_batch_with_bad_records_is_refused_whole(identity: Identity) -> None:  # noqa: F811
+    good = request("", ([("email", "kept@x.example")], {"event_id": "b-1"}))
+    other_shop = request("shop-b", ([("email", "a@x.example")], {"event_id": "b-2"}))
+    no_event = request("", ([("email", "b@x.example")], {"event_id": ""}))
+    no_event.strength = identity_pb2.STRENGTH_UNSPECIFIED
+    bad_value = request("", ([("email", "c@x.example"), ("phone", "12")], {"event_id": "b-4"}))
+
+    async def refused(
+        records: list[Any], token: str = ADMIN_TOKEN, shop: str = identity.shop
+    ) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await identity.stub.ResolveBatch(
+                identity_pb2.ResolveBatchRequest(shop_id=shop, records=records),
+                metadata=bearer(token),
+            )
+        return raised.value
+
+    def fields(error: grpc.aio.AioRpcError) -> list[str]:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return [v.field for v in details(error)[0].field_violations]
+
+    assert fields(await refused([good, other_shop, no_event, bad_value])) == [
+        "records[1].shop_id",
+        "records[2].event_id",
+        "records[2].strength",
+    ]
+    assert fields(await refused([good, bad_value])) == ["records[1].identifiers[1].value"]
+    assert fields(await refused([])) == ["records"]
+    assert fields(await refused([good] * 1001)) == ["records"]
+    # A reader of shop-a may read it, not resolve into it.
+    denied = await refused([good], READER_TOKEN, "shop-a")
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.lookup("email", "kept@x.example")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    answer = await identity.stub.ResolveBatch(
+        identity_pb2.ResolveBatchRequest(shop_id=identity.shop, records=[good, good]),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    assert [a.outcome for a in answer.results] == [
+        identity_pb2.RESOLVE_OUTCOME_CREATED,
+        identity_pb2.RESOLVE_OUTCOME_UNCHANGED,
+    ]
+    assert answer.results[0].person_id == answer.results[1].person_id
+    assert await identity.lookup("email", "kept@x.example") == answer.results[0].person_id
