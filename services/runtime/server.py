@@ -164,10 +164,7 @@ async def start_server(
     Connections are recycled after `max_connection_age` seconds (clients reconnect through
     name resolution, reaching new replicas; calls in flight get CONNECTION_AGE_GRACE)."""
     server = grpc.aio.server(
-        interceptors=[
-            telemetry.server_interceptor(),
-            RuntimeInterceptor(tokens),
-        ],
+        interceptors=[RuntimeInterceptor(tokens, telemetry.tracer("c360.server"))],
         options=[
             ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
             ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE * 1000)),

@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import (
-    aio_client_interceptors,
-    aio_server_interceptor,
-    filters,
-)
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -37,13 +33,9 @@ class Telemetry:
     tracer_provider: TracerProvider = field(default_factory=TracerProvider)
     meter_provider: MeterProvider = field(default_factory=MeterProvider)
 
-    def server_interceptor(self) -> Any:
-        """The OpenTelemetry gRPC server interceptor: a span per c360 call, parent from metadata.
-        Health and reflection are left alone: probes would flood traces, and the interceptor
-        breaks Health/Watch (it expects every streaming handler to be an async generator)."""
-        return aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider, filter_=filters.service_prefix("c360.")
-        )
+    def tracer(self, name: str) -> trace.Tracer:
+        """The tracer of an instrumenting module (services.runtime.interceptors' server spans)."""
+        return self.tracer_provider.get_tracer(name)
 
     def client_interceptors(self) -> list[Any]:
         """OpenTelemetry gRPC client interceptors: a span per call, W3C context into metadata."""
