@@ -289,10 +289,40 @@ async def copy_baseline(profile: ProfileSettings, customers: int, orders: int) -
         await connection.close()
 
 
+async def backfill(
+    profile: ProfileSettings, port: int, mesh: dict[str, Any], scale: float
+) -> dict[str, Any]:
+    """`c360 import` of customers, then orders, timed each (and the CPU each service spent),
+    against COPY of the same rows."""
+    customers, orders = int(50_000 * scale), int(200_000 * scale)
+    folder = ROOT / "bench" / "results"
+    files = dict(zip(("customers", "orders"), write_backfill(folder, customers, orders),
+                     strict=True))  # fmt: skip
+    phases: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = profile_pb2_grpc.ProfileStub(channel)
+        for kind, path in files.items():
+            before = {name: cpu_seconds(p.pid) for name, p in mesh.items()}
+            started = time.perf_counter()
+            await Importer(stub, TOKEN, SHOP, path, lambda _: None).run(kind)
+            phases[kind] = {
+                "seconds": time.perf_counter() - started,
+                "cpu_seconds": {n: round(cpu_seconds(p.pid) - before[n], 2)
+                                for n, p in mesh.items()},
+            }  # fmt: skip
+    imported = sum(phase["seconds"] for phase in phases.values())
+    copied = await copy_baseline(profile, customers, orders)
+    return {
+        "customers": customers, "orders": orders, "import_seconds": imported,
+        "phases": phases, "copy_seconds": copied, "ratio": imported / copied,
+        "projected_full_seconds": imported / scale,
+    }  # fmt: skip
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def run(seconds: float, people: int, backfill: float, only: str = "") -> dict[str, Any]:
+async def run(seconds: float, people: int, backfill_scale: float, only: str = "") -> dict[str, Any]:
     database_url = bench_database_url()
     prefix = f"bench{secrets.token_hex(3)}_"
     identity = IdentitySettings(database_url=database_url, db_schema_prefix=prefix)
@@ -301,7 +331,8 @@ async def run(seconds: float, people: int, backfill: float, only: str = "") -> d
     for settings in (identity, profile, gate):
         migrations = ROOT / "services" / settings.service / "migrations"
         await asyncio.to_thread(db.migrate, settings, migrations)
-    await seed(identity, profile, people)
+    if only != "backfill":
+        await seed(identity, profile, people)
     ports = {
         name: free_port() for name in ("identity", "profile", "gate", "echo", "webhooks", "ok")
     }
@@ -325,7 +356,7 @@ async def run(seconds: float, people: int, backfill: float, only: str = "") -> d
             await wait_listening(ports[bare])
         results["get"] = {}
         mesh = dict(zip(("identity", "gate", "profile"), servers, strict=False))
-        for concurrency in (1, 16):
+        for concurrency in () if only == "backfill" else (1, 16):
             # The services' CPU while the echo server is measured is their background work
             # (followers, outboxes, health): taken off what they use while serving Get.
             idle = {name: cpu_seconds(p.pid) for name, p in mesh.items()}
@@ -345,30 +376,18 @@ async def run(seconds: float, people: int, backfill: float, only: str = "") -> d
             }  # fmt: skip
         if only == "get":
             return results
-        ok = drive("load-webhooks", f"http://127.0.0.1:{ports['ok']}/webhooks/shopify", "16",
-                   str(seconds))  # fmt: skip
-        stored = drive("load-webhooks", f"http://127.0.0.1:{ports['webhooks']}/webhooks/shopify",
-                       "16", str(seconds))  # fmt: skip
-        results["webhooks"] = {
-            "ok_server": ok,
-            "accepted": stored,
-            "throughput_ratio": stored["per_second"] / ok["per_second"],
-        }
-        customers, orders = int(50_000 * backfill), int(200_000 * backfill)
-        folder = ROOT / "bench" / "results"
-        customer_file, order_file = write_backfill(folder, customers, orders)
-        started = time.perf_counter()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['profile']}") as channel:
-            stub = profile_pb2_grpc.ProfileStub(channel)
-            for kind, path in (("customers", customer_file), ("orders", order_file)):
-                await Importer(stub, TOKEN, SHOP, path, lambda _: None).run(kind)
-        imported = time.perf_counter() - started
-        copied = await copy_baseline(profile, customers, orders)
-        results["backfill"] = {
-            "customers": customers, "orders": orders, "import_seconds": imported,
-            "copy_seconds": copied, "ratio": imported / copied,
-            "projected_full_seconds": imported / backfill,
-        }  # fmt: skip
+        if only != "backfill":
+            ok = drive("load-webhooks", f"http://127.0.0.1:{ports['ok']}/webhooks/shopify", "16",
+                       str(seconds))  # fmt: skip
+            stored = drive("load-webhooks",
+                           f"http://127.0.0.1:{ports['webhooks']}/webhooks/shopify", "16",
+                           str(seconds))  # fmt: skip
+            results["webhooks"] = {
+                "ok_server": ok,
+                "accepted": stored,
+                "throughput_ratio": stored["per_second"] / ok["per_second"],
+            }
+        results["backfill"] = await backfill(profile, ports["profile"], mesh, backfill_scale)
     finally:
         for server in servers:
             server.send_signal(signal.SIGTERM)
@@ -390,20 +409,25 @@ def report(r: dict[str, Any]) -> str:
             f" | CPU ms/Get {', '.join(f'{n} {v:.2f}' for n, v in cpu.items())}"
             f" | {g['get'].get('without_contact_history', 0)} without contact history"
         )
-    if "webhooks" not in r:
+    if "webhooks" in r:
+        w = r["webhooks"]
+        lines.append(
+            f"orders/create webhooks, 16 senders: accepted durably"
+            f" {w['accepted']['per_second']:.0f}/s (p99 {w['accepted']['p99_ms']:.1f}ms) vs"
+            f" {w['ok_server']['per_second']:.0f}/s from an HTTP server storing nothing"
+            f" (ratio {w['throughput_ratio']:.2f})"
+        )
+    if "backfill" not in r:
         return "\n".join(lines)
-    w = r["webhooks"]
-    lines.append(
-        f"orders/create webhooks, 16 senders: accepted durably {w['accepted']['per_second']:.0f}/s"
-        f" (p99 {w['accepted']['p99_ms']:.1f}ms) vs {w['ok_server']['per_second']:.0f}/s from an"
-        f" HTTP server storing nothing (ratio {w['throughput_ratio']:.2f})"
-    )
     b = r["backfill"]
     lines.append(
         f"backfill of {b['customers']:,} customers + {b['orders']:,} orders: "
         f"{b['import_seconds']:.1f}s vs COPY {b['copy_seconds']:.2f}s (x{b['ratio']:.0f}); "
         f"projected for 50,000 + 200,000: {b['projected_full_seconds']:.0f}s"
     )
+    for kind, phase in b.get("phases", {}).items():
+        cpu = ", ".join(f"{n} {v:.1f}s" for n, v in phase["cpu_seconds"].items())
+        lines.append(f"  {kind}: {phase['seconds']:.1f}s; CPU {cpu}")
     return "\n".join(lines)
 
 
@@ -431,11 +455,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--people", type=int, default=100_000)
     parser.add_argument("--backfill", type=float, default=0.02)
-    parser.add_argument("--only", choices=["get"], default="", help="run only this measurement")
+    parser.add_argument(
+        "--only", choices=["get", "backfill"], default="", help="run only this measurement"
+    )
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run(args.seconds, args.people, args.backfill, args.only))
-    written = RESULTS.with_name("profile-get.json") if args.only else RESULTS
+    written = RESULTS.with_name(f"profile-{args.only}.json") if args.only else RESULTS
     written.write_text(json.dumps(results, indent=2))
     print(report(results))
     print(f"written to {written.relative_to(ROOT)}")

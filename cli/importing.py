@@ -1,32 +1,33 @@
 """Bulk import and backfill: customers and orders from CSV or JSON lines, into a running mesh.
 
-Records are read in a stream and sent in batches; after each batch the number of records done
-is written to a checkpoint file beside the input, so an import cut short (the service killed,
-the network gone) resumes where it stopped. Ingestion is idempotent, so records sent twice
-across a crash change nothing. Rejected records are written, with their reasons, to a
-`<input>.<shop>.rejected.jsonl` file beside the input.
+Records are read in a stream and sent in batches (IngestOrders, UpsertCustomers), several in
+flight; as batches complete, the number of records done before the first unfinished one is
+written to a checkpoint file beside the input, so an import cut short (the service killed, the
+network gone) resumes where it stopped. Ingestion is idempotent, so records sent twice across a
+crash change nothing. Customer batches that share a key are sent one after the other, so a later
+record of a customer is applied after an earlier one, as in the file. Rejected records are
+written, with their reasons, to a `<input>.<shop>.rejected.jsonl` file beside the input.
 """
 
 import asyncio
 import csv
 import io
 import json
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from c360.profile.v1 import profile_pb2
-from services.profile.custobar import BOOLEANS, IDENTIFYING
-from services.runtime.errors import PeerRejected
+from services.profile.custobar import BOOLEANS, IDENTIFYING, keys_of
 
-BATCH = 200
-IN_FLIGHT = 16
+BATCH = 1000
+IN_FLIGHT = 4  # batches
+TIMEOUT = 300  # seconds a batch may take on a busy machine
 
 # A Klaviyo profile export's columns, as Custobar-format fields.
 KLAVIYO = {
@@ -184,14 +185,6 @@ def order_request(shop_id: str, data: Any) -> profile_pb2.IngestOrderRequest:
     return request
 
 
-def reason_of(error: grpc.aio.AioRpcError) -> str:
-    """A rejection's reason: its field violations, else its message."""
-    violations = PeerRejected(error).field_violations()
-    return "; ".join(f"{field}: {why}" for field, why in violations) or (
-        error.details() or error.code().name
-    )
-
-
 class Importer:
     """Sends records to the profile service, batch after batch, checkpointing as it goes."""
 
@@ -237,29 +230,53 @@ class Importer:
         if kind == "orders":
             source = shopify_orders(source)
         batch: list[Record] = []
-        done_offset = 0
-        for number, (offset, data) in enumerate(source, start=1):
-            if number <= outcome.resumed_from:
-                done_offset = offset
-                continue
-            batch.append(Record(number, offset, data))
-            if len(batch) == BATCH:
-                done_offset = await self._send(kind, batch, outcome, done_offset)
-                batch = []
-        if batch:
-            await self._send(kind, batch, outcome, done_offset)
+        self._done_offset = 0
+        self._flying: deque[tuple[list[Record], set[str], asyncio.Task[None]]] = deque()
+        try:
+            for number, (offset, data) in enumerate(source, start=1):
+                if number <= outcome.resumed_from:
+                    self._done_offset = offset
+                    continue
+                batch.append(Record(number, offset, data))
+                if len(batch) == BATCH:
+                    await self._send(kind, batch, outcome)
+                    batch = []
+            if batch:
+                await self._send(kind, batch, outcome)
+            while self._flying:
+                await self._land(outcome)
+        finally:
+            for _, _, task in self._flying:
+                task.cancel()
+            await asyncio.gather(*(task for _, _, task in self._flying), return_exceptions=True)
         self.checkpoint.unlink(missing_ok=True)
         return outcome
 
-    async def _send(self, kind: str, batch: list[Record], outcome: Outcome, before: int) -> int:
+    async def _send(self, kind: str, batch: list[Record], outcome: Outcome) -> None:
+        """Sends a batch once fewer than IN_FLIGHT are in flight (and, for customers, once none
+        in flight shares a key with it)."""
+        keys: set[str] = set()
         if kind == "customers":
-            await self._customers(batch, outcome)
-        else:
-            await self._orders(batch, outcome)
+            csv_file = self._path.suffix.lower() == ".csv"
+            for record in batch:
+                found = customer_record(record.data, csv_file)
+                keys.update(keys_of(found) if isinstance(found, dict) else ())
+        while len(self._flying) >= IN_FLIGHT or any(keys & other for _, other, _ in self._flying):
+            await self._land(outcome)
+        work = (
+            self._customers(batch, outcome) if kind == "customers" else self._orders(batch, outcome)
+        )
+        self._flying.append((batch, keys, asyncio.create_task(work)))
+
+    async def _land(self, outcome: Outcome) -> None:
+        """Waits for the oldest batch in flight; records it as done."""
+        batch, _, task = self._flying[0]
+        await task
+        self._flying.popleft()
         outcome.done += len(batch)
         self._save(batch[-1].number)
-        self._progress(batch[-1].end_offset - before)
-        return batch[-1].end_offset
+        self._progress(batch[-1].end_offset - self._done_offset)
+        self._done_offset = batch[-1].end_offset
 
     async def _customers(self, batch: list[Record], outcome: Outcome) -> None:
         records = []
@@ -272,27 +289,36 @@ class Importer:
         answer = await self._stub.UpsertCustomers(
             profile_pb2.UpsertCustomersRequest(shop_id=self._shop_id, customers=records),
             metadata=self._metadata,
-            timeout=60,
+            timeout=TIMEOUT,
         )
-        for error in answer.errors:
-            reason = f"{error.field}: {error.description}" if error.field else error.description
-            self._reject(outcome, batch[error.index], reason)
+        self._record_errors(outcome, batch, answer.errors)
 
     async def _orders(self, batch: list[Record], outcome: Outcome) -> None:
-        limit = asyncio.Semaphore(IN_FLIGHT)
-
-        async def one(record: Record) -> None:
+        sent: list[Record] = []
+        requests = []
+        for record in batch:
             try:
-                request = order_request(self._shop_id, record.data)
+                requests.append(order_request("", record.data))
             except (ValueError, json_format.ParseError) as exc:
                 self._reject(outcome, record, f"unreadable: {exc}")
-                return
-            async with limit:
-                try:
-                    await self._stub.IngestOrder(request, metadata=self._metadata, timeout=30)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        raise
-                    self._reject(outcome, record, reason_of(error))
+                continue
+            sent.append(record)
+        if not requests:
+            return
+        answer = await self._stub.IngestOrders(
+            profile_pb2.IngestOrdersRequest(shop_id=self._shop_id, orders=requests),
+            metadata=self._metadata,
+            timeout=TIMEOUT,
+        )
+        self._record_errors(outcome, sent, answer.errors)
 
-        await asyncio.gather(*(one(record) for record in batch))
+    def _record_errors(
+        self, outcome: Outcome, sent: list[Record], errors: Iterable[profile_pb2.RecordError]
+    ) -> None:
+        """A batch's rejected records, each with its violations joined as its reason."""
+        reasons: dict[int, list[str]] = {}
+        for error in errors:
+            why = f"{error.field}: {error.description}" if error.field else error.description
+            reasons.setdefault(error.index, []).append(why)
+        for index, found in sorted(reasons.items()):
+            self._reject(outcome, sent[index], "; ".join(found))

@@ -10,6 +10,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.gdpr.v1 import gdpr_pb2, gdpr_pb2_grpc
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.runtime.channels import peer_answer
+from services.runtime.errors import InvalidArgument, PeerRejected
 from services.runtime.validation import CHANNEL_ENUMS, CHANNEL_NAMES, timestamp
 
 
@@ -20,6 +21,29 @@ class Resolved:
     person_id: str
     anchor: tuple[str, str] | None
     erased: bool = False
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """Identifiers seen together on one record, for identity to say who they belong to:
+    `source` and `event_id` (the idempotency key) name the record, `observed_at` its own time
+    (None: now); an asserted sighting can add identifiers but never merge two known people;
+    with `skip_invalid`, identifiers that fail normalisation are left out instead of rejecting
+    the record; national phone numbers are read in `country` (empty: the shop's)."""
+
+    identifiers: list[tuple[str, str]]
+    source: str
+    event_id: str
+    asserted: bool = False
+    country: str = ""
+    skip_invalid: bool = False
+    observed_at: datetime | None = None
+
+
+# At most this many records in one ResolveBatch, and how long one may take (a thousand records
+# take far longer than the default deadline of a peer call; the caller's deadline still applies).
+RESOLVE_BATCH = 1000
+RESOLVE_BATCH_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -56,43 +80,41 @@ class IdentityPeer:
     def __init__(self, stub: "identity_pb2_grpc.IdentityAsyncStub") -> None:
         self._stub = stub
 
-    async def resolve(
-        self,
-        shop_id: str,
-        identifiers: list[tuple[str, str]],
-        source: str,
-        event_id: str,
-        asserted: bool,
-        country: str = "",
-        skip_invalid: bool = False,
-        observed_at: datetime | None = None,
-    ) -> Resolved:
-        """Who the identifiers belong to (seen together at `observed_at`, the record's own time;
-        now when None); nobody (no call) when there are none, as for a guest sale with no
-        contact."""
-        if not identifiers:
-            return Resolved("", None)
-        answer = await peer_answer(
-            self._stub.Resolve(
-                identity_pb2.ResolveRequest(
-                    shop_id=shop_id,
-                    identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in identifiers],
-                    source=source,
-                    strength=identity_pb2.STRENGTH_ASSERTED
-                    if asserted
-                    else identity_pb2.STRENGTH_AUTHORITATIVE,
-                    event_id=event_id,
-                    country=country,
-                    skip_invalid=skip_invalid,
-                    observed_at=timestamp(observed_at),
+    async def resolve_all(
+        self, shop_id: str, sightings: Sequence[Sighting]
+    ) -> list[Resolved | InvalidArgument]:
+        """Who each record's identifiers belong to, resolved in order (a later record sees what
+        an earlier one linked) with ResolveBatch, RESOLVE_BATCH records a call; a record identity
+        finds invalid is answered with its violations (named as in the record) and changes
+        nothing, the others are resolved as if it were not there."""
+        results: list[Resolved | InvalidArgument] = [Resolved("", None) for _ in sightings]
+        pending = [i for i, sighting in enumerate(sightings) if sighting.identifiers]
+        while pending:
+            chunk = pending[:RESOLVE_BATCH]
+            try:
+                answer = await peer_answer(
+                    self._stub.ResolveBatch(
+                        identity_pb2.ResolveBatchRequest(
+                            shop_id=shop_id,
+                            records=[_resolve_request(shop_id, sightings[i]) for i in chunk],
+                        ),
+                        timeout=RESOLVE_BATCH_SECONDS,
+                    )
                 )
-            )
-        )
-        if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ERASED:
-            return Resolved(answer.person_id, ("person", answer.person_id), erased=True)
-        if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ANONYMOUS:
-            return Resolved("", None)
-        return Resolved(answer.person_id, (answer.anchor.type, answer.anchor.value))
+            except PeerRejected as rejected:
+                invalid = _by_record(rejected, len(chunk))
+                if not invalid:
+                    raise
+                for k, violations in invalid.items():
+                    results[chunk[k]] = InvalidArgument(violations)
+                pending = [i for k, i in enumerate(chunk) if k not in invalid] + pending[
+                    len(chunk) :
+                ]
+                continue
+            for i, resolved in zip(chunk, answer.results, strict=True):
+                results[i] = _resolved(resolved)
+            pending = pending[len(chunk) :]
+        return results
 
     async def lookup(self, shop_id: str, type_: str, value: str) -> str:
         """The person holding an identifier."""
@@ -135,6 +157,44 @@ class IdentityPeer:
             [(i.type, i.normalized_value, i.match_key) for i in person.identifiers],
             person.erased,
         )
+
+
+def _resolve_request(shop_id: str, sighting: Sighting) -> identity_pb2.ResolveRequest:
+    return identity_pb2.ResolveRequest(
+        shop_id=shop_id,
+        identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in sighting.identifiers],
+        source=sighting.source,
+        strength=identity_pb2.STRENGTH_ASSERTED
+        if sighting.asserted
+        else identity_pb2.STRENGTH_AUTHORITATIVE,
+        event_id=sighting.event_id,
+        country=sighting.country,
+        skip_invalid=sighting.skip_invalid,
+        observed_at=timestamp(sighting.observed_at),
+    )
+
+
+def _resolved(answer: identity_pb2.ResolveResponse) -> Resolved:
+    if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ERASED:
+        return Resolved(answer.person_id, ("person", answer.person_id), erased=True)
+    if answer.outcome == identity_pb2.RESOLVE_OUTCOME_ANONYMOUS:
+        return Resolved("", None)
+    return Resolved(answer.person_id, (answer.anchor.type, answer.anchor.value))
+
+
+def _by_record(rejected: PeerRejected, records: int) -> dict[int, list[tuple[str, str]]]:
+    """ResolveBatch's violations (`records[<i>].<field>`) by record, each field as the record's
+    own; empty when the refusal names no record (then it is the whole call's)."""
+    found: dict[int, list[tuple[str, str]]] = {}
+    if rejected.code.name != "INVALID_ARGUMENT":
+        return found
+    for field_name, why in rejected.field_violations():
+        head, _, rest = field_name.partition(".")
+        index = head.removeprefix("records[").removesuffix("]")
+        if not head.startswith("records[") or not index.isdigit() or int(index) >= records:
+            return {}
+        found.setdefault(int(index), []).append((rest, why))
+    return found
 
 
 class GatePeer:

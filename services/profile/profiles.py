@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +15,7 @@ from typing import Any
 from c360.identity.v1 import identity_pb2
 from services.profile import custobar, loyalty
 from services.profile.loyalty import Standing
-from services.profile.peers import GatePeer, Group, History, IdentityPeer, Resolved
+from services.profile.peers import GatePeer, Group, History, IdentityPeer, Resolved, Sighting
 from services.profile.store import (
     Anchor,
     ConsentRow,
@@ -28,7 +28,7 @@ from services.profile.store import (
     RefundRow,
     SignalRow,
 )
-from services.runtime.errors import NotFound, PeerRejected
+from services.runtime.errors import InvalidArgument, NotFound, PeerRejected
 from services.runtime.validation import PersonRef
 from services.runtime.worker import Worker
 
@@ -254,52 +254,66 @@ class Profiles:
     # --- ingestion ------------------------------------------------------------------------------
 
     async def ingest_order(self, order: Order, skip_invalid: bool = False) -> tuple[str, bool]:
-        """Stores the order (a newer version supersedes, an equal or older one changes nothing)
-        under its strongest identifier; returns its person and whether anything changed."""
-        resolved = await self._resolve(
-            order.shop_id,
-            order.identifiers,
-            source=f"order_{order.source}",
-            event_id=f"order:{order.order_id}:{order.updated_at.isoformat()}",
-            asserted=False,
-            country=order.country,
-            skip_invalid=skip_invalid,
-            observed_at=order.updated_at,
+        """Stores the order (see `ingest_orders`); returns its person and whether anything
+        changed. Identity's violations of its identifiers are raised."""
+        found = (await self.ingest_orders(order.shop_id, [order], skip_invalid))[0]
+        if isinstance(found, InvalidArgument):
+            raise found
+        return found
+
+    async def ingest_orders(
+        self, shop_id: str, orders: Sequence[Order], skip_invalid: bool = False
+    ) -> list[tuple[str, bool] | InvalidArgument]:
+        """Stores orders of one shop, each under its strongest identifier (a newer version
+        supersedes, an equal or older one changes nothing), exactly as if each were ingested
+        alone in this order; returns, for each, its person and whether anything changed, or
+        identity's violations of its identifiers (that order changed nothing). Identity
+        resolves them in one call a thousand; the facts are written by one transaction."""
+        resolved = await self._resolve_all(
+            shop_id,
+            [
+                Sighting(
+                    order.identifiers,
+                    source=f"order_{order.source}",
+                    event_id=f"order:{order.order_id}:{order.updated_at.isoformat()}",
+                    country=order.country,
+                    skip_invalid=skip_invalid,
+                    observed_at=order.updated_at,
+                )
+                for order in orders
+            ],
         )
-        anchor = resolved.anchor or ("order", order.order_id)
-        applied = await self._store.put_order(
-            {
-                "shop_id": order.shop_id,
-                "order_id": order.order_id,
-                "updated_at": order.updated_at,
-                "placed_at": order.placed_at,
-                "anchor_type": anchor[0],
-                "anchor_key": anchor[1],
-                "total": order.total,
-                "currency": order.currency,
-                "source": order.source,
-                "location": order.location,
-                "cancelled": order.cancelled,
-                "line_items": order.line_items,
-                "received_at": self._clock(),
-            },
-            resolved.person_id,
+        now = self._clock()
+        kept = [
+            (order, found)
+            for order, found in zip(orders, resolved, strict=True)
+            if isinstance(found, Resolved)
+        ]
+        applied = await self._store.put_orders(
+            shop_id,
+            [(_order_values(order, found, now), found.person_id) for order, found in kept],
+            now,
         )
-        return resolved.person_id, applied
+        answers = iter(zip(kept, applied, strict=True))
+        return [
+            found if isinstance(found, InvalidArgument) else _answer(next(answers))
+            for found in resolved
+        ]
 
     async def ingest_customer(self, customer: Customer) -> tuple[str, bool]:
         """Stores a customer record (a newer version supersedes) under its strongest identifier;
         identifiers that fail normalisation are left out rather than losing the record."""
         resolved = await self._resolve(
             customer.shop_id,
-            customer.identifiers,
-            source=f"{customer.source}_customer",
-            event_id=f"customer:{customer.source}:{customer.source_id}:"
-            f"{customer.updated_at.isoformat()}",
-            asserted=False,
-            country=customer.country,
-            skip_invalid=True,
-            observed_at=customer.updated_at,
+            Sighting(
+                customer.identifiers,
+                source=f"{customer.source}_customer",
+                event_id=f"customer:{customer.source}:{customer.source_id}:"
+                f"{customer.updated_at.isoformat()}",
+                country=customer.country,
+                skip_invalid=True,
+                observed_at=customer.updated_at,
+            ),
         )
         if resolved.erased:
             return resolved.person_id, False  # an erased person: their details are not taken again
@@ -326,84 +340,138 @@ class Profiles:
     ) -> tuple[int, list[tuple[int, str, str]]]:
         """Applies a Custobar-format upload; returns how many records were accepted and (index,
         field, why) for each one that was not. Valid records are kept whatever the others do.
-        Records sharing an identifier are applied in their order, one after the other; the rest
-        UPLOAD_IN_FLIGHT at a time."""
+        Records sharing an identifying key are applied in their order, one after the other: the
+        upload goes in rounds, each applying the next record of every such group together."""
         problems = {i: custobar.problems(record) for i, record in enumerate(records)}
-        limit = asyncio.Semaphore(UPLOAD_IN_FLIGHT)
-
-        async def apply(indices: list[int]) -> None:
-            for index in indices:
-                async with limit:
-                    try:
-                        await self._upsert_custobar(shop_id, records[index])
-                    except PeerRejected as rejected:
-                        problems[index] = _violations(rejected, records[index])
-
         valid = [i for i, found in problems.items() if not found]
-        await asyncio.gather(*(apply(group) for group in _sharing(valid, records)))
+        queues = [deque(group) for group in _sharing(valid, records)]
+        while queues:
+            heads = {queue.popleft(): queue for queue in queues}
+            for index in await self._upload_round(shop_id, records, list(heads), problems):
+                heads[index].appendleft(index)  # its record was taken by another: next round
+            queues = [queue for queue in queues if queue]
         errors = [(i, field, why) for i in sorted(problems) for field, why in problems[i]]
         return sum(not found for found in problems.values()), errors
 
-    async def _upsert_custobar(self, shop_id: str, record: dict[str, Any]) -> None:
-        keys = custobar.keys_of(record)
-        for key in keys:
-            if await self._store.customer(shop_id, CUSTOBAR, hidden(shop_id, key)) is not None:
-                return  # forgotten for good: nothing an upload says about them is kept
-        existing = None
-        for key in keys:  # the record it updates: by its own key first,
-            existing = existing or await self._store.customer(shop_id, CUSTOBAR, key)
-        if existing is None:  # else by the person any of its identifiers names
-            existing = await self._uploaded_record_of(shop_id, custobar.identifiers(record))
-        if existing is not None and existing.deleted:
-            return  # deleted for good
-        key = keys[0] if existing is None else existing.source_id
-        before = existing.attributes if existing is not None else {}
-        document = custobar.merged(before, record)
-        now = self._clock()
-        values: dict[str, Any] = {
-            "shop_id": shop_id,
-            "source": CUSTOBAR,
-            "source_id": key,
-            "updated_at": now,
-            "first_name": str(document.get("first_name", "")),
-            "last_name": str(document.get("last_name", "")),
-            "tags": document.get("tags", []),
-            "attributes": document,
-            "deleted": bool(document.get("is_deleted")),
-            "forgotten": False,
-        }
-        if document.get("is_forgotten"):
-            await self._forget_upload(shop_id, {**before, **record}, existing)
-            return
-        found = custobar.identifiers(document)
-        resolved = await self._resolve(
+    async def _upload_round(
+        self,
+        shop_id: str,
+        records: Sequence[Any],
+        indices: list[int],
+        problems: dict[int, list[tuple[str, str]]],
+    ) -> list[int]:
+        """Applies upload records that share no key: finds the stored record each updates,
+        resolves them all in one identity call, records their changed permissions and then the
+        records, each in one transaction. Returns those put off because another record of the
+        round updates the same stored record."""
+        keys = {i: custobar.keys_of(records[i]) for i in indices}
+        stored = await self._store.custobar_records(
             shop_id,
-            found,
-            source=CUSTOBAR,
-            event_id=f"{CUSTOBAR}:{key}:"
-            + hashlib.sha256(repr(sorted(found)).encode()).hexdigest()[:32],
-            asserted=False,
-            country=str(document.get("country", "")),
+            CUSTOBAR,
+            [k for i in indices for key in keys[i] for k in (key, hidden(shop_id, key))],
         )
-        if resolved.erased:
-            return  # an erased person: their details are not taken again
-        # Consents first: if anything fails before the record is saved, a retried upload still
-        # sees the permission as changed and records it.
-        changed = {
-            channel: bool(document[name])
-            for name, channel in custobar.PERMISSIONS.items()
-            if name in record and document.get(name) != before.get(name)
-        }
-        for channel, granted in changed.items():
-            await self.set_consent(
-                ConsentChange(
-                    shop_id, PersonRef(person_id=resolved.person_id), channel, granted,
-                    f"Custobar upload: {channel} permission", CUSTOBAR, now,
+        limit = asyncio.Semaphore(UPLOAD_IN_FLIGHT)
+
+        async def existing(index: int) -> CustomerRow | None:
+            found = next((stored[k] for k in keys[index] if k in stored), None)  # by its own key,
+            if found is not None:
+                return found
+            async with limit:  # else by the person any of its identifiers names
+                return await self._uploaded_record_of(shop_id, custobar.identifiers(records[index]))
+
+        # Forgotten for good: nothing an upload says about them is kept.
+        live = [i for i in indices if not any(hidden(shop_id, k) in stored for k in keys[i])]
+        found = await asyncio.gather(*(existing(i) for i in live), return_exceptions=True)
+        now = self._clock()
+        later: list[int] = []
+        taken: set[str] = set()
+        uploads: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+        for index, record_of in zip(live, found, strict=True):
+            if isinstance(record_of, BaseException):
+                if not isinstance(record_of, PeerRejected):
+                    raise record_of
+                problems[index] = _violations(record_of, records[index])
+                continue
+            if record_of is not None and record_of.deleted:
+                continue  # deleted for good
+            key = keys[index][0] if record_of is None else record_of.source_id
+            if key in taken:
+                later.append(index)
+                continue
+            taken.add(key)
+            before = record_of.attributes if record_of is not None else {}
+            document = custobar.merged(before, records[index])
+            if document.get("is_forgotten"):
+                await self._forget_upload(shop_id, {**before, **records[index]}, record_of)
+                continue
+            uploads.append((index, before, document | {"_key": key}))
+        await self._apply_uploads(shop_id, records, uploads, problems, now)
+        return later
+
+    async def _apply_uploads(
+        self,
+        shop_id: str,
+        records: Sequence[Any],
+        uploads: list[tuple[int, dict[str, Any], dict[str, Any]]],
+        problems: dict[int, list[tuple[str, str]]],
+        now: datetime,
+    ) -> None:
+        """Resolves upload records' persons in one call, then stores their changed permissions
+        (before the records: if anything fails between the two, a retried upload still sees the
+        permissions as changed and records them) and the records."""
+        sightings = []
+        for _, _, document in uploads:
+            identifiers = custobar.identifiers(document)
+            digest = hashlib.sha256(repr(sorted(identifiers)).encode()).hexdigest()[:32]
+            sightings.append(
+                Sighting(
+                    identifiers,
+                    source=CUSTOBAR,
+                    event_id=f"{CUSTOBAR}:{document['_key']}:{digest}",
+                    country=str(document.get("country", "")),
                 )
-            )  # fmt: skip
-        anchor = resolved.anchor or ("customer", key)
-        values.update(anchor_type=anchor[0], anchor_key=anchor[1])
-        await self._store.replace_customer(values, resolved.person_id)
+            )
+        resolved = await self._resolve_all(shop_id, sightings)
+        consents: list[tuple[dict[str, Any], str]] = []
+        customers: list[tuple[dict[str, Any], str]] = []
+        for (index, before, document), person in zip(uploads, resolved, strict=True):
+            if isinstance(person, InvalidArgument):
+                problems[index] = _violations(person, records[index])
+                continue
+            if person.erased:
+                continue  # an erased person: their details are not taken again
+            record = records[index]
+            for name, channel in custobar.PERMISSIONS.items():
+                if name in record and document.get(name) != before.get(name):
+                    change = ConsentChange(
+                        shop_id, PersonRef(person_id=person.person_id), channel,
+                        bool(document[name]), f"Custobar upload: {channel} permission", CUSTOBAR,
+                        now,
+                    )  # fmt: skip
+                    # A person id identity answered is its group's root: the consent's person.
+                    consents.append((_consent_values(change, ("person", person.person_id)),
+                                     person.person_id))  # fmt: skip
+            key = document.pop("_key")
+            anchor = person.anchor or ("customer", key)
+            values = {
+                "shop_id": shop_id,
+                "source": CUSTOBAR,
+                "source_id": key,
+                "updated_at": now,
+                "anchor_type": anchor[0],
+                "anchor_key": anchor[1],
+                "first_name": str(document.get("first_name", "")),
+                "last_name": str(document.get("last_name", "")),
+                "tags": document.get("tags", []),
+                "attributes": document,
+                "deleted": bool(document.get("is_deleted")),
+                "forgotten": False,
+            }
+            customers.append((values, person.person_id))
+        if consents:
+            await self._store.add_consents(shop_id, consents, now)
+            self._pusher.wake()
+        await self._store.replace_customers(shop_id, customers, now)
 
     async def _uploaded_record_of(
         self, shop_id: str, identifiers: list[tuple[str, str]]
@@ -488,9 +556,11 @@ class Profiles:
     ) -> tuple[str, bool]:
         """Stores a visit or an engagement under its strongest identifier."""
         resolved = await self._resolve(
-            shop_id, identifiers, source=f"event_{kind}", event_id=f"event:{event_id}",
-            asserted=True, observed_at=at,
-        )  # fmt: skip
+            shop_id,
+            Sighting(
+                identifiers, f"event_{kind}", f"event:{event_id}", asserted=True, observed_at=at
+            ),
+        )
         anchor = resolved.anchor or ("event", event_id)
         applied = await self._store.add_fact(
             EventRow,
@@ -523,35 +593,39 @@ class Profiles:
             person_id = change.person.person_id
             anchor = ("person", person_id)
         group = await self._identity.group(change.shop_id, person_id)
-        applied = await self._store.add_consent(
-            {
-                "shop_id": change.shop_id,
-                "consent_id": consent_id(change.shop_id, anchor, change),
-                "anchor_type": anchor[0],
-                "anchor_key": anchor[1],
-                "channel": change.channel,
-                "granted": change.granted,
-                "consent_text": change.consent_text,
-                "source": change.source,
-                "at": change.at,
-            },
-            group.person_id,
-            self._clock(),
+        [applied] = await self._store.add_consents(
+            change.shop_id, [(_consent_values(change, anchor), group.person_id)], self._clock()
         )
         self._pusher.wake()
         return group.person_id, applied
 
-    async def _resolve(self, shop_id: str, *args: Any, **kw: Any) -> Resolved:
-        """Who a record belongs to (see IdentityPeer.resolve); a person the profile erased is
-        erased, even before identity has forgotten them."""
-        resolved = await self._identity.resolve(shop_id, *args, **kw)
-        if (
-            resolved.person_id
-            and not resolved.erased
-            and await self._store.erased(shop_id, resolved.person_id)
-        ):
-            return Resolved(resolved.person_id, ("person", resolved.person_id), erased=True)
-        return resolved
+    async def _resolve(self, shop_id: str, sighting: Sighting) -> Resolved:
+        """Who a record belongs to (see `_resolve_all`); identity's violations are raised."""
+        found = (await self._resolve_all(shop_id, [sighting]))[0]
+        if isinstance(found, InvalidArgument):
+            raise found
+        return found
+
+    async def _resolve_all(
+        self, shop_id: str, sightings: Sequence[Sighting]
+    ) -> list[Resolved | InvalidArgument]:
+        """Who each record belongs to, resolved in order (see IdentityPeer.resolve_all); a
+        person the profile erased is erased, even before identity has forgotten them."""
+        found = await self._identity.resolve_all(shop_id, sightings)
+        erased = await self._store.erased_among(
+            shop_id,
+            [
+                r.person_id
+                for r in found
+                if isinstance(r, Resolved) and r.person_id and not r.erased
+            ],
+        )
+        return [
+            Resolved(r.person_id, ("person", r.person_id), erased=True)
+            if isinstance(r, Resolved) and r.person_id in erased
+            else r
+            for r in found
+        ]
 
     async def _person(self, shop_id: str, person: PersonRef) -> Group:
         """The group of a person named by id or by any identifier (read-only: never creates)."""
@@ -696,6 +770,46 @@ class Profiles:
         await self._pusher.stop()
 
 
+def _consent_values(change: ConsentChange, anchor: Anchor) -> dict[str, Any]:
+    """A consent's row, anchored on what the change named."""
+    return {
+        "shop_id": change.shop_id,
+        "consent_id": consent_id(change.shop_id, anchor, change),
+        "anchor_type": anchor[0],
+        "anchor_key": anchor[1],
+        "channel": change.channel,
+        "granted": change.granted,
+        "consent_text": change.consent_text,
+        "source": change.source,
+        "at": change.at,
+    }
+
+
+def _order_values(order: Order, resolved: Resolved, now: datetime) -> dict[str, Any]:
+    """An order's row, anchored where identity resolved it (on itself when on nobody)."""
+    anchor = resolved.anchor or ("order", order.order_id)
+    return {
+        "shop_id": order.shop_id,
+        "order_id": order.order_id,
+        "updated_at": order.updated_at,
+        "placed_at": order.placed_at,
+        "anchor_type": anchor[0],
+        "anchor_key": anchor[1],
+        "total": order.total,
+        "currency": order.currency,
+        "source": order.source,
+        "location": order.location,
+        "cancelled": order.cancelled,
+        "line_items": order.line_items,
+        "received_at": now,
+    }
+
+
+def _answer(stored: tuple[tuple[Order, Resolved], bool]) -> tuple[str, bool]:
+    (_, resolved), applied = stored
+    return resolved.person_id, applied
+
+
 def _sharing(indices: list[int], records: Sequence[Any]) -> list[list[int]]:
     """The records grouped so that two sharing an identifying key are in one group, in order."""
     owner: dict[str, int] = {}
@@ -716,16 +830,21 @@ def _sharing(indices: list[int], records: Sequence[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _violations(rejected: PeerRejected, record: dict[str, Any]) -> list[tuple[str, str]]:
+def _violations(
+    refused: PeerRejected | InvalidArgument, record: dict[str, Any]
+) -> list[tuple[str, str]]:
     """Identity's field violations of an upload record, named by the record's own fields."""
+    violations = (
+        refused.violations if isinstance(refused, InvalidArgument) else refused.field_violations()
+    )
     names = [
         name
         for name in ("external_id", "email", "phone_number")
         if record.get(name) not in (None, "")
     ]
     found = []
-    for violation in rejected.field_violations():
+    for violation in violations:
         index = violation[0].partition("[")[2].partition("]")[0]
         field_name = names[int(index)] if index.isdigit() and int(index) < len(names) else ""
         found.append((field_name, violation[1]))
-    return found or [("", rejected.message)]
+    return found or [("", refused.message)]

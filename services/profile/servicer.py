@@ -29,7 +29,7 @@ from services.profile.store import SegmentRow, SignalRow
 from services.profile.webhooks import MAX_UPLOAD, Webhooks
 from services.runtime.auth import ALL_SHOPS, current_principal
 from services.runtime.db import utc
-from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied
 from services.runtime.validation import (
     CHANNEL_ENUMS,
     SHOP_ID,
@@ -198,6 +198,43 @@ def _profile(found: Profile, include_log: bool) -> profile_pb2.CustomerProfile:
             )
         )
     return answer
+
+
+def _order(shop_id: str, request: Any, violations: Violations) -> Order:
+    """An order from an IngestOrderRequest, its problems added to `violations` (fields named as
+    in the request)."""
+    order_id = _id(request.order_id, "order_id", violations, limit=64)
+    placed_at = required_time(request, "placed_at", violations)
+    updated_at = time_field(request, "updated_at", violations, required=False)
+    total = _amount(request.total, "total", violations)
+    if not CURRENCY.fullmatch(request.currency):
+        violations.add("currency", "must be an ISO 4217 code such as EUR")
+    source = SOURCES.get(request.source, "")
+    if not source:
+        violations.add(
+            "source", "must be ORDER_SOURCE_ONLINE, ORDER_SOURCE_POS or ORDER_SOURCE_MARKETPLACE"
+        )
+    if len(request.location) > MAX_ID:
+        violations.add("location", f"at most {MAX_ID} characters")
+    for i, item in enumerate(request.line_items):
+        _amount(item.price or "0", f"line_items[{i}].price", violations)
+        if item.quantity < 0:
+            violations.add(f"line_items[{i}].quantity", "must not be negative")
+    return Order(
+        shop_id=shop_id,
+        order_id=order_id,
+        identifiers=_identifiers(request),
+        placed_at=placed_at,
+        updated_at=updated_at or placed_at,
+        total=total,
+        currency=request.currency,
+        source=source,
+        location=request.location,
+        line_items=[
+            MessageToDict(item, preserving_proto_field_name=True) for item in request.line_items
+        ],
+        cancelled=request.cancelled,
+    )
 
 
 def _segment_id(value: str, field: str, violations: Violations) -> None:
@@ -601,45 +638,47 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
 
     async def IngestOrder(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()
-        shop_id = shop(request.shop_id, violations)
-        order_id = _id(request.order_id, "order_id", violations, limit=64)
-        placed_at = required_time(request, "placed_at", violations)
-        updated_at = time_field(request, "updated_at", violations, required=False)
-        total = _amount(request.total, "total", violations)
-        if not CURRENCY.fullmatch(request.currency):
-            violations.add("currency", "must be an ISO 4217 code such as EUR")
-        source = SOURCES.get(request.source, "")
-        if not source:
-            violations.add(
-                "source",
-                "must be ORDER_SOURCE_ONLINE, ORDER_SOURCE_POS or ORDER_SOURCE_MARKETPLACE",
-            )
-        if len(request.location) > MAX_ID:
-            violations.add("location", f"at most {MAX_ID} characters")
-        for i, item in enumerate(request.line_items):
-            _amount(item.price or "0", f"line_items[{i}].price", violations)
-            if item.quantity < 0:
-                violations.add(f"line_items[{i}].quantity", "must not be negative")
+        order = _order(shop(request.shop_id, violations), request, violations)
         violations.raise_any()
-        person_id, applied = await self._profiles.ingest_order(
-            Order(
-                shop_id=shop_id,
-                order_id=order_id,
-                identifiers=_identifiers(request),
-                placed_at=placed_at,
-                updated_at=updated_at or placed_at,
-                total=total,
-                currency=request.currency,
-                source=source,
-                location=request.location,
-                line_items=[
-                    MessageToDict(item, preserving_proto_field_name=True)
-                    for item in request.line_items
-                ],
-                cancelled=request.cancelled,
-            )
-        )
+        person_id, applied = await self._profiles.ingest_order(order)
         return profile_pb2.IngestResponse(person_id=person_id, applied=applied)
+
+    async def IngestOrders(self, request: Any, context: Any) -> profile_pb2.IngestOrdersResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 1 <= len(request.orders) <= MAX_PAGE:
+            violations.add("orders", f"1 to {MAX_PAGE} orders a call")
+        for i, item in enumerate(request.orders):
+            if item.shop_id not in ("", shop_id):
+                violations.add(f"orders[{i}].shop_id", "empty or the request's shop_id")
+        violations.raise_any()
+        problems: dict[int, list[tuple[str, str]]] = {}
+        orders: list[Order] = []
+        for i, item in enumerate(request.orders):
+            found = Violations()
+            order = _order(shop_id, item, found)
+            if found.found:
+                problems[i] = found.found
+            else:
+                orders.append(order)
+        stored = iter(await self._profiles.ingest_orders(shop_id, orders))
+        results = []
+        for i in range(len(request.orders)):
+            answer = None if i in problems else next(stored)
+            if isinstance(answer, InvalidArgument):
+                problems[i] = answer.violations
+            elif answer is not None:
+                results.append(profile_pb2.IngestResponse(person_id=answer[0], applied=answer[1]))
+                continue
+            results.append(profile_pb2.IngestResponse())
+        return profile_pb2.IngestOrdersResponse(
+            results=results,
+            errors=[
+                profile_pb2.RecordError(index=i, field=field, description=why)
+                for i in sorted(problems)
+                for field, why in problems[i]
+            ],
+        )
 
     async def IngestRefund(self, request: Any, context: Any) -> profile_pb2.IngestResponse:
         violations = Violations()

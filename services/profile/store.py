@@ -7,6 +7,7 @@ unmerges regroup facts without rewriting any.
 """
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,7 +25,9 @@ from sqlalchemy import (
     LargeBinary,
     Numeric,
     String,
+    Text,
     UniqueConstraint,
+    any_,
     bindparam,
     case,
     cast,
@@ -37,6 +40,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -380,6 +384,18 @@ class Picture:
     ledger: list[Earning] = field(default_factory=list)
 
 
+def _earning(shop_id: str, order: dict[str, Any], programme: "ProgrammeRow") -> dict[str, Any]:
+    """An order's loyalty terms under a programme: its rate, and when its points expire."""
+    expiry = programme.expiry_days
+    return {
+        "shop_id": shop_id,
+        "order_id": order["order_id"],
+        "rate": programme.points_per_unit,
+        "earned_at": order["placed_at"],
+        "expires_at": order["placed_at"] + timedelta(days=expiry) if expiry else None,
+    }
+
+
 def earning(row: Sequence[Any]) -> Earning:
     """A ledger entry from (total, refunded, rate, earned_at, expires_at)."""
     total, refunded, rate, earned_at, expires_at = row
@@ -540,13 +556,68 @@ def _picture(rows: Sequence[Any]) -> Picture:
     return Picture(facts, erased, signals, programme, ledger)
 
 
+def _postgres(session: AsyncSession) -> bool:
+    return bool(session.get_bind().dialect.name == "postgresql")
+
+
+def _array(values: Sequence[Any], type_: Any) -> Any:
+    return cast(bindparam(None, list(values), type_=ARRAY(type_)), ARRAY(type_))
+
+
+def _among(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
+    """`column` is one of `values`: on PostgreSQL one array parameter (the same statement
+    whatever the number of values, planned once), elsewhere an IN list."""
+    if _postgres(session):
+        return column == any_(_array(values, column.type))
+    return column.in_(list(values))
+
+
+def _bulk_insert(session: AsyncSession, model: Any, rows: Sequence[dict[str, Any]]) -> Any:
+    """An INSERT of many rows (every row with the keys of the first), for a conflict clause and
+    RETURNING to be added. On PostgreSQL the rows travel as one array a column, unnested (one
+    statement whatever the number of rows, a few parameters, planned once); elsewhere as a
+    multi-row VALUES."""
+    insert = dialect_of(session).insert(model)
+    if not _postgres(session):
+        return insert.values(list(rows))
+    table = model.__table__
+    columns = list(rows[0])
+    arrays = []
+    for name in columns:
+        type_ = table.c[name].type
+        if isinstance(type_, JSON):  # as text, made JSON again in the select
+            arrays.append(_array([json.dumps(row[name]) for row in rows], Text()))
+        else:
+            arrays.append(_array([row[name] for row in rows], type_))
+    source = func.unnest(*arrays).table_valued(*columns).render_derived()
+    values = [
+        cast(source.c[name], JSON) if isinstance(table.c[name].type, JSON) else source.c[name]
+        for name in columns
+    ]
+    return insert.from_select(columns, select(*values))
+
+
 async def _request_push(
     session: AsyncSession, shop_id: str, person_id: str, now: datetime, urgent: bool
 ) -> None:
     """Queues a person's contact policy for the gate (once, however often it is asked)."""
-    push = dialect_of(session).insert(GatePushRow).values(
-        shop_id=shop_id, person_id=person_id, requested_at=now, attempts=0, not_before=now,
-        urgent=urgent,
+    await _request_pushes(session, shop_id, [person_id], now, urgent)
+
+
+async def _request_pushes(
+    session: AsyncSession, shop_id: str, person_ids: Sequence[str], now: datetime, urgent: bool
+) -> None:
+    """Queues persons' contact policies for the gate (once, however often it is asked)."""
+    if not person_ids:
+        return
+    push = _bulk_insert(
+        session,
+        GatePushRow,
+        [
+            {"shop_id": shop_id, "person_id": person_id, "requested_at": now, "attempts": 0,
+             "not_before": now, "urgent": urgent}
+            for person_id in sorted(set(person_ids))
+        ],
     )  # fmt: skip
     await session.execute(
         push.on_conflict_do_update(
@@ -563,16 +634,25 @@ async def _request_push(
 
 async def _mark_due(session: AsyncSession, shop_id: str, person_id: str, now: datetime) -> None:
     """Asks for a person's summary to be refreshed (once, however often it is asked)."""
-    if not person_id:
+    await _mark_all_due(session, shop_id, [person_id], now)
+
+
+async def _mark_all_due(
+    session: AsyncSession, shop_id: str, person_ids: Sequence[str], now: datetime
+) -> None:
+    """Asks for persons' summaries to be refreshed (once each; "" is nobody)."""
+    persons = sorted({person_id for person_id in person_ids if person_id})
+    if not persons:
         return
-    due = (
-        dialect_of(session)
-        .insert(SummaryDueRow)
-        .values(shop_id=shop_id, person_id=person_id, requested_at=now)
+    due = _bulk_insert(
+        session,
+        SummaryDueRow,
+        [{"shop_id": shop_id, "person_id": p, "requested_at": now} for p in persons],
     )
     await session.execute(
         due.on_conflict_do_update(
-            index_elements=["shop_id", "person_id"], set_={"requested_at": now}
+            index_elements=["shop_id", "person_id"],
+            set_={"requested_at": due.excluded.requested_at},
         )
     )
 
@@ -594,39 +674,68 @@ class ProfileStore:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    async def put_order(self, values: dict[str, Any], person_id: str) -> bool:
-        """Stores an order unless a version as new is stored; returns whether it did. The first
-        time an order arrives under a loyalty programme, its earning terms are fixed."""
+    async def put_orders(
+        self, shop_id: str, orders: Sequence[tuple[dict[str, Any], str]], now: datetime
+    ) -> list[bool]:
+        """Stores orders (their values, and the person each belongs to), each unless a version
+        as new is stored or comes before it in `orders`; returns whether each was applied, as if
+        they had been stored one after the other. The first time an order arrives under a
+        loyalty programme its earning terms are fixed. One transaction, a few statements
+        whatever the number of orders."""
+        ids = sorted({values["order_id"] for values, _ in orders})
         async with self._sessions.begin() as session:
-            dialect = dialect_of(session)
-            insert = dialect.insert(OrderRow).values(values)
-            result = await session.execute(
-                insert.on_conflict_do_update(
-                    index_elements=["shop_id", "order_id"],
-                    set_={
-                        k: insert.excluded[k] for k in values if k not in ("shop_id", "order_id")
-                    },
-                    where=OrderRow.updated_at < insert.excluded.updated_at,
+            stored = await session.execute(
+                select(OrderRow.order_id, OrderRow.updated_at).where(
+                    OrderRow.shop_id == shop_id, _among(session, OrderRow.order_id, ids)
                 )
             )
-            applied = bool(getattr(result, "rowcount", 0))
-            if applied:
-                programme = await session.get(ProgrammeRow, values["shop_id"])
-                if programme is not None:
-                    await session.execute(
-                        dialect.insert(EarningRow)
-                        .values(
-                            shop_id=values["shop_id"],
-                            order_id=values["order_id"],
-                            rate=programme.points_per_unit,
-                            earned_at=values["placed_at"],
-                            expires_at=values["placed_at"] + timedelta(days=programme.expiry_days)
-                            if programme.expiry_days
-                            else None,
-                        )
-                        .on_conflict_do_nothing()
-                    )
-                await _mark_due(session, values["shop_id"], person_id, values["received_at"])
+            newest = {order_id: utc(at) for order_id, at in stored}
+            newer: list[bool] = []
+            first: dict[str, dict[str, Any]] = {}  # the first version applied of each order
+            last: dict[str, dict[str, Any]] = {}  # and the last: the one that stays
+            for values, _ in orders:
+                order_id = values["order_id"]
+                known = newest.get(order_id)
+                newer.append(known is None or values["updated_at"] > known)
+                if newer[-1]:
+                    newest[order_id] = values["updated_at"]
+                    first.setdefault(order_id, values)
+                    last[order_id] = values
+            if not last:
+                return newer
+            insert = _bulk_insert(session, OrderRow, list(last.values()))
+            written = set(
+                await session.scalars(
+                    insert.on_conflict_do_update(
+                        index_elements=["shop_id", "order_id"],
+                        set_={
+                            k: insert.excluded[k]
+                            for k in orders[0][0]
+                            if k not in ("shop_id", "order_id")
+                        },
+                        where=OrderRow.updated_at < insert.excluded.updated_at,
+                    ).returning(OrderRow.order_id)
+                )
+            )
+            # A version as new stored meanwhile by another call: nothing of this one applied.
+            applied = [
+                is_newer and values["order_id"] in written
+                for is_newer, (values, _) in zip(newer, orders, strict=True)
+            ]
+            programme = await session.get(ProgrammeRow, shop_id)
+            if programme is not None and written:
+                await session.execute(
+                    _bulk_insert(
+                        session,
+                        EarningRow,
+                        [
+                            _earning(shop_id, first[order_id], programme)
+                            for order_id in sorted(written)
+                        ],
+                    ).on_conflict_do_nothing()
+                )
+            persons = [person for ok, (_, person) in zip(applied, orders, strict=True) if ok]
+            await _mark_all_due(session, shop_id, persons, now)
             return applied
 
     async def put_customer(self, values: dict[str, Any], person_id: str, now: datetime) -> bool:
@@ -747,30 +856,76 @@ class ProfileStore:
                 await _mark_due(session, values["shop_id"], person_id, now)
             return applied
 
-    async def add_consent(self, values: dict[str, Any], person_id: str, now: datetime) -> bool:
-        """Stores a consent and, in the same transaction, asks for the gate to be told and
-        puts the change on the change feed."""
+    async def add_consents(
+        self, shop_id: str, consents: Sequence[tuple[dict[str, Any], str]], now: datetime
+    ) -> list[bool]:
+        """Stores consents (their values, and the person each is about) unless stored already
+        and, in the same transaction, asks for the gate to be told of each person and puts each
+        stored consent on the change feed; returns whether each was stored."""
+        fresh: dict[str, dict[str, Any]] = {}
+        for values, _ in consents:
+            fresh.setdefault(values["consent_id"], values)
         async with self._sessions.begin() as session:
-            dialect = dialect_of(session)
-            result = await session.execute(
-                dialect.insert(ConsentRow).values(values).on_conflict_do_nothing()
-            )
-            applied = bool(getattr(result, "rowcount", 0))
-            await _request_push(session, values["shop_id"], person_id, now, urgent=True)
-            await _mark_due(session, values["shop_id"], person_id, now)
-            if applied:
-                change = {
-                    "channel": values["channel"],
-                    "granted": values["granted"],
-                    "source": values["source"],
-                    "at": values["at"].isoformat(),
-                }
-                await append_to_outbox(
-                    session,
-                    ChangeRow,
-                    [_change(values["shop_id"], person_id, "consent_changed", change, now)],
+            stored = set(
+                await session.scalars(
+                    _bulk_insert(session, ConsentRow, list(fresh.values()))
+                    .on_conflict_do_nothing()
+                    .returning(ConsentRow.consent_id)
                 )
+            )
+            applied = []
+            for values, _ in consents:
+                applied.append(values["consent_id"] in stored)
+                stored.discard(values["consent_id"])  # twice in the call: the second is a repeat
+            persons = [person_id for _, person_id in consents]
+            await _request_pushes(session, shop_id, persons, now, urgent=True)
+            await _mark_all_due(session, shop_id, persons, now)
+            changes = [
+                _change(
+                    shop_id, person_id, "consent_changed",
+                    {"channel": values["channel"], "granted": values["granted"],
+                     "source": values["source"], "at": values["at"].isoformat()},
+                    now,
+                )
+                for ok, (values, person_id) in zip(applied, consents, strict=True)
+                if ok
+            ]  # fmt: skip
+            await append_to_outbox(session, ChangeRow, changes)
             return applied
+
+    async def custobar_records(
+        self, shop_id: str, source: str, source_ids: Sequence[str]
+    ) -> dict[str, CustomerRow]:
+        """A source's customer records under any of these keys, by key."""
+        if not source_ids:
+            return {}
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(CustomerRow).where(
+                    CustomerRow.shop_id == shop_id,
+                    CustomerRow.source == source,
+                    _among(session, CustomerRow.source_id, sorted(set(source_ids))),
+                )
+            )
+            return {row.source_id: row for row in rows}
+
+    async def replace_customers(
+        self, shop_id: str, records: Sequence[tuple[dict[str, Any], str]], now: datetime
+    ) -> None:
+        """Writes customer records (each key at most once) whatever their version (an upload
+        is always the newest), and asks for their persons' summaries to be refreshed."""
+        if not records:
+            return
+        keys = ("shop_id", "source", "source_id")
+        async with self._sessions.begin() as session:
+            insert = _bulk_insert(session, CustomerRow, [values for values, _ in records])
+            await session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=list(keys),
+                    set_={k: insert.excluded[k] for k in records[0][0] if k not in keys},
+                )
+            )
+            await _mark_all_due(session, shop_id, [person for _, person in records], now)
 
     async def order_anchor(self, shop_id: str, order_id: str) -> Anchor | None:
         async with self._sessions() as session:
@@ -785,8 +940,21 @@ class ProfileStore:
 
     async def erased(self, shop_id: str, person_id: str) -> bool:
         """Whether the person was erased under GDPR."""
+        return bool(await self.erased_among(shop_id, [person_id]))
+
+    async def erased_among(self, shop_id: str, person_ids: Sequence[str]) -> set[str]:
+        """Which of these persons were erased under GDPR."""
+        if not person_ids:
+            return set()
         async with self._sessions() as session:
-            return await session.get(ErasedPersonRow, (shop_id, person_id)) is not None
+            return set(
+                await session.scalars(
+                    select(ErasedPersonRow.person_id).where(
+                        ErasedPersonRow.shop_id == shop_id,
+                        _among(session, ErasedPersonRow.person_id, sorted(set(person_ids))),
+                    )
+                )
+            )
 
     async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
         """The facts anchored on any of these identifiers, aggregated in the database."""

@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
+from cli import importing
 from cli.main import main
 from tests.conftest import ADMIN_TOKEN
 from tests.faults import TcpProxy
@@ -75,8 +77,10 @@ async def picture(endpoint: Endpoint, shop: str) -> list[tuple[Any, ...]]:
 
 
 async def test_an_interrupted_import_resumes_to_the_same_data(
-    endpoint: Endpoint, tmp_path: Path
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Batches of 100, so that the import is cut with some of them done and some in flight.
+    monkeypatch.setattr(importing, "BATCH", 100)
     customers, orders = write_exports(tmp_path)
     address = endpoint.profile_address
     whole = endpoint.shop

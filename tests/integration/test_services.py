@@ -66,6 +66,7 @@ BUILT = {
     "c360.profile.v1.Profile": {
         "Get",
         "IngestOrder",
+        "IngestOrders",
         "IngestRefund",
         "IngestEvent",
         "SetConsent",

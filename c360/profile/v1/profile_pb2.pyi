@@ -225,6 +225,61 @@ class IngestOrderRequest(_message.Message):
 Global___IngestOrderRequest: _TypeAlias = IngestOrderRequest  # noqa: Y015
 
 @_typing.final
+class IngestOrdersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestOrderRequest]:
+        """1 to 1,000 orders; each order's shop_id is empty or equal to the request's."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        orders: _abc.Iterable[Global___IngestOrderRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orders", b"orders", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestOrdersRequest: _TypeAlias = IngestOrdersRequest  # noqa: Y015
+
+@_typing.final
+class IngestOrdersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestResponse]:
+        """One per order, in request order; empty (no person, not applied) for a rejected one."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordError]:
+        """Every rejected order's violations, `index` its position in the request and `field`
+        relative to the order (e.g. "total", "identifiers[1].value").
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___IngestResponse] | None = ...,
+        errors: _abc.Iterable[Global___RecordError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestOrdersResponse: _TypeAlias = IngestOrdersResponse  # noqa: Y015
+
+@_typing.final
 class IngestRefundRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

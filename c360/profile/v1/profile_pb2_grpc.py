@@ -46,6 +46,11 @@ class ProfileStub:
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrderRequest.SerializeToString,
                 response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestResponse.FromString,
                 _registered_method=True)
+        self.IngestOrders = channel.unary_unary(
+                '/c360.profile.v1.Profile/IngestOrders',
+                request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersRequest.SerializeToString,
+                response_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersResponse.FromString,
+                _registered_method=True)
         self.IngestRefund = channel.unary_unary(
                 '/c360.profile.v1.Profile/IngestRefund',
                 request_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestRefundRequest.SerializeToString,
@@ -172,6 +177,19 @@ class ProfileServicer:
 
     def IngestOrder(self, request, context):
         """Ingests one order with its line items. Idempotent by (shop_id, order_id, updated_at).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestOrders(self, request, context):
+        """Ingests up to 1,000 orders of one shop in one call (bulk imports, backfills): each order
+        exactly as IngestOrder would, in request order (identity resolves them in that order; a
+        later version of an order in the same call supersedes an earlier one as it would a call
+        later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
+        identity's violations of its identifiers) is reported in `errors` and changes nothing.
+        A failure of the whole call (a peer or the database unavailable) stores what it had
+        stored, each order idempotently: the same call again ends with the same data.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,6 +373,11 @@ def add_ProfileServicer_to_server(servicer, server):
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrderRequest.FromString,
                     response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestResponse.SerializeToString,
             ),
+            'IngestOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestOrders,
+                    request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersRequest.FromString,
+                    response_serializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersResponse.SerializeToString,
+            ),
             'IngestRefund': grpc.unary_unary_rpc_method_handler(
                     servicer.IngestRefund,
                     request_deserializer=c360_dot_profile_dot_v1_dot_profile__pb2.IngestRefundRequest.FromString,
@@ -522,6 +545,33 @@ class Profile:
             '/c360.profile.v1.Profile/IngestOrder',
             c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrderRequest.SerializeToString,
             c360_dot_profile_dot_v1_dot_profile__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.profile.v1.Profile/IngestOrders',
+            c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersRequest.SerializeToString,
+            c360_dot_profile_dot_v1_dot_profile__pb2.IngestOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,15 @@ class ProfileStub:
     """The whole picture of one person, by person id or any identifier. Read-only."""
     IngestOrder: _grpc.UnaryUnaryMultiCallable[_profile_pb2.IngestOrderRequest, _profile_pb2.IngestResponse]
     """Ingests one order with its line items. Idempotent by (shop_id, order_id, updated_at)."""
+    IngestOrders: _grpc.UnaryUnaryMultiCallable[_profile_pb2.IngestOrdersRequest, _profile_pb2.IngestOrdersResponse]
+    """Ingests up to 1,000 orders of one shop in one call (bulk imports, backfills): each order
+    exactly as IngestOrder would, in request order (identity resolves them in that order; a
+    later version of an order in the same call supersedes an earlier one as it would a call
+    later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
+    identity's violations of its identifiers) is reported in `errors` and changes nothing.
+    A failure of the whole call (a peer or the database unavailable) stores what it had
+    stored, each order idempotently: the same call again ends with the same data.
+    """
     IngestRefund: _grpc.UnaryUnaryMultiCallable[_profile_pb2.IngestRefundRequest, _profile_pb2.IngestResponse]
     """Ingests a refund or return against its original order. Idempotent by refund_id."""
     IngestEvent: _grpc.UnaryUnaryMultiCallable[_profile_pb2.IngestEventRequest, _profile_pb2.IngestResponse]
@@ -115,6 +124,15 @@ class ProfileAsyncStub(ProfileStub):
     """The whole picture of one person, by person id or any identifier. Read-only."""
     IngestOrder: _aio.UnaryUnaryMultiCallable[_profile_pb2.IngestOrderRequest, _profile_pb2.IngestResponse]  # type: ignore[assignment]
     """Ingests one order with its line items. Idempotent by (shop_id, order_id, updated_at)."""
+    IngestOrders: _aio.UnaryUnaryMultiCallable[_profile_pb2.IngestOrdersRequest, _profile_pb2.IngestOrdersResponse]  # type: ignore[assignment]
+    """Ingests up to 1,000 orders of one shop in one call (bulk imports, backfills): each order
+    exactly as IngestOrder would, in request order (identity resolves them in that order; a
+    later version of an order in the same call supersedes an earlier one as it would a call
+    later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
+    identity's violations of its identifiers) is reported in `errors` and changes nothing.
+    A failure of the whole call (a peer or the database unavailable) stores what it had
+    stored, each order idempotently: the same call again ends with the same data.
+    """
     IngestRefund: _aio.UnaryUnaryMultiCallable[_profile_pb2.IngestRefundRequest, _profile_pb2.IngestResponse]  # type: ignore[assignment]
     """Ingests a refund or return against its original order. Idempotent by refund_id."""
     IngestEvent: _aio.UnaryUnaryMultiCallable[_profile_pb2.IngestEventRequest, _profile_pb2.IngestResponse]  # type: ignore[assignment]
@@ -200,6 +218,21 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.IngestResponse, _abc.Awaitable[_profile_pb2.IngestResponse]]:
         """Ingests one order with its line items. Idempotent by (shop_id, order_id, updated_at)."""
+
+    @_abc_1.abstractmethod
+    def IngestOrders(
+        self,
+        request: _profile_pb2.IngestOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.IngestOrdersResponse, _abc.Awaitable[_profile_pb2.IngestOrdersResponse]]:
+        """Ingests up to 1,000 orders of one shop in one call (bulk imports, backfills): each order
+        exactly as IngestOrder would, in request order (identity resolves them in that order; a
+        later version of an order in the same call supersedes an earlier one as it would a call
+        later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
+        identity's violations of its identifiers) is reported in `errors` and changes nothing.
+        A failure of the whole call (a peer or the database unavailable) stores what it had
+        stored, each order idempotently: the same call again ends with the same data.
+        """
 
     @_abc_1.abstractmethod
     def IngestRefund(
