@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
@@ -35,8 +35,15 @@ from services.identity.store import (
     IdentityStore,
     Inventory,
     MergeRow,
+    Prior,
     ShopPolicyRow,
+    Snapshot,
+    Stored,
     Tx,
+    Writes,
+    erased_hash,
+    read_snapshot,
+    write,
 )
 from services.runtime.db import Rehearsal, utc
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -54,7 +61,9 @@ RETRIES = 10
 # The advisory lock of an event id, beside those of identifiers (no identifier type has this name).
 EVENT_LOCK = "\0event"
 T = TypeVar("T")
-RETRYABLE_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+# Deadlock detected, serialization failure, and a unique key taken meanwhile: an identifier or
+# an event id that a resolve without advisory locks (the common cases) recorded first.
+RETRYABLE_SQLSTATES = ("40P01", "40001", "23505")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,55 @@ class _Run:
     stored: dict[tuple[str, str], str] = field(default_factory=dict)  # key -> home person
     outcomes: set[str] = field(default_factory=set)
     candidate_id: str = ""
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One record of a batch: the observation and its identifiers normalised, strongest first."""
+
+    observation: Observation
+    normalized: list[Normalized]
+
+
+@dataclass
+class _Plan:
+    """What `_plan` decided: the answers of the records it could decide, the rows they add, and
+    the first record it left to the exact path (None when it decided every one)."""
+
+    results: dict[int, Resolution] = field(default_factory=dict)
+    writes: Writes = field(default_factory=Writes)
+    slow: int | None = None
+
+
+def _keys(records: Sequence[_Record]) -> list[tuple[str, str]]:
+    return [n.key for r in records for n in r.normalized if not n.blocked]
+
+
+def _events(records: Sequence[_Record]) -> list[str]:
+    return [r.observation.event_id for r in records]
+
+
+def _evidence(
+    observation: Observation,
+    now: datetime,
+    home: str | None,
+    anchor: Normalized | None,
+    outcome: str,
+    candidate_id: str,
+) -> dict[str, Any]:
+    """The evidence row of a record: what it carried, and what it resolved to."""
+    return {
+        "event_id": observation.event_id,
+        "source": observation.source,
+        "strength": "asserted" if observation.asserted else "authoritative",
+        "observed_at": observation.observed_at or now,
+        "recorded_at": now,
+        "person_id": home,
+        "anchor_type": None if anchor is None else anchor.type,
+        "anchor_key": None if anchor is None else anchor.match_key,
+        "outcome": outcome,
+        "candidate_id": candidate_id or None,
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -273,25 +331,153 @@ class IdentityGraph:
         if violations:
             raise InvalidArgument(violations)
 
-        async def work(tx: Tx) -> list[Resolution]:
-            # Every lock of the batch at once, sorted: two batches never wait on each other in a
-            # circle (the event's own lock too: two deliveries never both pass its check).
-            await tx.lock_identifiers(
-                [
-                    *(n.key for normalized, _ in prepared for n in normalized if not n.blocked),
-                    *((EVENT_LOCK, o.event_id) for o in observations),
-                ]
-            )
-            return [
-                await self._resolve(tx, observation, normalized, policy.unmerge_window)
-                for observation, (normalized, _) in zip(observations, prepared, strict=True)
-            ]
-
-        resolutions = await self._retrying(shop_id, work)
+        records = [
+            _Record(observation, normalized)
+            for observation, (normalized, _) in zip(observations, prepared, strict=True)
+        ]
+        resolutions = await self._resolve_records(shop_id, records, policy.unmerge_window)
         return [
             dataclasses.replace(resolution, skipped=tuple(skipped))
             for resolution, (_, skipped) in zip(resolutions, prepared, strict=True)
         ]
+
+    async def _resolve_records(
+        self, shop_id: str, records: list[_Record], window: timedelta
+    ) -> list[Resolution]:
+        """On PostgreSQL: one statement reads what every record needs; the common cases are
+        decided in memory and, when that is all there is (every record a replay, anonymous, or
+        already one person's), written by one more statement, with no transaction around
+        either. Anything else runs in one transaction (`_segments`). On SQLite the records run
+        one by one through the exact path, in one transaction."""
+        if not self._store.postgres:
+
+            async def one_by_one(tx: Tx) -> list[Resolution]:
+                return [await self._exact(tx, r, window, locked=False) for r in records]
+
+            return await self._retrying(shop_id, one_by_one)
+        plan: _Plan | None
+        async with self._store.autocommit() as connection:
+            snapshot = await read_snapshot(connection, shop_id, _keys(records), _events(records))
+            plan = self._plan(snapshot, records, 0)
+            if plan.slow is None and not plan.writes.persons:
+                try:
+                    if not plan.writes or await write(
+                        connection, shop_id, plan.writes, PROMISCUOUS_AFTER
+                    ):
+                        return [plan.results[i] for i in range(len(records))]
+                except DBAPIError as exc:  # the same event recorded meanwhile, say
+                    if not _retryable(exc):
+                        raise
+                plan = None  # something moved meanwhile: decide again in the transaction
+        first = [plan]
+
+        async def segments(tx: Tx) -> list[Resolution]:
+            planned, first[0] = first[0], None
+            return await self._segments(tx, records, window, planned)
+
+        return await self._retrying(shop_id, segments)
+
+    async def _segments(
+        self, tx: Tx, records: list[_Record], window: timedelta, plan: "_Plan | None"
+    ) -> list[Resolution]:
+        """The records in one transaction: the common cases up to the first record that needs
+        the exact path written at once (after the advisory locks of the identifiers they add),
+        that record through the exact path, then the same again from a fresh read for the
+        records after it. `plan` is the first records' plan, when one was made already."""
+        results: list[Resolution | None] = [None] * len(records)
+        start = 0
+        while start < len(records):
+            if plan is None:
+                rest = records[start:]
+                snapshot = await read_snapshot(tx.session, tx.shop_id, _keys(rest), _events(rest))
+                plan = self._plan(snapshot, records, start)
+            end = len(records) if plan.slow is None else plan.slow
+            if plan.writes:
+                await tx.lock_identifiers(plan.writes.new)
+                if await write(tx.session, tx.shop_id, plan.writes, PROMISCUOUS_AFTER):
+                    for i in range(start, end):
+                        results[i] = plan.results[i]
+                else:  # something moved since the read: these too through the exact path
+                    for i in range(start, end):
+                        results[i] = await self._exact(tx, records[i], window)
+            else:
+                for i in range(start, end):
+                    results[i] = plan.results[i]
+            if plan.slow is not None:
+                results[plan.slow] = await self._exact(tx, records[plan.slow], window)
+            start, plan = end + 1, None
+        return [r for r in results if r is not None]
+
+    async def _exact(
+        self, tx: Tx, record: _Record, window: timedelta, locked: bool = True
+    ) -> Resolution:
+        """One record through the exact path, under the advisory locks of its identifiers and
+        of its event id (taken in one order by every transaction)."""
+        if locked:
+            await tx.lock_identifiers(
+                [
+                    *(n.key for n in record.normalized if not n.blocked),
+                    (EVENT_LOCK, record.observation.event_id),
+                ]
+            )
+        return await self._resolve(tx, record.observation, record.normalized, window)
+
+    def _plan(self, snapshot: Snapshot, records: list[_Record], start: int) -> "_Plan":
+        """Decides the records from `start` on in memory, as the exact path would, up to the
+        first that is not a common case: a replay, an anonymous record, a record whose every
+        identifier is already one person's (evidence only), or one whose every identifier is
+        new and unforgotten (a new person)."""
+        plan = _Plan()
+        stored = dict(snapshot.stored)
+        created: set[tuple[str, str]] = set()
+        priors = dict(snapshot.priors)
+        shop_id = records[start].observation.shop_id
+        for i in range(start, len(records)):
+            observation, normalized = records[i].observation, records[i].normalized
+            prior = priors.get(observation.event_id)
+            if prior is not None:
+                outcome = "anonymous" if prior.outcome == "anonymous" else "unchanged"
+                plan.results[i] = Resolution(
+                    prior.root_id or "", outcome, prior.anchor, prior.candidate_id or ""
+                )
+                continue
+            linkable = [n for n in normalized if not n.blocked]
+            found = [stored.get(n.key) for n in linkable]
+            roots = {s.root_id for s in found if s is not None}
+            now = self._clock()
+            if not linkable:
+                person_id, home, root, outcome = "", None, None, "anonymous"
+            elif all(s is not None and s.conflicts < PROMISCUOUS_AFTER for s in found) and (
+                len(roots) == 1
+            ):
+                home, root, outcome = stored[linkable[0].key].home_id, roots.pop(), "unchanged"
+                person_id = root
+                plan.writes.expected.update(
+                    {n.key: stored[n.key] for n in linkable if n.key not in created}
+                )
+            elif not roots and not any(
+                erased_hash(shop_id, *n.key) in snapshot.erased for n in linkable
+            ):
+                person_id = home = root = new_id("p")
+                outcome = "created"
+                plan.writes.persons.append((person_id, now))
+                for n in linkable:
+                    plan.writes.identifiers.append((n, person_id, now))
+                    plan.writes.new.append(n.key)
+                    stored[n.key] = Stored(person_id, person_id, 0)
+                    created.add(n.key)
+            else:
+                plan.slow = i
+                break
+            anchor = linkable[0] if linkable else None
+            plan.writes.evidence.append(
+                (_evidence(observation, now, home, anchor, outcome, ""), normalized)
+            )
+            priors[observation.event_id] = Prior(
+                home, root, None if anchor is None else anchor.key, outcome, None
+            )
+            plan.results[i] = Resolution(person_id, outcome, None if anchor is None else anchor.key)
+        return plan
 
     async def _resolve(
         self, tx: Tx, observation: Observation, normalized: list[Normalized], window: timedelta
@@ -541,20 +727,8 @@ class IdentityGraph:
         anchor: Normalized | None,
         outcome: str,
     ) -> None:
-        observation = run.observation
         await run.tx.add_evidence(
-            {
-                "event_id": observation.event_id,
-                "source": observation.source,
-                "strength": "asserted" if observation.asserted else "authoritative",
-                "observed_at": observation.observed_at or run.now,
-                "recorded_at": run.now,
-                "person_id": home,
-                "anchor_type": None if anchor is None else anchor.type,
-                "anchor_key": None if anchor is None else anchor.match_key,
-                "outcome": outcome,
-                "candidate_id": run.candidate_id or None,
-            },
+            _evidence(run.observation, run.now, home, anchor, outcome, run.candidate_id),
             normalized,
         )
 

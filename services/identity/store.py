@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.identity.identifiers import NORMALIZER_VERSION, Normalized
@@ -282,6 +282,216 @@ async def _stored(
     return {
         (type_, key): Stored(home, root, conflicts) for type_, key, home, root, conflicts in rows
     }
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The evidence an event id already left: what a replay of the event answers."""
+
+    person_id: str | None
+    root_id: str | None
+    anchor: tuple[str, str] | None
+    outcome: str
+    candidate_id: str | None
+
+
+@dataclass
+class Snapshot:
+    """What resolving a batch reads first, in one statement: the stored identifiers among its
+    keys (with their roots), the evidence its event ids left, and the tombstones among its keys
+    (by hash)."""
+
+    stored: dict[tuple[str, str], Stored]
+    priors: dict[str, Prior]
+    erased: dict[str, str]
+
+
+@dataclass
+class Writes:
+    """The rows a batch's common cases add, written by one statement, and what that statement
+    checks first: each key in `expected` still stored with that home and root (not
+    promiscuous), and each key in `new` neither stored nor forgotten."""
+
+    expected: dict[tuple[str, str], Stored] = field(default_factory=dict)
+    new: list[tuple[str, str]] = field(default_factory=list)
+    persons: list[tuple[str, datetime]] = field(default_factory=list)
+    identifiers: list[tuple[Normalized, str, datetime]] = field(default_factory=list)
+    evidence: list[tuple[dict[str, Any], Sequence[Normalized]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.evidence)
+
+
+_SNAPSHOT = text(
+    """
+    SELECT 'i' AS kind, i.type AS a, i.match_key AS b, i.person_id AS c, p.root_id AS d,
+           i.conflicts AS n, CAST(NULL AS text) AS f, CAST(NULL AS text) AS g
+    FROM unnest(CAST(:types AS text[]), CAST(:keys AS text[])) AS k(type, match_key)
+    JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.match_key
+    JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
+    UNION ALL
+    SELECT 'e', e.event_id, e.anchor_type, e.person_id, p.root_id, NULL, e.anchor_key,
+           e.outcome || ' ' || coalesce(e.candidate_id, '')
+    FROM evidence e
+    LEFT JOIN person p ON p.shop_id = e.shop_id AND p.person_id = e.person_id
+    WHERE e.shop_id = :shop AND e.event_id = ANY(CAST(:events AS text[]))
+    UNION ALL
+    SELECT 't', t.key_hash, NULL, t.person_id, NULL, NULL, NULL, NULL
+    FROM erased_identifier t
+    WHERE t.shop_id = :shop AND t.key_hash = ANY(CAST(:hashes AS text[]))
+    """
+)
+
+# The common cases' rows in one statement. It first locks the identifier rows it relies on (so a
+# Forget, which locks them FOR UPDATE before reading the evidence it deletes, waits for it or
+# is seen to have removed them) and checks that nothing it decided on moved since it was read;
+# only then (`ok`) does it insert anything.
+_WRITE = text(
+    """
+    WITH expected AS (
+        SELECT * FROM unnest(CAST(:v_types AS text[]), CAST(:v_keys AS text[]),
+                             CAST(:v_homes AS text[]), CAST(:v_roots AS text[]))
+            AS v(type, match_key, home, root)
+    ), held AS (
+        SELECT i.type, i.match_key
+        FROM expected v
+        JOIN identifier i ON i.shop_id = :shop AND i.type = v.type
+            AND i.match_key = v.match_key AND i.person_id = v.home AND i.conflicts < :promiscuous
+        JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
+            AND p.root_id = v.root
+        FOR KEY SHARE OF i
+    ), ok AS (
+        SELECT (SELECT count(*) FROM held) = cardinality(CAST(:v_types AS text[]))
+            AND NOT EXISTS (
+                SELECT 1
+                FROM unnest(CAST(:n_types AS text[]), CAST(:n_keys AS text[])) AS k(type, key)
+                JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.key
+            )
+            AND NOT EXISTS (
+                SELECT 1 FROM erased_identifier t
+                WHERE t.shop_id = :shop AND t.key_hash = ANY(CAST(:n_hashes AS text[]))
+            ) AS ok
+    ), persons AS (
+        INSERT INTO person (shop_id, person_id, parent_id, root_id, created_at, erased_at)
+        SELECT :shop, x.id, NULL, x.id, x.at, NULL
+        FROM unnest(CAST(:p_ids AS text[]), CAST(:p_at AS timestamptz[])) AS x(id, at)
+        WHERE (SELECT ok FROM ok)
+    ), identifiers AS (
+        INSERT INTO identifier (shop_id, type, match_key, value, raw_value, person_id,
+                                first_seen_at, normalizer_version, conflicts)
+        SELECT :shop, x.type, x.key, x.value, x.raw, x.person, x.at, :version, 0
+        FROM unnest(CAST(:i_types AS text[]), CAST(:i_keys AS text[]),
+                    CAST(:i_values AS text[]), CAST(:i_raws AS text[]),
+                    CAST(:i_persons AS text[]), CAST(:i_at AS timestamptz[]))
+            AS x(type, key, value, raw, person, at)
+        WHERE (SELECT ok FROM ok)
+    ), added AS (
+        INSERT INTO evidence (shop_id, event_id, source, strength, observed_at, recorded_at,
+                              person_id, anchor_type, anchor_key, outcome, candidate_id)
+        SELECT :shop, x.event, x.source, x.strength, x.observed, x.recorded, x.person,
+               x.anchor_type, x.anchor_key, x.outcome, NULL
+        FROM unnest(CAST(:e_events AS text[]), CAST(:e_sources AS text[]),
+                    CAST(:e_strengths AS text[]), CAST(:e_observed AS timestamptz[]),
+                    CAST(:e_recorded AS timestamptz[]), CAST(:e_persons AS text[]),
+                    CAST(:e_anchor_types AS text[]), CAST(:e_anchor_keys AS text[]),
+                    CAST(:e_outcomes AS text[]))
+            WITH ORDINALITY
+            AS x(event, source, strength, observed, recorded, person, anchor_type, anchor_key,
+                 outcome, position)
+        WHERE (SELECT ok FROM ok)
+        ORDER BY x.position
+        RETURNING id, event_id
+    ), carried AS (
+        INSERT INTO evidence_identifier (evidence_id, position, shop_id, type, raw_value,
+                                         match_key)
+        SELECT e.id, x.position, :shop, x.type, x.raw, x.key
+        FROM unnest(CAST(:c_events AS text[]), CAST(:c_positions AS int[]),
+                    CAST(:c_types AS text[]), CAST(:c_raws AS text[]),
+                    CAST(:c_keys AS text[])) AS x(event, position, type, raw, key)
+        JOIN added e ON e.event_id = x.event
+    )
+    SELECT ok FROM ok
+    """
+)
+
+
+async def read_snapshot(
+    executor: Any, shop_id: str, keys: Iterable[tuple[str, str]], event_ids: Iterable[str]
+) -> Snapshot:
+    """Reads what resolving a batch starts from (PostgreSQL), by one statement."""
+    keys = sorted(set(keys))
+    hashes = {erased_hash(shop_id, t, k): (t, k) for t, k in keys}
+    rows = await executor.execute(
+        _SNAPSHOT,
+        {
+            "shop": shop_id,
+            "types": [t for t, _ in keys],
+            "keys": [k for _, k in keys],
+            "events": sorted(set(event_ids)),
+            "hashes": list(hashes),
+        },
+    )
+    snapshot = Snapshot({}, {}, {})
+    for kind, a, b, c, d, n, f, g in rows:
+        if kind == "i":
+            snapshot.stored[(a, b)] = Stored(c, d, n)
+        elif kind == "e":
+            outcome, candidate = g.split(" ", 1)
+            anchor = None if b is None or f is None else (b, f)
+            snapshot.priors[a] = Prior(c, d, anchor, outcome, candidate or None)
+        else:
+            snapshot.erased[a] = c
+    return snapshot
+
+
+async def write(executor: Any, shop_id: str, writes: Writes, promiscuous: int) -> bool:
+    """Writes the common cases' rows by one statement (PostgreSQL); False, with nothing
+    written, when something they were decided on moved since it was read."""
+    expected = sorted(writes.expected.items())
+    identifiers = writes.identifiers
+    carried = [
+        (evidence["event_id"], position, n)
+        for evidence, normalized in writes.evidence
+        for position, n in enumerate(normalized)
+    ]
+    ok = await executor.scalar(
+        _WRITE,
+        {
+            "shop": shop_id,
+            "promiscuous": promiscuous,
+            "version": NORMALIZER_VERSION,
+            "v_types": [t for (t, _), _ in expected],
+            "v_keys": [k for (_, k), _ in expected],
+            "v_homes": [s.home_id for _, s in expected],
+            "v_roots": [s.root_id for _, s in expected],
+            "n_types": [t for t, _ in writes.new],
+            "n_keys": [k for _, k in writes.new],
+            "n_hashes": [erased_hash(shop_id, t, k) for t, k in writes.new],
+            "p_ids": [p for p, _ in writes.persons],
+            "p_at": [at for _, at in writes.persons],
+            "i_types": [n.type for n, _, _ in identifiers],
+            "i_keys": [n.match_key for n, _, _ in identifiers],
+            "i_values": [n.value for n, _, _ in identifiers],
+            "i_raws": [n.raw for n, _, _ in identifiers],
+            "i_persons": [p for _, p, _ in identifiers],
+            "i_at": [at for _, _, at in identifiers],
+            "e_events": [e["event_id"] for e, _ in writes.evidence],
+            "e_sources": [e["source"] for e, _ in writes.evidence],
+            "e_strengths": [e["strength"] for e, _ in writes.evidence],
+            "e_observed": [e["observed_at"] for e, _ in writes.evidence],
+            "e_recorded": [e["recorded_at"] for e, _ in writes.evidence],
+            "e_persons": [e["person_id"] for e, _ in writes.evidence],
+            "e_anchor_types": [e["anchor_type"] for e, _ in writes.evidence],
+            "e_anchor_keys": [e["anchor_key"] for e, _ in writes.evidence],
+            "e_outcomes": [e["outcome"] for e, _ in writes.evidence],
+            "c_events": [event for event, _, _ in carried],
+            "c_positions": [position for _, position, _ in carried],
+            "c_types": [n.type for _, _, n in carried],
+            "c_raws": [n.raw for _, _, n in carried],
+            "c_keys": [n.match_key for _, _, n in carried],
+        },
+    )
+    return bool(ok)
 
 
 class Tx:
@@ -604,6 +814,15 @@ class Tx:
         """Deletes the persons' identifiers and evidence, keeps tombstones; returns the rows
         touched by table."""
         ids = [p.person_id for p in persons]
+        if self.postgres:
+            # A resolve that recorded evidence on these identifiers without taking their advisory
+            # locks holds them FOR KEY SHARE until it commits: wait for it, so that its evidence
+            # is among what is read and deleted below.
+            await self.session.execute(
+                select(IdentifierRow.id)
+                .where(IdentifierRow.shop_id == self.shop_id, IdentifierRow.person_id.in_(ids))
+                .with_for_update()
+            )
         identifiers = await self.identifiers_of(ids)
         keys = [(i.type, i.match_key) for i in identifiers]
         if keys:
@@ -764,7 +983,16 @@ class IdentityStore:
         self._sessions = sessions
         # SQLite has no row or advisory locks: its transactions take turns in this process.
         self._turns = asyncio.Lock()
-        self._serial = sessions.kw["bind"].dialect.name != "postgresql"
+        self._engine: AsyncEngine = sessions.kw["bind"]
+        self.postgres = self._engine.dialect.name == "postgresql"
+        self._serial = not self.postgres
+
+    @contextlib.asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection whose every statement is a transaction of its own: no BEGIN and no
+        COMMIT round trips around a statement that reads or writes all it needs at once."""
+        async with self._engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextlib.asynccontextmanager
     async def transaction(self, shop_id: str) -> AsyncIterator[Tx]:

@@ -154,13 +154,25 @@ async def test_a_batch_answers_and_stores_what_resolving_one_by_one_would(
     records = workload(rng, 400)
     one_by_one = Identity(identity.stub, f"{identity.shop}-seq", identity.clock, itertools.count())
     batched = Identity(identity.stub, f"{identity.shop}-bat", identity.clock, itertools.count())
+    exact = Identity(identity.stub, f"{identity.shop}-exa", identity.clock, itertools.count())
+    run = identity.shop.removeprefix("shop-")  # merge and candidate ids are unique in every shop
 
-    monkeypatch.setattr(graph, "new_id", counted_ids("seqrun"))
-    sequential = [
-        await one_by_one.stub.Resolve(request(one_by_one.shop, r), metadata=bearer(ADMIN_TOKEN))
-        for r in records
-    ]
-    monkeypatch.setattr(graph, "new_id", counted_ids("batrun"))
+    async def one_by_one_run(client: Identity) -> list[Any]:
+        return [
+            await client.stub.Resolve(request(client.shop, r), metadata=bearer(ADMIN_TOKEN))
+            for r in records
+        ]
+
+    # The exact path alone (no record decided in memory), as resolving worked before batches.
+    with monkeypatch.context() as exact_only:
+        exact_only.setattr(graph, "new_id", counted_ids(f"exarun{run}"))
+        exact_only.setattr(
+            graph.IdentityGraph, "_plan", lambda _, s, r, start: graph._Plan(slow=start)
+        )
+        exact_answers = await one_by_one_run(exact)
+    monkeypatch.setattr(graph, "new_id", counted_ids(f"seqrun{run}"))
+    sequential = await one_by_one_run(one_by_one)
+    monkeypatch.setattr(graph, "new_id", counted_ids(f"batrun{run}"))
     answers = []
     for batch in batches(rng, records):
         answer = await batched.stub.ResolveBatch(
@@ -175,11 +187,15 @@ async def test_a_batch_answers_and_stores_what_resolving_one_by_one_would(
     assert outcomes == {f"RESOLVE_OUTCOME_{o}" for o in (
         "CREATED", "LINKED", "MERGED", "CANDIDATE_RAISED", "UNCHANGED", "ANONYMOUS",
     )}  # fmt: skip
-    expected = [
-        line.replace("seqrun", "batrun").replace(one_by_one.shop, batched.shop)
-        for line in await snapshot(one_by_one, records, sequential)
+    expected = await snapshot(one_by_one, records, sequential)
+    assert await snapshot(batched, records, answers) == [
+        line.replace(f"seqrun{run}", f"batrun{run}").replace(one_by_one.shop, batched.shop)
+        for line in expected
     ]
-    assert await snapshot(batched, records, answers) == expected
+    assert await snapshot(exact, records, exact_answers) == [
+        line.replace(f"seqrun{run}", f"exarun{run}").replace(one_by_one.shop, exact.shop)
+        for line in expected
+    ]
 
 
 async def test_a_batch_with_bad_records_is_refused_whole(identity: Identity) -> None:  # noqa: F811
