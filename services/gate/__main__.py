@@ -10,7 +10,7 @@ import redis.asyncio as redis
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from c360.profile.v1.profile_pb2_grpc import ProfileStub
-from services.gate.counters import PREFIX, Counters, HiredisPackedConnection
+from services.gate.counters import Counters, HiredisPackedConnection
 from services.gate.gate import Gate
 from services.gate.message_log import MessageLogWriter
 from services.gate.profiles import ProfilePolicies
@@ -21,7 +21,6 @@ from services.runtime import db
 from services.runtime.channels import connect
 from services.runtime.process import now, run, start_service
 from services.runtime.server import Dependency, Registration, Server
-from services.runtime.shop_data import RedactExtra
 from services.runtime.telemetry import Telemetry
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -29,42 +28,22 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def redis_client(settings: GateSettings) -> redis.Redis:
     """Redis at REDIS_URL, or the embedded in-process store (same scripts, same semantics).
-    The pool blocks for a free connection no longer than a check may wait for Redis."""
+    The pool blocks for a free connection no longer than a check may wait for Redis. No socket
+    timeout (redis-py's default is 5 s): every call the gate makes is bounded by its own
+    deadline (Counters), and the per-read timeout cost a timer for every reply of a pipeline (a
+    sixth of a CheckBatch's CPU)."""
     if settings.redis_url is None:
         return fakeredis.FakeAsyncRedis()
     timeout = settings.redis_timeout_ms / 1000
-    socket_timeout = max(timeout, settings.dependency_timeout_seconds)
     pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
         connection_class=HiredisPackedConnection,
         max_connections=settings.redis_max_connections,
         timeout=timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
+        socket_timeout=None,
+        socket_connect_timeout=max(timeout, settings.dependency_timeout_seconds),
     )
     return redis.Redis(connection_pool=pool)
-
-
-def redact_counters(client: redis.Redis) -> RedactExtra:
-    """Counts or deletes a shop's keys in Redis (every customer's `{shop:person}` keys) as
-    `redis_keys`, a SCAN page at a time, one UNLINK per key (keys of many hash slots)."""
-
-    async def redact(shop_id: str, dry_run: bool) -> dict[str, int]:
-        removed, cursor = 0, None
-        while cursor != 0:
-            cursor, keys = await client.scan(
-                cursor or 0, match=f"{PREFIX}:{{{shop_id}:*", count=1000
-            )
-            if dry_run:
-                removed += len(keys)
-            elif keys:
-                pipeline = client.pipeline(transaction=False)
-                for key in keys:
-                    pipeline.unlink(key)
-                removed += sum(await pipeline.execute())
-        return {"redis_keys": removed}
-
-    return redact
 
 
 async def build(
@@ -114,7 +93,7 @@ async def build(
             counters.close,
             *([] if profile is None else [partial(profile.close, None)]),
         ],
-        redact_extra=redact_counters(client),
+        redact_extra=counters.redact_shop,
     )
 
 

@@ -393,23 +393,46 @@ class Counters:
     async def pending_logs(self, count: int = 1000) -> list[str]:
         """Every customer's log stream that still holds entries (after a crash)."""
         found: list[str] = []
-        async for key in self._client.scan_iter(
-            match=f"{PREFIX}:*:log", count=count, _type="stream"
-        ):
-            found.append(key.decode() if isinstance(key, bytes) else key)
+        cursor = None
+        while cursor != 0:
+            cursor, keys = await self._bounded(
+                self._client.scan(
+                    cursor or 0, match=f"{PREFIX}:*:log", count=count, _type="stream"
+                ),
+                self._write_timeout,
+            )
+            found.extend(key.decode() if isinstance(key, bytes) else key for key in keys)
         return found
 
     async def read_log(self, key: str) -> list[tuple[str, dict[str, str]]]:
         """The entries of one pending log stream."""
-        entries: list[Any] = await self._client.xrange(key) or []
+        entries: list[Any] = await self._bounded(self._client.xrange(key), self._write_timeout)
         return [
             (entry_id.decode(), {k.decode(): v.decode() for k, v in values.items()})
-            for entry_id, values in entries
+            for entry_id, values in entries or []
         ]
 
+    async def redact_shop(self, shop_id: str, dry_run: bool) -> dict[str, int]:
+        """Counts or deletes a shop's keys (every customer's `{shop:person}` keys) as
+        `redis_keys`, a SCAN page at a time, one UNLINK per key (keys of many hash slots)."""
+        removed, cursor = 0, None
+        while cursor != 0:
+            cursor, keys = await self._bounded(
+                self._client.scan(cursor or 0, match=f"{PREFIX}:{{{shop_id}:*", count=1000),
+                self._write_timeout,
+            )
+            if dry_run:
+                removed += len(keys)
+            elif keys:
+                pipeline = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipeline.unlink(key)
+                removed += sum(await self._bounded(pipeline.execute(), self._write_timeout))
+        return {"redis_keys": removed}
+
     async def ping(self) -> None:
-        """Raises unless Redis answers."""
-        await self._client.ping()
+        """Raises unless Redis answers within the time a write may wait."""
+        await self._bounded(self._client.ping(), self._write_timeout)
 
     async def close(self) -> None:
         """Closes the client's connections."""
