@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from services.gate.counters import (
     CalendarRow,
@@ -167,8 +167,12 @@ class Gate:
         # policies and checks; every check carries the calendar of all of them.
         self._zones: dict[str, list[str]] = {}
         self._calendars: dict[tuple[str, bool], tuple[int, ShopPolicy, int, list[str | int]]] = {}
-        self._decisions = meter.create_counter(
+        # Decisions so far by (channel, outcome, class), read by the metric reader when it
+        # collects: a dict increment a check, where a synchronous counter's add cost ~10 µs.
+        self._decided: Counter[tuple[str, str, str]] = Counter()
+        meter.create_observable_counter(
             "c360.gate.decisions",
+            callbacks=[self._observe_decisions],
             unit="{decision}",
             description="Gate decisions by outcome (allowed or the reason's kind) and channel.",
         )
@@ -378,19 +382,23 @@ class Gate:
         )
 
     def _count(self, requests: Sequence[Request], decisions: Sequence[Decision]) -> None:
-        """Adds the decisions to the metrics, once per (channel, outcome, class)."""
-        groups = Counter(
-            (
-                request.channel,
-                decision.reason.split(":", 1)[0] if decision.reason else "allowed",
-                "transactional" if request.transactional else "marketing",
-            )
-            for request, decision in zip(requests, decisions, strict=True)
-        )
-        for (channel, outcome, message_class), count in groups.items():
-            self._decisions.add(
-                count, {"channel": channel, "outcome": outcome, "message_class": message_class}
-            )
+        """Adds the decisions to the metrics' tally."""
+        for request, decision in zip(requests, decisions, strict=True):
+            self._decided[
+                (
+                    request.channel,
+                    decision.reason.split(":", 1)[0] if decision.reason else "allowed",
+                    "transactional" if request.transactional else "marketing",
+                )
+            ] += 1
+
+    def _observe_decisions(self, options: CallbackOptions) -> list[Observation]:
+        # The reader's thread: dict.copy is one step under the GIL, iterating the live tally is
+        # not.
+        return [
+            Observation(count, {"channel": channel, "outcome": outcome, "message_class": kind})
+            for (channel, outcome, kind), count in dict.copy(self._decided).items()
+        ]
 
     async def check(self, request: Request) -> Decision:
         """Decides on one message and, when allowed (and not a dry run), reserves it."""
