@@ -51,24 +51,25 @@ def _message_class(value: int, violations: Violations) -> bool:
     return value == gate_pb2.MESSAGE_CLASS_TRANSACTIONAL
 
 
-def _counts(counts: Counts) -> gate_pb2.ContactCounts:
-    return gate_pb2.ContactCounts(
-        today_by_channel=counts.today_by_channel,
-        today_total=counts.today_total,
-        last_7_days=counts.last_window,
-        fatigue=counts.fatigue,
-    )
+def _fill_counts(message: gate_pb2.ContactCounts, counts: Counts) -> None:
+    message.SetInParent()
+    for channel, sent in counts.today_by_channel.items():
+        message.today_by_channel[channel] = sent
+    message.today_total = counts.today_total
+    message.last_7_days = counts.last_window
+    message.fatigue = counts.fatigue
 
 
-def _response(decision: Decision) -> gate_pb2.CheckResponse:
-    return gate_pb2.CheckResponse(
-        allowed=decision.allowed,
-        reason=decision.reason,
-        retryable=decision.retryable,
-        next_eligible_at=timestamp(decision.next_eligible_at),
-        counts=_counts(decision.counts),
-        replayed=decision.replayed,
-    )
+def _fill(response: gate_pb2.CheckResponse, decision: Decision) -> None:
+    """Writes the decision into a response in place: a CheckBatch's 50,000 answers are added to
+    the repeated field, not built apart and copied in (a third of the CPU)."""
+    response.allowed = decision.allowed
+    response.reason = decision.reason
+    response.retryable = decision.retryable
+    if decision.next_eligible_at is not None:
+        response.next_eligible_at.FromDatetime(decision.next_eligible_at)
+    _fill_counts(response.counts, decision.counts)
+    response.replayed = decision.replayed
 
 
 def _window(window: gate_pb2.QuietHours, field: str, violations: Violations) -> list[int]:
@@ -144,7 +145,9 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             dry_run=request.dry_run,
         )
         violations.raise_any()
-        return _response(await self._gate.check(decision_request))
+        response = gate_pb2.CheckResponse()
+        _fill(response, await self._gate.check(decision_request))
+        return response
 
     async def CheckBatch(
         self, request: gate_pb2.CheckBatchRequest, context: Any
@@ -168,7 +171,11 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         ]
         violations.raise_any()
         decisions = await self._gate.check_batch(requests)
-        return gate_pb2.CheckBatchResponse(results=[_response(d) for d in decisions])
+        response = gate_pb2.CheckBatchResponse()
+        results = response.results
+        for decision in decisions:
+            _fill(results.add(), decision)
+        return response
 
     async def Release(
         self, request: gate_pb2.ReleaseRequest, context: Any
@@ -225,8 +232,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         violations.raise_any()
         limit = (request.log_limit or 100) if request.include_log else 0
         history = await self._gate.history(shop_id, person_id, limit)
-        return gate_pb2.GetContactHistoryResponse(
-            counts=_counts(history.counts),
+        response = gate_pb2.GetContactHistoryResponse(
             last_contact=[
                 gate_pb2.LastContact(channel=CHANNEL_ENUMS[c], at=timestamp(at))
                 for c, at in sorted(history.last_contact.items())
@@ -246,6 +252,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                 for row in history.log
             ],
         )
+        _fill_counts(response.counts, history.counts)
+        return response
 
     async def GetFatiguePosture(
         self, request: gate_pb2.GetFatiguePostureRequest, context: Any
