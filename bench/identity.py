@@ -12,6 +12,7 @@ Usage: python -m bench.identity [--seconds S] [--persons N]; results in bench/re
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -162,6 +163,83 @@ def drive(address: str, target: str, concurrency: int, seconds: float, persons: 
     return json.loads(output)
 
 
+# --- CPU per call -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of a process's sockets (Linux; empty elsewhere)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def backends(settings: IdentitySettings, pid: int) -> list[int]:
+    """The PostgreSQL backends serving a process's connections (PostgreSQL on this host)."""
+    ports = local_ports(pid)
+    connection = await db.plain_connection(settings)
+    try:
+        rows = await connection.fetch("SELECT pid, client_port FROM pg_stat_activity")
+    finally:
+        await connection.close()
+    return [row["pid"] for row in rows if row["client_port"] in ports]
+
+
+async def cpu_used(settings: IdentitySettings, pid: int) -> dict[int, float]:
+    """CPU seconds so far of a server process (key 0) and of each of its backends."""
+    return {0: cpu_seconds(pid)} | {b: cpu_seconds(b) for b in await backends(settings, pid)}
+
+
+def cpu_ms_per_call(before: dict[int, float], after: dict[int, float], calls: int) -> Any:
+    """CPU milliseconds a call cost the server process and PostgreSQL, from two cpu_used()."""
+    server = after[0] - before[0]
+    postgres = sum(used - before.get(pid, 0.0) for pid, used in after.items() if pid)
+    calls = max(calls, 1)
+    return {
+        "service": 1000 * server / calls,
+        "postgres": 1000 * postgres / calls,
+        "total": 1000 * (server + postgres) / calls,
+    }
+
+
+async def measured(
+    settings: IdentitySettings,
+    pid: int,
+    address: str,
+    target: str,
+    concurrency: int,
+    seconds: float,
+    persons: int,
+) -> Any:
+    """One load run, with the CPU it cost per call."""
+    before = await cpu_used(settings, pid)
+    result = await asyncio.to_thread(drive, address, target, concurrency, seconds, persons)
+    after = await cpu_used(settings, pid)
+    return {**result, "cpu_ms_per_call": cpu_ms_per_call(before, after, result["calls"])}
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -220,13 +298,19 @@ async def run(seconds: float, persons: int) -> dict[str, Any]:
         await wait_serving(baseline)
         levels = {}
         for concurrency in (1, 16):
-            base = drive(baseline, "baseline", concurrency, seconds, persons)
-            resolved = drive(resolve, "resolve", concurrency, seconds, persons)
+            base = await measured(
+                settings, servers[1].pid, baseline, "baseline", concurrency, seconds, persons
+            )
+            resolved = await measured(
+                settings, servers[0].pid, resolve, "resolve", concurrency, seconds, persons
+            )
             levels[str(concurrency)] = {
                 "baseline_select": base,
                 "resolve": resolved,
                 "throughput_ratio": resolved["per_second"] / base["per_second"],
                 "p99_ratio": resolved["p99_ms"] / base["p99_ms"],
+                "cpu_ratio": resolved["cpu_ms_per_call"]["total"]
+                / base["cpu_ms_per_call"]["total"],
             }
     finally:
         for server in servers:
@@ -256,6 +340,15 @@ def report(results: dict[str, Any]) -> str:
             f"{level:>4} {base['per_second']:>9.0f} {res['per_second']:>10.0f} "
             f"{r['throughput_ratio']:>6.2f} {base['p50_ms']:>7.2f}m {res['p50_ms']:>7.2f}m "
             f"{base['p99_ms']:>7.2f}m {res['p99_ms']:>7.2f}m {r['p99_ratio']:>9.2f}"
+        )
+        cpu = {name: r[name]["cpu_ms_per_call"] for name in ("baseline_select", "resolve")}
+        lines.append(
+            "     CPU ms/call (service + PostgreSQL): "
+            + ", ".join(
+                f"{name} {c['service']:.2f} + {c['postgres']:.2f} = {c['total']:.2f}"
+                for name, c in cpu.items()
+            )
+            + f"; ratio {r['cpu_ratio']:.2f}"
         )
         lines.append(f"     outcomes: {res['outcomes']}, errors {res['errors']}")
     return "\n".join(lines)

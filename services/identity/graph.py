@@ -42,6 +42,7 @@ from services.identity.store import (
     Tx,
     Writes,
     erased_hash,
+    lock,
     read_snapshot,
     write,
 )
@@ -359,7 +360,7 @@ class IdentityGraph:
         async with self._store.autocommit() as connection:
             snapshot = await read_snapshot(connection, shop_id, _keys(records), _events(records))
             plan = self._plan(snapshot, records, 0)
-            if plan.slow is None and not plan.writes.persons:
+            if plan.slow is None and not plan.writes.identifiers:
                 try:
                     if not plan.writes or await write(
                         connection, shop_id, plan.writes, PROMISCUOUS_AFTER
@@ -393,7 +394,8 @@ class IdentityGraph:
                 plan = self._plan(snapshot, records, start)
             end = len(records) if plan.slow is None else plan.slow
             if plan.writes:
-                await tx.lock_identifiers(plan.writes.new)
+                if plan.writes.new:
+                    await lock(tx.session, tx.shop_id, plan.writes.new, plan.writes.held)
                 if await write(tx.session, tx.shop_id, plan.writes, PROMISCUOUS_AFTER):
                     for i in range(start, end):
                         results[i] = plan.results[i]
@@ -425,11 +427,15 @@ class IdentityGraph:
     def _plan(self, snapshot: Snapshot, records: list[_Record], start: int) -> "_Plan":
         """Decides the records from `start` on in memory, as the exact path would, up to the
         first that is not a common case: a replay, an anonymous record, a record whose every
-        identifier is already one person's (evidence only), or one whose every identifier is
-        new and unforgotten (a new person)."""
+        identifier is already one person's (evidence only), one whose every identifier is new
+        and unforgotten (a new person), or one that adds new identifiers to the one person
+        holding the others with no conflict (linked)."""
         plan = _Plan()
         stored = dict(snapshot.stored)
-        created: set[tuple[str, str]] = set()
+        held = {
+            root: {t: set(k) for t, k in types.items()} for root, types in snapshot.held.items()
+        }
+        created: set[tuple[str, str]] = set()  # identifiers this plan adds
         priors = dict(snapshot.priors)
         shop_id = records[start].observation.shop_id
         for i in range(start, len(records)):
@@ -442,33 +448,43 @@ class IdentityGraph:
                 )
                 continue
             linkable = [n for n in normalized if not n.blocked]
-            found = [stored.get(n.key) for n in linkable]
-            roots = {s.root_id for s in found if s is not None}
+            found = {n.key: stored[n.key] for n in linkable if n.key in stored}
+            new = [n for n in linkable if n.key not in found]
+            roots = {s.root_id for s in found.values()}
             now = self._clock()
+            if any(s.conflicts >= PROMISCUOUS_AFTER for s in found.values()) or any(
+                erased_hash(shop_id, *n.key) in snapshot.erased for n in new
+            ):
+                plan.slow = i
+                break
             if not linkable:
                 person_id, home, root, outcome = "", None, None, "anonymous"
-            elif all(s is not None and s.conflicts < PROMISCUOUS_AFTER for s in found) and (
-                len(roots) == 1
-            ):
-                home, root, outcome = stored[linkable[0].key].home_id, roots.pop(), "unchanged"
+            elif not new and len(roots) == 1:
+                home, root, outcome = found[linkable[0].key].home_id, roots.pop(), "unchanged"
                 person_id = root
-                plan.writes.expected.update(
-                    {n.key: stored[n.key] for n in linkable if n.key not in created}
-                )
-            elif not roots and not any(
-                erased_hash(shop_id, *n.key) in snapshot.erased for n in linkable
-            ):
+            elif not found:
                 person_id = home = root = new_id("p")
                 outcome = "created"
                 plan.writes.persons.append((person_id, now))
-                for n in linkable:
-                    plan.writes.identifiers.append((n, person_id, now))
-                    plan.writes.new.append(n.key)
-                    stored[n.key] = Stored(person_id, person_id, 0)
-                    created.add(n.key)
+                held[root] = {}
+            elif len(roots) == 1 and (joining := self._linked(observation, linkable, found, held)):
+                # The anchor's home either way: the new identifiers join the home of the
+                # strongest identifier already held, which is the anchor unless it is new.
+                root = person_id = roots.pop()
+                home, outcome = joining, "linked"
+                if root in snapshot.held:
+                    plan.writes.held[root] = snapshot.held[root]
             else:
                 plan.slow = i
                 break
+            plan.writes.expected.update({k: s for k, s in found.items() if k not in created})
+            if root is not None and home is not None:
+                for n in new:
+                    plan.writes.identifiers.append((n, home, now))
+                    plan.writes.new.append(n.key)
+                    stored[n.key] = Stored(home, root, 0)
+                    held[root].setdefault(n.type, set()).add(n.match_key)
+                    created.add(n.key)
             anchor = linkable[0] if linkable else None
             plan.writes.evidence.append(
                 (_evidence(observation, now, home, anchor, outcome, ""), normalized)
@@ -478,6 +494,30 @@ class IdentityGraph:
             )
             plan.results[i] = Resolution(person_id, outcome, None if anchor is None else anchor.key)
         return plan
+
+    def _linked(
+        self,
+        observation: Observation,
+        linkable: list[Normalized],
+        found: dict[tuple[str, str], Stored],
+        held: dict[str, dict[str, set[str]]],
+    ) -> str:
+        """Where new identifiers join the one person holding a record's other identifiers: the
+        home of its strongest identifier there, as the exact path would attach them; "" when
+        they conflict (linking.py)."""
+        root = next(iter(found.values())).root_id
+        known, new = Party(root, held[root]), Party(None, {})
+        order: list[Party] = []
+        for n in linkable:
+            party = known if n.key in found else new
+            if not any(p is party for p in order):
+                order.append(party)
+            party.links.append(n)
+            if party is new:
+                new.held.setdefault(n.type, set()).add(n.match_key)
+        if conflict(order[0], order[1], observation.asserted, False) is not None:
+            return ""
+        return found[known.links[0].key].home_id
 
     async def _resolve(
         self, tx: Tx, observation: Observation, normalized: list[Normalized], window: timedelta

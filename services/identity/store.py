@@ -304,15 +304,19 @@ class Snapshot:
     stored: dict[tuple[str, str], Stored]
     priors: dict[str, Prior]
     erased: dict[str, str]
+    held: dict[str, dict[str, set[str]]]
+    """Every identifier (type -> match keys) of the groups those identifiers belong to."""
 
 
 @dataclass
 class Writes:
     """The rows a batch's common cases add, written by one statement, and what that statement
     checks first: each key in `expected` still stored with that home and root (not
-    promiscuous), and each key in `new` neither stored nor forgotten."""
+    promiscuous), each group in `held` still holding exactly those identifiers, and each key in
+    `new` neither stored nor forgotten."""
 
     expected: dict[tuple[str, str], Stored] = field(default_factory=dict)
+    held: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     new: list[tuple[str, str]] = field(default_factory=list)
     persons: list[tuple[str, datetime]] = field(default_factory=list)
     identifiers: list[tuple[Normalized, str, datetime]] = field(default_factory=list)
@@ -324,11 +328,20 @@ class Writes:
 
 _SNAPSHOT = text(
     """
-    SELECT 'i' AS kind, i.type AS a, i.match_key AS b, i.person_id AS c, p.root_id AS d,
-           i.conflicts AS n, CAST(NULL AS text) AS f, CAST(NULL AS text) AS g
-    FROM unnest(CAST(:types AS text[]), CAST(:keys AS text[])) AS k(type, match_key)
-    JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.match_key
-    JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
+    WITH found AS (
+        SELECT i.type, i.match_key, i.person_id, p.root_id, i.conflicts
+        FROM unnest(CAST(:types AS text[]), CAST(:keys AS text[])) AS k(type, match_key)
+        JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.match_key
+        JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
+    )
+    SELECT 'i' AS kind, type AS a, match_key AS b, person_id AS c, root_id AS d,
+           conflicts AS n, CAST(NULL AS text) AS f, CAST(NULL AS text) AS g
+    FROM found
+    UNION ALL
+    SELECT 'h', i.type, i.match_key, NULL, m.root_id, NULL, NULL, NULL
+    FROM (SELECT DISTINCT root_id FROM found) AS r
+    JOIN person m ON m.shop_id = :shop AND m.root_id = r.root_id
+    JOIN identifier i ON i.shop_id = :shop AND i.person_id = m.person_id
     UNION ALL
     SELECT 'e', e.event_id, e.anchor_type, e.person_id, p.root_id, NULL, e.anchor_key,
            e.outcome || ' ' || coalesce(e.candidate_id, '')
@@ -360,8 +373,18 @@ _WRITE = text(
         JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
             AND p.root_id = v.root
         FOR KEY SHARE OF i
+    ), wanted AS (
+        SELECT * FROM unnest(CAST(:h_roots AS text[]), CAST(:h_types AS text[]),
+                             CAST(:h_keys AS text[])) AS w(root_id, type, match_key)
+    ), group_held AS (
+        SELECT m.root_id, i.type, i.match_key
+        FROM person m
+        JOIN identifier i ON i.shop_id = m.shop_id AND i.person_id = m.person_id
+        WHERE m.shop_id = :shop AND m.root_id = ANY(CAST(:r_ids AS text[]))
     ), ok AS (
         SELECT (SELECT count(*) FROM held) = cardinality(CAST(:v_types AS text[]))
+            AND NOT EXISTS (SELECT * FROM group_held EXCEPT SELECT * FROM wanted)
+            AND NOT EXISTS (SELECT * FROM wanted EXCEPT SELECT * FROM group_held)
             AND NOT EXISTS (
                 SELECT 1
                 FROM unnest(CAST(:n_types AS text[]), CAST(:n_keys AS text[])) AS k(type, key)
@@ -431,10 +454,12 @@ async def read_snapshot(
             "hashes": list(hashes),
         },
     )
-    snapshot = Snapshot({}, {}, {})
+    snapshot = Snapshot({}, {}, {}, {})
     for kind, a, b, c, d, n, f, g in rows:
         if kind == "i":
             snapshot.stored[(a, b)] = Stored(c, d, n)
+        elif kind == "h":
+            snapshot.held.setdefault(d, {}).setdefault(a, set()).add(b)
         elif kind == "e":
             outcome, candidate = g.split(" ", 1)
             anchor = None if b is None or f is None else (b, f)
@@ -444,10 +469,34 @@ async def read_snapshot(
     return snapshot
 
 
+async def lock(
+    executor: Any, shop_id: str, keys: Sequence[tuple[str, str]], roots: Iterable[str]
+) -> None:
+    """Takes the advisory locks of identifiers about to be added, then the row locks of the
+    persons whose groups they join, each in one order for every transaction, by one statement
+    (PostgreSQL): what the exact path takes before it adds identifiers."""
+    await executor.execute(
+        text(
+            "SELECT (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(k) FROM "
+            "(SELECT unnest(CAST(:keys AS bigint[])) AS k ORDER BY 1) AS sorted) AS a), "
+            "(SELECT count(*) FROM (SELECT 1 FROM person WHERE shop_id = :shop "
+            "AND person_id = ANY(CAST(:roots AS text[])) ORDER BY person_id FOR UPDATE) AS b)"
+        ),
+        {
+            "shop": shop_id,
+            "keys": sorted({lock_key(shop_id, t, k) for t, k in keys}),
+            "roots": sorted(set(roots)),
+        },
+    )
+
+
 async def write(executor: Any, shop_id: str, writes: Writes, promiscuous: int) -> bool:
     """Writes the common cases' rows by one statement (PostgreSQL); False, with nothing
     written, when something they were decided on moved since it was read."""
     expected = sorted(writes.expected.items())
+    held = [
+        (r, t, k) for r, types in writes.held.items() for t, keys in types.items() for k in keys
+    ]
     identifiers = writes.identifiers
     carried = [
         (evidence["event_id"], position, n)
@@ -464,6 +513,10 @@ async def write(executor: Any, shop_id: str, writes: Writes, promiscuous: int) -
             "v_keys": [k for (_, k), _ in expected],
             "v_homes": [s.home_id for _, s in expected],
             "v_roots": [s.root_id for _, s in expected],
+            "r_ids": list(writes.held),
+            "h_roots": [r for r, _, _ in held],
+            "h_types": [t for _, t, _ in held],
+            "h_keys": [k for _, _, k in held],
             "n_types": [t for t, _ in writes.new],
             "n_keys": [k for _, k in writes.new],
             "n_hashes": [erased_hash(shop_id, t, k) for t, k in writes.new],

@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.identity import store
+from services.identity import graph, store
 from services.runtime import db
 from services.runtime.server import Server
 from services.runtime.telemetry import Telemetry
@@ -56,21 +56,23 @@ def once(
     name: str,
     before: Callable[[], Awaitable[None]] | None = None,
     after: Callable[[], Awaitable[None]] | None = None,
+    owner: Any = store.Tx,
 ) -> None:
-    """Runs `before` / `after` around the next call of Tx.<name> only."""
-    original = getattr(store.Tx, name)
+    """Runs `before` / `after` around the next call of Tx.<name> only (or of <name> of another
+    owner: the graph module's statements of the common cases, say)."""
+    original = getattr(owner, name)
     armed = [True]
 
-    async def hooked(self: Any, *args: Any, **kw: Any) -> Any:
+    async def hooked(*args: Any, **kw: Any) -> Any:
         fire, armed[0] = armed[0], False
         if fire and before:
             await before()
-        result = await original(self, *args, **kw)
+        result = await original(*args, **kw)
         if fire and after:
             await after()
         return result
 
-    monkeypatch.setattr(store.Tx, name, hooked)
+    monkeypatch.setattr(owner, name, hooked)
 
 
 async def lock_waiters(settings: Any) -> int:
@@ -121,18 +123,41 @@ async def test_a_resolve_racing_forget_leaves_no_pii(
         forgetting.append(asyncio.create_task(identity.call("Forget", person_id=person)))
         await eventually(lambda: lock_waiters(settings), lambda n: n > 0, "forget waiting")
 
-    once(monkeypatch, "identifiers", after=forget_waits_for_the_resolve)
-    await identity.resolve(("email", "gone@f.example"), ("cookie", "ck-after"))
+    # The resolve holds the locks of the session it adds and of the person it joins.
+    once(monkeypatch, "lock", after=forget_waits_for_the_resolve, owner=graph)
+    linked = await identity.resolve(("email", "gone@f.example"), ("cookie", "ck-after"))
+    assert linked.outcome == O.RESOLVE_OUTCOME_LINKED
     forgotten = await forgetting[0]
     assert (forgotten.identifiers_deleted, forgotten.evidence_deleted) == (2, 2)
-    left = await sql(
+    assert await pii_left(identity, settings) == []
+
+
+async def test_evidence_of_a_person_forgotten_meanwhile_is_not_left_behind(
+    pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity, settings = pg
+    person = (await identity.resolve(("email", "gone@fe.example"), ("cookie", "ck-fe"))).person_id
+
+    async def forget() -> None:
+        await identity.call("Forget", person_id=person)
+
+    # Read before the erasure, written after it: the write finds the identifiers gone, and the
+    # record goes through the exact path, which finds the tombstone.
+    once(monkeypatch, "write", before=forget, owner=graph)
+    answer = await identity.resolve(("email", "gone@fe.example"))
+    assert (answer.outcome, answer.person_id) == (O.RESOLVE_OUTCOME_ERASED, person)
+    assert await pii_left(identity, settings) == []
+
+
+async def pii_left(identity: Identity, settings: Any) -> list[Any]:
+    """Rows of the shop that still hold an identifier's value."""
+    return await sql(
         settings,
         "SELECT 'evidence' FROM evidence WHERE shop_id = $1 AND anchor_key IS NOT NULL "
         "UNION ALL SELECT 'carried' FROM evidence_identifier WHERE shop_id = $1 "
         "UNION ALL SELECT 'identifier' FROM identifier WHERE shop_id = $1",
         identity.shop,
     )
-    assert left == []
 
 
 async def test_a_forget_racing_a_merge_forgets_the_merged_group(
