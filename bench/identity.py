@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from bench.enrichment import cpu_seconds
 from bench.load import (
     bench_database_url,
     drop_schema,
@@ -164,15 +165,6 @@ def drive(address: str, target: str, concurrency: int, seconds: float, persons: 
 
 
 # --- CPU per call -------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far (Linux; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def local_ports(pid: int) -> set[int]:
