@@ -2,6 +2,7 @@
 signals and the loyalty ledger."""
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,7 @@ from services.profile.store import (
     SummaryDueRow,
     SummaryRow,
     TagRow,
+    bulk_insert,
     earning,
     programme_of,
 )
@@ -99,6 +101,82 @@ def _locked_signals(
     return select(aliased(SignalRow, locked)).select_from(wanted).join(locked, true())
 
 
+@dataclass(frozen=True)
+class Refreshed:
+    """A person's summary as rebuilt for a request (`due`): the root of their group, the
+    persons merged into it, the group's anchors, the summary's columns (None: the person is
+    gone or erased, their summary removed) and tags."""
+
+    due: SummaryDueRow
+    root: str
+    gone: Sequence[str]
+    anchors: Sequence[Anchor]
+    summary: dict[str, Any] | None
+    tags: Sequence[str]
+
+
+async def _save_summaries(
+    session: AsyncSession, shop_id: str, items: list[Refreshed]
+) -> list[dict[str, Any]]:
+    """One shop's part of `save_summaries`; returns the persons whose summary changed."""
+    erased = set(
+        await session.scalars(
+            select(ErasedPersonRow.person_id).where(
+                ErasedPersonRow.shop_id == shop_id,
+                ErasedPersonRow.person_id.in_(sorted({r.root for r in items})),
+            )
+        )
+    )
+    kept: dict[str, Refreshed] = {}  # by root: two requests of one group build the same
+    removed: set[str] = set()
+    for item in items:
+        removed.update(item.gone)
+        if item.summary is None or item.root in erased:  # erased while it was being built
+            removed.add(item.root)
+        else:
+            kept[item.root] = item
+    for root in removed & set(kept):
+        del kept[root]  # removed by one request, kept by another: a race; removal wins
+    stale = sorted(removed | set(kept))
+    for model in (SummaryRow, TagRow, PersonAnchorRow):
+        await session.execute(
+            delete(model).where(model.shop_id == shop_id, model.person_id.in_(stale))
+        )
+    if not kept:
+        return []
+    await session.execute(
+        bulk_insert(
+            session,
+            SummaryRow,
+            [
+                {"shop_id": shop_id, "person_id": root, **(r.summary or {})}
+                for root, r in kept.items()
+            ],
+        )
+    )
+    tags = [
+        {"shop_id": shop_id, "person_id": root, "tag": tag}
+        for root, r in kept.items()
+        for tag in sorted(set(r.tags))
+    ]
+    if tags:
+        await session.execute(bulk_insert(session, TagRow, tags))
+    anchors = {
+        (t, k): {"shop_id": shop_id, "anchor_type": t, "anchor_key": k, "person_id": root}
+        for root, r in kept.items()
+        for t, k in r.anchors
+    }
+    if anchors:
+        insert = bulk_insert(session, PersonAnchorRow, list(anchors.values()))
+        await session.execute(
+            insert.on_conflict_do_update(
+                index_elements=["shop_id", "anchor_type", "anchor_key"],
+                set_={"person_id": insert.excluded.person_id},
+            )
+        )
+    return [{"shop_id": shop_id, "person_id": root} for root in kept]
+
+
 class AudienceStore:
     """Reads and writes of the audience tables."""
 
@@ -115,68 +193,33 @@ class AudienceStore:
                 )
             )
 
-    async def save_summary(
-        self,
-        due: SummaryDueRow,
-        root: str,
-        gone: Sequence[str],
-        anchors: Sequence[Anchor],
-        summary: dict[str, Any] | None,
-        tags: Sequence[str],
-    ) -> None:
-        """Replaces a group's summary, tags and anchors (or, with no summary, removes them);
-        removes those of persons merged into it; done with the request unless it was made
-        again meanwhile."""
-        shop_id = due.shop_id
+    async def save_summaries(self, refreshed: Sequence["Refreshed"]) -> None:
+        """Replaces each refreshed group's summary, tags and anchors (or, with no summary,
+        removes them) and removes those of persons merged into it; each request is done unless
+        it was made again meanwhile. One transaction, a few statements a shop."""
+        by_shop: dict[str, list[Refreshed]] = {}
+        for item in refreshed:
+            by_shop.setdefault(item.due.shop_id, []).append(item)
         async with self._sessions.begin() as session:
             # Taken by an erasure too: the erased check below sees an erasure that ran meanwhile.
-            await hold_lock(session, "person", shop_id, root)
-            if await session.get(ErasedPersonRow, (shop_id, root)) is not None:
-                summary = None  # erased while this summary was being built
-            removed = [*gone, root] if summary is None else list(gone)
-            for model in (SummaryRow, TagRow, PersonAnchorRow):
-                await session.execute(
-                    delete(model).where(model.shop_id == shop_id, model.person_id.in_(removed))
-                )
-            if summary is not None:
-                await session.merge(SummaryRow(shop_id=shop_id, person_id=root, **summary))
-                await session.execute(
-                    delete(TagRow).where(TagRow.shop_id == shop_id, TagRow.person_id == root)
-                )
-                if tags:
-                    await session.execute(
-                        dialect_of(session).insert(TagRow),
-                        [{"shop_id": shop_id, "person_id": root, "tag": t} for t in tags],
-                    )
-                await session.execute(
-                    delete(PersonAnchorRow).where(
-                        PersonAnchorRow.shop_id == shop_id, PersonAnchorRow.person_id == root
-                    )
-                )
-                if anchors:
-                    insert = dialect_of(session).insert(PersonAnchorRow)
-                    await session.execute(
-                        insert.on_conflict_do_update(
-                            index_elements=["shop_id", "anchor_type", "anchor_key"],
-                            set_={"person_id": insert.excluded.person_id},
-                        ),
-                        [
-                            {"shop_id": shop_id, "anchor_type": t, "anchor_key": k,
-                             "person_id": root}
-                            for t, k in anchors
-                        ],
-                    )  # fmt: skip
-            await session.execute(
-                delete(SummaryDueRow).where(
-                    SummaryDueRow.shop_id == shop_id,
-                    SummaryDueRow.person_id == due.person_id,
-                    SummaryDueRow.requested_at == due.requested_at,
-                )
+            for shop_id, person_id in sorted({(r.due.shop_id, r.root) for r in refreshed}):
+                await hold_lock(session, "person", shop_id, person_id)
+            activity: list[dict[str, Any]] = []
+            for shop_id, items in sorted(by_shop.items()):
+                activity += await _save_summaries(session, shop_id, items)
+            due: Any = SummaryDueRow.__table__
+            await (await session.connection()).execute(
+                delete(due).where(
+                    due.c.shop_id == bindparam("s"),
+                    due.c.person_id == bindparam("p"),
+                    due.c.requested_at == bindparam("r"),
+                ),
+                [
+                    {"s": r.due.shop_id, "p": r.due.person_id, "r": r.due.requested_at}
+                    for r in refreshed
+                ],
             )
-            if summary is not None:
-                await append_to_outbox(
-                    session, ActivityRow, [{"shop_id": shop_id, "person_id": root}]
-                )
+            await append_to_outbox(session, ActivityRow, activity)
 
     async def summary(self, shop_id: str, person_id: str) -> SummaryRow | None:
         async with self._sessions() as session:

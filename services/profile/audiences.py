@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from services.profile import loyalty, segments
-from services.profile.audience_store import AudienceStore
+from services.profile.audience_store import AudienceStore, Refreshed
 from services.profile.loyalty import Earning, Programme, Standing
 from services.profile.peers import GatePeer, Group, IdentityPeer
 from services.profile.profiles import Profile, assemble
@@ -278,23 +278,26 @@ class Audiences:
     # --- summaries ------------------------------------------------------------------------------
 
     async def refresh_due(self) -> int:
-        """Refreshes the summaries of persons whose facts or grouping changed; returns how
-        many it refreshed."""
+        """Refreshes the summaries of persons whose facts or grouping changed, REFRESH_BATCH at
+        a time: each built on its own (REFRESH_IN_FLIGHT at once), all saved by one
+        transaction; returns how many it refreshed."""
         limit = asyncio.Semaphore(REFRESH_IN_FLIGHT)
 
-        async def one(due: SummaryDueRow) -> bool:
+        async def one(due: SummaryDueRow) -> Refreshed | None:
             async with limit:
                 try:
-                    await self._refresh(due)
+                    return await self._refresh(due)
                 except Exception as exc:
                     log.warning("summary refresh failed", extra={"error": type(exc).__name__})
-                    return False
-                return True
+                    return None
 
         rows = await self._store.due_summaries(REFRESH_BATCH)
-        return sum(await asyncio.gather(*(one(row) for row in rows)))
+        built = [found for found in await asyncio.gather(*(one(row) for row in rows)) if found]
+        if built:
+            await self._store.save_summaries(built)
+        return len(built)
 
-    async def _refresh(self, due: SummaryDueRow) -> None:
+    async def _refresh(self, due: SummaryDueRow) -> Refreshed:
         try:
             group: Group | None = await self._identity.group(due.shop_id, due.person_id)
         except PeerRejected as rejected:
@@ -302,8 +305,7 @@ class Audiences:
                 raise
             group = None
         if group is None or group.erased or await self._facts.erased(due.shop_id, group.person_id):
-            await self._store.save_summary(due, due.person_id, [], [], None, [])
-            return
+            return Refreshed(due, due.person_id, [], [], None, [])
         facts = await self._facts.facts(due.shop_id, group.anchors)
         profile = assemble(due.shop_id, group, facts, None)
         purchases = await self._store.purchases(due.shop_id, group.anchors)
@@ -311,9 +313,7 @@ class Audiences:
         summary = summary_of(profile, purchases, standing)
         summary["updated_at"] = self._clock()
         gone = [m for m in {*group.members, due.person_id} if m != group.person_id]
-        await self._store.save_summary(
-            due, group.person_id, gone, group.anchors, summary, profile.tags
-        )
+        return Refreshed(due, group.person_id, gone, group.anchors, summary, profile.tags)
 
     async def standing(self, shop_id: str, group: Group) -> Standing:
         programme = await self._store.programme(shop_id)

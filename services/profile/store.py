@@ -572,7 +572,7 @@ def _among(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
     return column.in_(list(values))
 
 
-def _bulk_insert(session: AsyncSession, model: Any, rows: Sequence[dict[str, Any]]) -> Any:
+def bulk_insert(session: AsyncSession, model: Any, rows: Sequence[dict[str, Any]]) -> Any:
     """An INSERT of many rows (every row with the keys of the first), for a conflict clause and
     RETURNING to be added. On PostgreSQL the rows travel as one array a column, unnested (one
     statement whatever the number of rows, a few parameters, planned once); elsewhere as a
@@ -610,7 +610,7 @@ async def _request_pushes(
     """Queues persons' contact policies for the gate (once, however often it is asked)."""
     if not person_ids:
         return
-    push = _bulk_insert(
+    push = bulk_insert(
         session,
         GatePushRow,
         [
@@ -644,7 +644,7 @@ async def _mark_all_due(
     persons = sorted({person_id for person_id in person_ids if person_id})
     if not persons:
         return
-    due = _bulk_insert(
+    due = bulk_insert(
         session,
         SummaryDueRow,
         [{"shop_id": shop_id, "person_id": p, "requested_at": now} for p in persons],
@@ -703,7 +703,7 @@ class ProfileStore:
                     last[order_id] = values
             if not last:
                 return newer
-            insert = _bulk_insert(session, OrderRow, list(last.values()))
+            insert = bulk_insert(session, OrderRow, list(last.values()))
             written = set(
                 await session.scalars(
                     insert.on_conflict_do_update(
@@ -725,7 +725,7 @@ class ProfileStore:
             programme = await session.get(ProgrammeRow, shop_id)
             if programme is not None and written:
                 await session.execute(
-                    _bulk_insert(
+                    bulk_insert(
                         session,
                         EarningRow,
                         [
@@ -868,7 +868,7 @@ class ProfileStore:
         async with self._sessions.begin() as session:
             stored = set(
                 await session.scalars(
-                    _bulk_insert(session, ConsentRow, list(fresh.values()))
+                    bulk_insert(session, ConsentRow, list(fresh.values()))
                     .on_conflict_do_nothing()
                     .returning(ConsentRow.consent_id)
                 )
@@ -918,7 +918,7 @@ class ProfileStore:
             return
         keys = ("shop_id", "source", "source_id")
         async with self._sessions.begin() as session:
-            insert = _bulk_insert(session, CustomerRow, [values for values, _ in records])
+            insert = bulk_insert(session, CustomerRow, [values for values, _ in records])
             await session.execute(
                 insert.on_conflict_do_update(
                     index_elements=list(keys),
