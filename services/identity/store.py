@@ -8,6 +8,7 @@ cached `root_id` of the persons under it); they never move identifiers or rewrit
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -358,10 +359,11 @@ _SNAPSHOT = text(
 # The common cases' rows in one statement. It first locks the identifier rows it relies on (so a
 # Forget, which locks them FOR UPDATE before reading the evidence it deletes, waits for it or
 # is seen to have removed them) and checks that nothing it decided on moved since it was read;
-# only then (`ok`) does it insert anything.
-_WRITE = text(
-    """
-    WITH expected AS (
+# only then (`ok`) does it insert anything. PostgreSQL plans every statement anew (the runtime's
+# force_custom_plan), which costs more than running this one: each batch leaves out the parts
+# it has no rows for (`_write_statement`).
+_EXPECTED = """
+    expected AS (
         SELECT * FROM unnest(CAST(:v_types AS text[]), CAST(:v_keys AS text[]),
                              CAST(:v_homes AS text[]), CAST(:v_roots AS text[]))
             AS v(type, match_key, home, root)
@@ -373,7 +375,9 @@ _WRITE = text(
         JOIN person p ON p.shop_id = i.shop_id AND p.person_id = i.person_id
             AND p.root_id = v.root
         FOR KEY SHARE OF i
-    ), wanted AS (
+    ),"""
+_GROUPS = """
+    wanted AS (
         SELECT * FROM unnest(CAST(:h_roots AS text[]), CAST(:h_types AS text[]),
                              CAST(:h_keys AS text[])) AS w(root_id, type, match_key)
     ), group_held AS (
@@ -381,25 +385,30 @@ _WRITE = text(
         FROM person m
         JOIN identifier i ON i.shop_id = m.shop_id AND i.person_id = m.person_id
         WHERE m.shop_id = :shop AND m.root_id = ANY(CAST(:r_ids AS text[]))
-    ), ok AS (
-        SELECT (SELECT count(*) FROM held) = cardinality(CAST(:v_types AS text[]))
-            AND NOT EXISTS (SELECT * FROM group_held EXCEPT SELECT * FROM wanted)
-            AND NOT EXISTS (SELECT * FROM wanted EXCEPT SELECT * FROM group_held)
-            AND NOT EXISTS (
-                SELECT 1
-                FROM unnest(CAST(:n_types AS text[]), CAST(:n_keys AS text[])) AS k(type, key)
-                JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.key
-            )
-            AND NOT EXISTS (
-                SELECT 1 FROM erased_identifier t
-                WHERE t.shop_id = :shop AND t.key_hash = ANY(CAST(:n_hashes AS text[]))
-            ) AS ok
-    ), persons AS (
+    ),"""
+_OK_EXPECTED = "(SELECT count(*) FROM held) = cardinality(CAST(:v_types AS text[]))"
+_OK_GROUPS = """
+    NOT EXISTS (SELECT * FROM group_held EXCEPT SELECT * FROM wanted)
+    AND NOT EXISTS (SELECT * FROM wanted EXCEPT SELECT * FROM group_held)"""
+_OK_NEW = """
+    NOT EXISTS (
+        SELECT 1
+        FROM unnest(CAST(:n_types AS text[]), CAST(:n_keys AS text[])) AS k(type, key)
+        JOIN identifier i ON i.shop_id = :shop AND i.type = k.type AND i.match_key = k.key
+    )
+    AND NOT EXISTS (
+        SELECT 1 FROM erased_identifier t
+        WHERE t.shop_id = :shop AND t.key_hash = ANY(CAST(:n_hashes AS text[]))
+    )"""
+_PERSONS = """
+    persons AS (
         INSERT INTO person (shop_id, person_id, parent_id, root_id, created_at, erased_at)
         SELECT :shop, x.id, NULL, x.id, x.at, NULL
         FROM unnest(CAST(:p_ids AS text[]), CAST(:p_at AS timestamptz[])) AS x(id, at)
         WHERE (SELECT ok FROM ok)
-    ), identifiers AS (
+    ),"""
+_IDENTIFIERS = """
+    identifiers AS (
         INSERT INTO identifier (shop_id, type, match_key, value, raw_value, person_id,
                                 first_seen_at, normalizer_version, conflicts)
         SELECT :shop, x.type, x.key, x.value, x.raw, x.person, x.at, :version, 0
@@ -408,7 +417,9 @@ _WRITE = text(
                     CAST(:i_persons AS text[]), CAST(:i_at AS timestamptz[]))
             AS x(type, key, value, raw, person, at)
         WHERE (SELECT ok FROM ok)
-    ), added AS (
+    ),"""
+_EVIDENCE = """
+    added AS (
         INSERT INTO evidence (shop_id, event_id, source, strength, observed_at, recorded_at,
                               person_id, anchor_type, anchor_key, outcome, candidate_id)
         SELECT :shop, x.event, x.source, x.strength, x.observed, x.recorded, x.person,
@@ -433,9 +444,19 @@ _WRITE = text(
                     CAST(:c_keys AS text[])) AS x(event, position, type, raw, key)
         JOIN added e ON e.event_id = x.event
     )
-    SELECT ok FROM ok
-    """
-)
+    SELECT ok FROM ok"""
+
+
+@functools.cache
+def _write_statement(expected: bool, groups: bool, new: bool, persons: bool) -> Any:
+    """The write statement with only the parts a batch has rows for."""
+    checks = [
+        c for c, used in ((_OK_EXPECTED, expected), (_OK_GROUPS, groups), (_OK_NEW, new)) if used
+    ]
+    parts = [_EXPECTED if expected else "", _GROUPS if groups else ""]
+    parts.append(f" ok AS (SELECT {' AND '.join(checks) or 'true'} AS ok),")
+    parts += [_PERSONS if persons else "", _IDENTIFIERS if new else "", _EVIDENCE]
+    return text("WITH" + "".join(parts))
 
 
 async def read_snapshot(
@@ -503,47 +524,58 @@ async def write(executor: Any, shop_id: str, writes: Writes, promiscuous: int) -
         for evidence, normalized in writes.evidence
         for position, n in enumerate(normalized)
     ]
-    ok = await executor.scalar(
-        _WRITE,
-        {
-            "shop": shop_id,
+    params: dict[str, Any] = {"shop": shop_id}
+    if expected:
+        params |= {
             "promiscuous": promiscuous,
-            "version": NORMALIZER_VERSION,
             "v_types": [t for (t, _), _ in expected],
             "v_keys": [k for (_, k), _ in expected],
             "v_homes": [s.home_id for _, s in expected],
             "v_roots": [s.root_id for _, s in expected],
+        }
+    if held:
+        params |= {
             "r_ids": list(writes.held),
             "h_roots": [r for r, _, _ in held],
             "h_types": [t for _, t, _ in held],
             "h_keys": [k for _, _, k in held],
+        }
+    if writes.persons:
+        params |= {
+            "p_ids": [p for p, _ in writes.persons],
+            "p_at": [at for _, at in writes.persons],
+        }
+    if writes.new:
+        params |= {
             "n_types": [t for t, _ in writes.new],
             "n_keys": [k for _, k in writes.new],
             "n_hashes": [erased_hash(shop_id, t, k) for t, k in writes.new],
-            "p_ids": [p for p, _ in writes.persons],
-            "p_at": [at for _, at in writes.persons],
+            "version": NORMALIZER_VERSION,
             "i_types": [n.type for n, _, _ in identifiers],
             "i_keys": [n.match_key for n, _, _ in identifiers],
             "i_values": [n.value for n, _, _ in identifiers],
             "i_raws": [n.raw for n, _, _ in identifiers],
             "i_persons": [p for _, p, _ in identifiers],
             "i_at": [at for _, _, at in identifiers],
-            "e_events": [e["event_id"] for e, _ in writes.evidence],
-            "e_sources": [e["source"] for e, _ in writes.evidence],
-            "e_strengths": [e["strength"] for e, _ in writes.evidence],
-            "e_observed": [e["observed_at"] for e, _ in writes.evidence],
-            "e_recorded": [e["recorded_at"] for e, _ in writes.evidence],
-            "e_persons": [e["person_id"] for e, _ in writes.evidence],
-            "e_anchor_types": [e["anchor_type"] for e, _ in writes.evidence],
-            "e_anchor_keys": [e["anchor_key"] for e, _ in writes.evidence],
-            "e_outcomes": [e["outcome"] for e, _ in writes.evidence],
-            "c_events": [event for event, _, _ in carried],
-            "c_positions": [position for _, position, _ in carried],
-            "c_types": [n.type for _, _, n in carried],
-            "c_raws": [n.raw for _, _, n in carried],
-            "c_keys": [n.match_key for _, _, n in carried],
-        },
-    )
+        }
+    params |= {
+        "e_events": [e["event_id"] for e, _ in writes.evidence],
+        "e_sources": [e["source"] for e, _ in writes.evidence],
+        "e_strengths": [e["strength"] for e, _ in writes.evidence],
+        "e_observed": [e["observed_at"] for e, _ in writes.evidence],
+        "e_recorded": [e["recorded_at"] for e, _ in writes.evidence],
+        "e_persons": [e["person_id"] for e, _ in writes.evidence],
+        "e_anchor_types": [e["anchor_type"] for e, _ in writes.evidence],
+        "e_anchor_keys": [e["anchor_key"] for e, _ in writes.evidence],
+        "e_outcomes": [e["outcome"] for e, _ in writes.evidence],
+        "c_events": [event for event, _, _ in carried],
+        "c_positions": [position for _, position, _ in carried],
+        "c_types": [n.type for _, _, n in carried],
+        "c_raws": [n.raw for _, _, n in carried],
+        "c_keys": [n.match_key for _, _, n in carried],
+    }
+    statement = _write_statement(bool(expected), bool(held), bool(writes.new), bool(writes.persons))
+    ok = await executor.scalar(statement, params)
     return bool(ok)
 
 
