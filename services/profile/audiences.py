@@ -304,12 +304,15 @@ class Audiences:
             if rejected.code.name != "NOT_FOUND":
                 raise
             group = None
-        if group is None or group.erased or await self._facts.erased(due.shop_id, group.person_id):
+        if group is None or group.erased:
             return Refreshed(due, due.person_id, [], [], None, [])
-        facts = await self._facts.facts(due.shop_id, group.anchors)
-        profile = assemble(due.shop_id, group, facts, None)
+        # One statement for the facts, the erased check, the programme and the ledger.
+        picture = await self._facts.picture(due.shop_id, group.person_id, group.anchors)
+        if picture.erased:
+            return Refreshed(due, due.person_id, [], [], None, [])
+        profile = assemble(due.shop_id, group, picture.facts, None)
         purchases = await self._store.purchases(due.shop_id, group.anchors)
-        standing = await self.standing(due.shop_id, group)
+        standing = loyalty.standing(picture.programme, picture.ledger, self._clock())
         summary = summary_of(profile, purchases, standing)
         summary["updated_at"] = self._clock()
         gone = [m for m in {*group.members, due.person_id} if m != group.person_id]
