@@ -9,6 +9,10 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.runtime.auth import TokenRegistry
@@ -38,7 +42,14 @@ class FailingGate(gate_pb2_grpc.GateServicer):
 
 
 @pytest.fixture
-async def gate() -> AsyncIterator["gate_pb2_grpc.GateAsyncStub"]:
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+async def gate(exporter: InMemorySpanExporter) -> AsyncIterator["gate_pb2_grpc.GateAsyncStub"]:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     server = await start_server(
         "127.0.0.1:0",
         [
@@ -49,7 +60,7 @@ async def gate() -> AsyncIterator["gate_pb2_grpc.GateAsyncStub"]:
             )
         ],
         tokens=TokenRegistry.from_settings_tokens(TOKENS),
-        telemetry=Telemetry(),
+        telemetry=Telemetry(provider),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield gate_pb2_grpc.GateStub(channel)
@@ -113,4 +124,57 @@ async def test_not_found_names_the_resource(gate: "gate_pb2_grpc.GateAsyncStub")
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     assert details(failure.value) == [
         error_details_pb2.ResourceInfo(resource_type="person", resource_name="p404")
+    ]
+
+
+async def test_each_call_has_a_server_span_with_its_code_and_an_error_only_for_server_failures(
+    gate: "gate_pb2_grpc.GateAsyncStub", exporter: InMemorySpanExporter
+) -> None:
+    calls: list[tuple[Any, Any, Any]] = [
+        (gate.Release, gate_pb2.ReleaseRequest(shop_id="shop-a"), bearer(ADMIN_TOKEN)),
+        (
+            gate.GetContactHistory,
+            gate_pb2.GetContactHistoryRequest(shop_id="shop-a"),
+            bearer(ADMIN_TOKEN),
+        ),
+        (gate.Check, gate_pb2.CheckRequest(shop_id="shop-a"), bearer(ADMIN_TOKEN)),
+        (gate.Check, gate_pb2.CheckRequest(shop_id="shop-a"), ()),
+    ]
+    codes = []
+    for method, request, metadata in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await method(request, metadata=metadata)
+        codes.append(refused.value.code())
+
+    assert codes == [
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ]
+    spans = exporter.get_finished_spans()
+    methods = ["Release", "GetContactHistory", "Check", "Check"]
+    assert [(s.name, s.kind) for s in spans] == [
+        (f"/c360.gate.v1.Gate/{m}", SpanKind.SERVER) for m in methods
+    ]
+    assert [dict(s.attributes or {}) for s in spans] == [
+        {
+            "rpc.system": "grpc",
+            "rpc.service": "c360.gate.v1.Gate",
+            "rpc.method": m,
+            "rpc.grpc.status_code": code.value[0],
+        }
+        for m, code in zip(methods, codes, strict=True)
+    ]
+    assert [s.status.status_code for s in spans] == [
+        StatusCode.UNSET,
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert [[e.attributes["exception.type"] for e in s.events] for s in spans] == [  # type: ignore[index]
+        ["services.runtime.errors.FailedPrecondition"],
+        ["ConnectionError"],
+        ["RuntimeError"],
+        ["services.runtime.errors.Unauthenticated"],
     ]
