@@ -225,10 +225,19 @@ async def measured(
     seconds: float,
     persons: int,
 ) -> Any:
-    """One load run, with the CPU it cost per call."""
+    """One load run, with the CPU it cost per call. The backends are sampled while it runs: a
+    pool's overflow connections (and their backends) end before it does."""
     before = await cpu_used(settings, pid)
-    result = await asyncio.to_thread(drive, address, target, concurrency, seconds, persons)
-    after = await cpu_used(settings, pid)
+    running = asyncio.create_task(
+        asyncio.to_thread(drive, address, target, concurrency, seconds, persons)
+    )
+    after = dict(before)
+    while True:
+        done, _ = await asyncio.wait({running}, timeout=0.25)
+        after |= await cpu_used(settings, pid)
+        if done:
+            break
+    result = running.result()
     return {**result, "cpu_ms_per_call": cpu_ms_per_call(before, after, result["calls"])}
 
 

@@ -1064,11 +1064,15 @@ _GROUP = _group_statement()
 class IdentityStore:
     """Transactions on the identity tables, and the reads that need none."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], statements: AsyncEngine | None = None
+    ) -> None:
+        """`statements`: the engine whose connections run the statements of `autocommit` (the
+        sessions' own when None)."""
         self._sessions = sessions
         # SQLite has no row or advisory locks: its transactions take turns in this process.
         self._turns = asyncio.Lock()
-        self._engine: AsyncEngine = sessions.kw["bind"]
+        self._engine: AsyncEngine = statements or sessions.kw["bind"]
         self.postgres = self._engine.dialect.name == "postgresql"
         self._serial = not self.postgres
 
