@@ -699,6 +699,7 @@ class Profiles:
         limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
 
         async def push(row: GatePushRow) -> bool:
+            """Whether the gate has the row's policy now."""
             async with limit:
                 try:
                     group = await self._identity.group(row.shop_id, row.person_id)
@@ -719,11 +720,13 @@ class Profiles:
                     )
                     await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
                     return False
-                await self._store.pushed(row)
                 return True
 
         rows = await self._store.pending_pushes(self._clock(), limit=500)
-        return sum(await asyncio.gather(*(push(row) for row in rows)))
+        pushed = await asyncio.gather(*map(push, rows))
+        done = [row for row, ok in zip(rows, pushed, strict=True) if ok]
+        await self._store.pushed(done)  # one statement for them all
+        return len(done)
 
     async def follow_identity(self) -> int:
         """Reads identity's changes since the last time: a merge or an unmerge changes whose

@@ -1009,15 +1009,19 @@ class ProfileStore:
                 )
             )
 
-    async def pushed(self, row: GatePushRow) -> None:
-        """Done, unless the person's consent changed again meanwhile."""
+    async def pushed(self, rows: Sequence[GatePushRow]) -> None:
+        """Done, each unless the person's consent changed again meanwhile."""
+        if not rows:
+            return
+        push: Any = GatePushRow.__table__
         async with self._sessions.begin() as session:
-            await session.execute(
-                delete(GatePushRow).where(
-                    GatePushRow.shop_id == row.shop_id,
-                    GatePushRow.person_id == row.person_id,
-                    GatePushRow.requested_at == row.requested_at,
-                )
+            await (await session.connection()).execute(
+                delete(push).where(
+                    push.c.shop_id == bindparam("s"),
+                    push.c.person_id == bindparam("p"),
+                    push.c.requested_at == bindparam("r"),
+                ),
+                [{"s": r.shop_id, "p": r.person_id, "r": r.requested_at} for r in rows],
             )
 
     async def push_failed(self, row: GatePushRow, retry_at: datetime) -> None:
