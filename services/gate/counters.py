@@ -91,10 +91,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return removed
 """
 
-# CheckBatch goes to Redis in pipelined round trips of this many checks, this many at a time,
-# each given the check timeout plus this much time per check it carries.
-BATCH_CHUNK = 1000
-BATCH_IN_FLIGHT = 4
+# A pipelined round trip of checks is given the check timeout plus this much time per check.
 BATCH_BUDGET_PER_CHECK = 0.0005
 
 
@@ -311,27 +308,17 @@ class Counters:
         seconds = self._write_timeout if args.mode == "peek" else 0.0
         return Outcome.parse(await self._bounded(self._check(keys=keys.all(), args=argv), seconds))
 
-    async def check_many(
+    async def check_pipelined(
         self, calls: Sequence[tuple[CustomerKeys, CheckArgs]]
     ) -> list[Outcome | None]:
-        """Runs many independent checks, pipelined in round trips of up to BATCH_CHUNK checks,
-        BATCH_IN_FLIGHT at a time (so the client packs and parses while Redis works), each
-        bounded by the timeout plus BATCH_BUDGET_PER_CHECK a check. A round trip that fails
-        gives None for its checks."""
-        in_flight = asyncio.Semaphore(BATCH_IN_FLIGHT)
-
-        async def chunk(part: Sequence[tuple[CustomerKeys, CheckArgs]]) -> list[Outcome | None]:
-            async with in_flight:
-                try:
-                    async with asyncio.timeout(self._timeout + BATCH_BUDGET_PER_CHECK * len(part)):
-                        replies = await self._pipelined_checks(part)
-                except (TimeoutError, RedisError):
-                    return [None] * len(part)
-                return [Outcome.parse(reply) for reply in replies]
-
-        parts = [calls[i : i + BATCH_CHUNK] for i in range(0, len(calls), BATCH_CHUNK)]
-        results = await asyncio.gather(*(chunk(part) for part in parts))
-        return [outcome for result in results for outcome in result]
+        """Runs independent checks in one pipelined round trip, bounded by the timeout plus
+        BATCH_BUDGET_PER_CHECK a check; a round trip that fails gives None for its checks."""
+        try:
+            async with asyncio.timeout(self._timeout + BATCH_BUDGET_PER_CHECK * len(calls)):
+                replies = await self._pipelined_checks(calls)
+        except (TimeoutError, RedisError):
+            return [None] * len(calls)
+        return [Outcome.parse(reply) for reply in replies]
 
     async def _pipelined_checks(self, chunk: Sequence[tuple[CustomerKeys, CheckArgs]]) -> Any:
         # EVALSHA queued straight on the pipeline (the script wrapper costs more per call than

@@ -458,6 +458,26 @@ async def test_a_message_id_reserved_on_one_channel_cannot_be_checked_on_another
         await gut.check("p1", "sms", "m1")
 
 
+async def test_a_batch_holding_a_message_reserved_on_another_channel_fails_and_logs_the_rest(
+    gut: GateUnderTest,
+) -> None:
+    for person in ("a", "b", "c"):
+        await gut.consent(person)
+    assert (await gut.check("b", "email", "m-b")).allowed is True
+    batch = [Request(gut.shop, p, "sms", f"m-{p}") for p in ("a", "b", "c")]
+    with pytest.raises(AlreadyExists, match="'m-b' is reserved on email"):
+        await gut.gate.check_batch(batch)
+    # The others were decided (and reserved): their decisions are in the log, and asking again
+    # replays them.
+    for person in ("a", "c"):
+        history = await gut.gate.history(gut.shop, person, 10)
+        assert [(line.message_id, line.channel, line.allowed) for line in history.log] == [
+            (f"m-{person}", "sms", True)
+        ]
+    replayed = await gut.gate.check_batch([batch[0], batch[2]])
+    assert [(d.allowed, d.replayed) for d in replayed] == [(True, True), (True, True)]
+
+
 async def test_a_batch_of_customers_the_gate_never_saw_is_decided_in_bulk(
     gut: GateUnderTest,
 ) -> None:
