@@ -346,10 +346,11 @@ class IdentityGraph:
         self, shop_id: str, records: list[_Record], window: timedelta
     ) -> list[Resolution]:
         """On PostgreSQL: one statement reads what every record needs; the common cases are
-        decided in memory and, when that is all there is (every record a replay, anonymous, or
-        already one person's), written by one more statement, with no transaction around
-        either. Anything else runs in one transaction (`_segments`). On SQLite the records run
-        one by one through the exact path, in one transaction."""
+        decided in memory and, when that is all there is, written by one more statement: with
+        no transaction around either when nothing adds identifiers (every record a replay,
+        anonymous, or already one person's), else in a transaction that first takes the locks
+        the exact path would. Anything else runs in one transaction (`_segments`). On SQLite
+        the records run one by one through the exact path, in one transaction."""
         if not self._store.postgres:
 
             async def one_by_one(tx: Tx) -> list[Resolution]:
@@ -370,6 +371,16 @@ class IdentityGraph:
                     if not _retryable(exc):
                         raise
                 plan = None  # something moved meanwhile: decide again in the transaction
+        if plan is not None and plan.slow is None:  # new identifiers: a short transaction
+            try:
+                async with self._store.statements() as connection:
+                    await lock(connection, shop_id, plan.writes.new, plan.writes.held)
+                    if await write(connection, shop_id, plan.writes, PROMISCUOUS_AFTER):
+                        return [plan.results[i] for i in range(len(records))]
+            except DBAPIError as exc:
+                if not _retryable(exc):
+                    raise
+            plan = None
         first = [plan]
 
         async def segments(tx: Tx) -> list[Resolution]:

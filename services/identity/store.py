@@ -1077,6 +1077,13 @@ class IdentityStore:
         self._serial = not self.postgres
 
     @contextlib.asynccontextmanager
+    async def statements(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction on a connection of the statements' engine, committed when the block
+        ends (no ORM session: a few statements written by hand)."""
+        async with self._engine.begin() as connection:
+            yield connection
+
+    @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
         """A connection whose every statement is a transaction of its own: no BEGIN and no
         COMMIT round trips around a statement that reads or writes all it needs at once."""
