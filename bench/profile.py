@@ -6,12 +6,14 @@ in the same run, because this machine is shared and noisy:
 - Shopify orders/create webhooks accepted durably (stored, then 200), 16 senders, against an
   aiohttp server on the same machine that answers 200 without storing anything;
 - backfill through `c360 import` (customers, then orders), against PostgreSQL COPY of the same
-  rows; run at a fraction of the target's 50,000 customers and 200,000 orders (--backfill), the
-  full-size time projected from the measured rate.
+  rows: the target's 50,000 customers and 200,000 orders by default (--backfill F runs a
+  fraction F of that, the full-size time projected from the measured rate); each phase with the
+  CPU every service and the importer spent, and how long the background work the import queued
+  (summaries, contact policies pushed to the gate) took to finish after it.
 
-Usage: python -m bench.profile [--seconds S] [--people N] [--backfill F] [--only get]; results
-in bench/results/profile.json (with --only get, the Get figures only, in
-bench/results/profile-get.json, so the full run's file keeps the other measurements).
+Usage: python -m bench.profile [--seconds S] [--people N] [--backfill F] [--only get|backfill];
+results in bench/results/profile.json (with --only, that measurement's figures only, in
+bench/results/profile-<name>.json, so the full run's file keeps the other measurements).
 """
 
 import argparse
@@ -480,7 +482,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--people", type=int, default=100_000)
-    parser.add_argument("--backfill", type=float, default=0.02)
+    parser.add_argument("--backfill", type=float, default=1.0)
     parser.add_argument(
         "--only", choices=["get", "backfill"], default="", help="run only this measurement"
     )
