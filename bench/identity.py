@@ -47,6 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "identity.json"
 TOKEN = "bench-token"
 SHOP = "bench-shop"
+# Records per ResolveBatch call in the batch run (a bulk import's page).
+BATCH = 100
+# Callers of the batch run (an import with a couple of workers).
+BATCH_CONCURRENCY = 2
 TOKENS = json.dumps([{"name": "bench", "token": TOKEN, "shops": ["*"], "roles": ["admin"]}])
 
 
@@ -131,20 +135,28 @@ async def load(address: str, target: str, concurrency: int, seconds: float, pers
         async def caller(index: int) -> None:
             nonlocal errors
             rng = random.Random(index)
-            call: Any = stub.Lookup if target == "baseline" else stub.Resolve
+            call: Any = {"baseline": stub.Lookup, "resolve": stub.Resolve}.get(
+                target, stub.ResolveBatch
+            )
             sequence = 0
             while time.perf_counter() < deadline:
                 sequence += 1
                 message = request(rng, index, sequence)
+                if target == "batch":  # BATCH records of the same mix in one call
+                    records = [message]
+                    for _ in range(BATCH - 1):
+                        sequence += 1
+                        records.append(request(rng, index, sequence))
+                    message = identity_pb2.ResolveBatchRequest(shop_id=SHOP, records=records)
                 started = time.perf_counter()
                 try:
-                    answer = await call(message, metadata=metadata, timeout=5)
+                    answer = await call(message, metadata=metadata, timeout=30)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
                 latencies.append((time.perf_counter() - started) * 1000)
-                if target != "baseline":
-                    name = identity_pb2.ResolveOutcome.Name(answer.outcome)
+                for result in getattr(answer, "results", [answer] if target == "resolve" else []):
+                    name = identity_pb2.ResolveOutcome.Name(result.outcome)
                     outcome = name.removeprefix("RESOLVE_OUTCOME_").lower()
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
@@ -313,6 +325,11 @@ async def run(seconds: float, persons: int) -> dict[str, Any]:
                 "cpu_ratio": resolved["cpu_ms_per_call"]["total"]
                 / base["cpu_ms_per_call"]["total"],
             }
+        batch = await measured(
+            settings, servers[0].pid, resolve, "batch", BATCH_CONCURRENCY, seconds, persons
+        )
+        batch["records_per_second"] = batch["per_second"] * BATCH
+        batch["cpu_ms_per_record"] = {k: v / BATCH for k, v in batch.pop("cpu_ms_per_call").items()}
     finally:
         for server in servers:
             server.send_signal(signal.SIGTERM)
@@ -325,6 +342,7 @@ async def run(seconds: float, persons: int) -> dict[str, Any]:
         "seed_seconds": seed_seconds,
         "seconds_per_run": seconds,
         "levels": levels,
+        "batch": batch,
     }
 
 
@@ -352,6 +370,16 @@ def report(results: dict[str, Any]) -> str:
             + f"; ratio {r['cpu_ratio']:.2f}"
         )
         lines.append(f"     outcomes: {res['outcomes']}, errors {res['errors']}")
+    batch, base = results["batch"], results["levels"]["16"]["baseline_select"]
+    cpu = batch["cpu_ms_per_record"]
+    lines.append(
+        f"ResolveBatch of {BATCH} records, {BATCH_CONCURRENCY} callers: "
+        f"{batch['records_per_second']:.0f} records/s "
+        f"({batch['records_per_second'] / base['per_second']:.2f}x the SELECTs/s at 16), "
+        f"p50 {batch['p50_ms']:.1f} ms, p99 {batch['p99_ms']:.1f} ms a call; CPU ms/record "
+        f"{cpu['service']:.2f} + {cpu['postgres']:.2f} = {cpu['total']:.2f}"
+    )
+    lines.append(f"     outcomes: {batch['outcomes']}, errors {batch['errors']}")
     return "\n".join(lines)
 
 
