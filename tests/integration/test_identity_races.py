@@ -267,3 +267,26 @@ async def test_forget_removes_the_forgotten_session_from_other_peoples_evidence(
         identity.shop,
     )
     assert left == []
+
+
+async def test_a_session_linked_while_its_person_is_merged_joins_the_merged_group(
+    pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity, _ = pg
+    ann = (await identity.resolve(("email", "ann@lm.example"))).person_id
+    bob = (await identity.resolve(("email", "bob@lm.example"))).person_id
+
+    async def bob_absorbs_ann() -> None:
+        await identity.call("Merge", person_a_id=bob, person_b_id=ann)
+
+    # Decided on ann standing alone, written after the merge: the write sees ann's group moved
+    # and the record goes through the exact path, which links the session to the merged group.
+    once(monkeypatch, "lock", before=bob_absorbs_ann, owner=graph)
+    answer = await identity.resolve(("email", "ann@lm.example"), ("cookie", "ck-lm"))
+    assert (answer.outcome, answer.person_id) == (O.RESOLVE_OUTCOME_LINKED, bob)
+    assert await identity.lookup("cookie", "ck-lm") == bob
+    assert await identity.keys(bob) == {
+        ("email", "ann@lm.example"),
+        ("email", "bob@lm.example"),
+        ("cookie", "ck-lm"),
+    }
