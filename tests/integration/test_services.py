@@ -109,6 +109,7 @@ BUILT = {
     },
     "c360.identity.v1.Identity": {
         "Resolve",
+        "ResolveBatch",
         "Lookup",
         "GetPerson",
         "ListMergeCandidates",
