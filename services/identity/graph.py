@@ -354,7 +354,7 @@ class IdentityGraph:
         if not self._store.postgres:
 
             async def one_by_one(tx: Tx) -> list[Resolution]:
-                return [await self._exact(tx, r, window, locked=False) for r in records]
+                return [await self._exact(tx, r, window) for r in records]
 
             return await self._retrying(shop_id, one_by_one)
         plan: _Plan | None
@@ -392,11 +392,16 @@ class IdentityGraph:
     async def _segments(
         self, tx: Tx, records: list[_Record], window: timedelta, plan: "_Plan | None"
     ) -> list[Resolution]:
-        """The records in one transaction: the common cases up to the first record that needs
-        the exact path written at once (after the advisory locks of the identifiers they add),
-        that record through the exact path, then the same again from a fresh read for the
+        """The records in one transaction, under the advisory locks of all their identifiers and
+        event ids: the common cases up to the first record that needs the exact path written at
+        once, that record through the exact path, then the same again from a fresh read for the
         records after it. `plan` is the first records' plan, when one was made already."""
         results: list[Resolution | None] = [None] * len(records)
+        # Every advisory lock of the batch at once, sorted: two batches never wait on each other
+        # in a circle for them (their records' exact paths would take them in record order).
+        await tx.lock_identifiers(
+            [*_keys(records), *((EVENT_LOCK, r.observation.event_id) for r in records)]
+        )
         start = 0
         while start < len(records):
             if plan is None:
@@ -421,18 +426,8 @@ class IdentityGraph:
             start, plan = end + 1, None
         return [r for r in results if r is not None]
 
-    async def _exact(
-        self, tx: Tx, record: _Record, window: timedelta, locked: bool = True
-    ) -> Resolution:
-        """One record through the exact path, under the advisory locks of its identifiers and
-        of its event id (taken in one order by every transaction)."""
-        if locked:
-            await tx.lock_identifiers(
-                [
-                    *(n.key for n in record.normalized if not n.blocked),
-                    (EVENT_LOCK, record.observation.event_id),
-                ]
-            )
+    async def _exact(self, tx: Tx, record: _Record, window: timedelta) -> Resolution:
+        """One record through the exact path (its advisory locks already held)."""
         return await self._resolve(tx, record.observation, record.normalized, window)
 
     def _plan(self, snapshot: Snapshot, records: list[_Record], start: int) -> "_Plan":

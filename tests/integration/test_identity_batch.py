@@ -1,6 +1,8 @@
 """Identity.ResolveBatch over a real channel, on PostgreSQL and on SQLite: a batch answers and
 stores exactly what resolving its records one by one would, and rejects bad input whole."""
 
+import asyncio
+import contextlib
 import itertools
 import random
 from collections.abc import Callable, Iterator
@@ -243,3 +245,66 @@ async def test_a_batch_with_bad_records_is_refused_whole(identity: Identity) -> 
     ]
     assert answer.results[0].person_id == answer.results[1].person_id
     assert await identity.lookup("email", "kept@x.example") == answer.results[0].person_id
+
+
+async def test_batches_racing_on_shared_identifiers_group_as_one_by_one(
+    identity: Identity,  # noqa: F811
+) -> None:
+    rng = random.Random(5)  # noqa: S311  # a reproducible workload, not a secret
+    people = 40
+
+    def ids(p: int) -> list[tuple[str, str]]:
+        return [("shopify_customer_id", f"s{p}"), ("email", f"c{p}@x.example"),
+                ("phone", f"+1415555{p:04d}")]  # fmt: skip
+
+    records: list[Record] = [
+        (rng.sample(ids(rng.randrange(people)), k=rng.randint(1, 2)), {"event_id": f"race-{n}"})
+        for n in range(600)
+    ]
+
+    async def grouping(shop: str, calls: list[Any]) -> set[frozenset[tuple[str, str]]]:
+        await asyncio.gather(*calls)
+        client = Identity(identity.stub, shop, identity.clock, itertools.count())
+        groups = set()
+        for p in range(people):
+            for type_, value in ids(p):
+                with contextlib.suppress(grpc.aio.AioRpcError):  # never seen
+                    groups.add(frozenset(await client.keys(await client.lookup(type_, value))))
+        assert await client.candidates() == []
+        return groups
+
+    def batch_call(shop: str, start: int) -> Any:
+        return identity.stub.ResolveBatch(
+            identity_pb2.ResolveBatchRequest(
+                shop_id=shop, records=[request("", r) for r in records[start : start + 50]]
+            ),
+            metadata=bearer(ADMIN_TOKEN),
+        )
+
+    one_shop, batch_shop = f"{identity.shop}-one", f"{identity.shop}-bat"
+    one_by_one = grouping(
+        one_shop,
+        [
+            identity.stub.Resolve(request(one_shop, r), metadata=bearer(ADMIN_TOKEN))
+            for r in records
+        ],
+    )
+    # Twelve batches of 50 at once, and the same records one by one at once in another shop:
+    # nothing here conflicts, so both end in the records' connected components.
+    batched = grouping(batch_shop, [batch_call(batch_shop, s) for s in range(0, 600, 50)])
+    component: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(key: tuple[str, str]) -> tuple[str, str]:
+        while component.setdefault(key, key) != key:
+            key = component[key]
+        return key
+
+    for found, _ in records:
+        for key in found[1:]:
+            component[find(key)] = find(found[0])
+    expected: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for key in list(component):
+        expected.setdefault(find(key), set()).add(key)
+    want = {frozenset(group) for group in expected.values()}
+    assert await one_by_one == want
+    assert await batched == want
