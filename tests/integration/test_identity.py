@@ -507,6 +507,12 @@ async def test_concurrent_resolves_group_as_sequential_ones(identity_pg: Identit
     sequential = await run_all(f"seq-{secrets.token_hex(3)}", concurrent=False)
     concurrent = await run_all(f"conc-{secrets.token_hex(3)}", concurrent=True)
     # Nothing here conflicts, so the grouping is the records' connected components.
+    assert sequential == components([ids for _, ids in records])
+    assert concurrent == sequential
+
+
+def components(records: list[list[tuple[str, str]]]) -> set[frozenset[tuple[str, str]]]:
+    """The identifiers grouped as records seen together link them, with no conflict rules."""
     component: dict[tuple[str, str], tuple[str, str]] = {}
 
     def find(key: tuple[str, str]) -> tuple[str, str]:
@@ -514,11 +520,10 @@ async def test_concurrent_resolves_group_as_sequential_ones(identity_pg: Identit
             key = component[key]
         return key
 
-    for _, ids in records:
+    for ids in records:
         for key in ids[1:]:
             component[find(key)] = find(ids[0])
-    expected: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for key in list(component):
-        expected.setdefault(find(key), set()).add(key)
-    assert sequential == {frozenset(group) for group in expected.values()}
-    assert concurrent == sequential
+        groups.setdefault(find(key), set()).add(key)
+    return {frozenset(group) for group in groups.values()}

@@ -16,7 +16,13 @@ from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2
 from services.identity import graph
 from tests.conftest import ADMIN_TOKEN, READER_TOKEN
-from tests.integration.test_identity import ASSERTED, AUTHORITATIVE, Identity, identity  # noqa: F401
+from tests.integration.test_identity import (  # noqa: F401  # the fixture
+    ASSERTED,
+    AUTHORITATIVE,
+    Identity,
+    components,
+    identity,
+)
 from tests.rpc import bearer, details
 
 Record = tuple[list[tuple[str, str]], dict[str, Any]]
@@ -292,19 +298,6 @@ async def test_batches_racing_on_shared_identifiers_group_as_one_by_one(
     # Twelve batches of 50 at once, and the same records one by one at once in another shop:
     # nothing here conflicts, so both end in the records' connected components.
     batched = grouping(batch_shop, [batch_call(batch_shop, s) for s in range(0, 600, 50)])
-    component: dict[tuple[str, str], tuple[str, str]] = {}
-
-    def find(key: tuple[str, str]) -> tuple[str, str]:
-        while component.setdefault(key, key) != key:
-            key = component[key]
-        return key
-
-    for found, _ in records:
-        for key in found[1:]:
-            component[find(key)] = find(found[0])
-    expected: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    for key in list(component):
-        expected.setdefault(find(key), set()).add(key)
-    want = {frozenset(group) for group in expected.values()}
+    want = components([found for found, _ in records])
     assert await one_by_one == want
     assert await batched == want
