@@ -188,8 +188,9 @@ class ProfileServicer:
         later version of an order in the same call supersedes an earlier one as it would a call
         later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
         identity's violations of its identifiers) is reported in `errors` and changes nothing.
-        A failure of the whole call (a peer or the database unavailable) stores what it had
-        stored, each order idempotently: the same call again ends with the same data.
+        The facts of a call are written by one transaction: a call that fails as a whole (a peer
+        or the database unavailable) stores no fact, though identity may have resolved its
+        orders; each order is idempotent, so the same call again ends with the same data.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,8 +45,9 @@ class ProfileStub:
     later version of an order in the same call supersedes an earlier one as it would a call
     later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
     identity's violations of its identifiers) is reported in `errors` and changes nothing.
-    A failure of the whole call (a peer or the database unavailable) stores what it had
-    stored, each order idempotently: the same call again ends with the same data.
+    The facts of a call are written by one transaction: a call that fails as a whole (a peer
+    or the database unavailable) stores no fact, though identity may have resolved its
+    orders; each order is idempotent, so the same call again ends with the same data.
     """
     IngestRefund: _grpc.UnaryUnaryMultiCallable[_profile_pb2.IngestRefundRequest, _profile_pb2.IngestResponse]
     """Ingests a refund or return against its original order. Idempotent by refund_id."""
@@ -130,8 +131,9 @@ class ProfileAsyncStub(ProfileStub):
     later version of an order in the same call supersedes an earlier one as it would a call
     later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
     identity's violations of its identifiers) is reported in `errors` and changes nothing.
-    A failure of the whole call (a peer or the database unavailable) stores what it had
-    stored, each order idempotently: the same call again ends with the same data.
+    The facts of a call are written by one transaction: a call that fails as a whole (a peer
+    or the database unavailable) stores no fact, though identity may have resolved its
+    orders; each order is idempotent, so the same call again ends with the same data.
     """
     IngestRefund: _aio.UnaryUnaryMultiCallable[_profile_pb2.IngestRefundRequest, _profile_pb2.IngestResponse]  # type: ignore[assignment]
     """Ingests a refund or return against its original order. Idempotent by refund_id."""
@@ -230,8 +232,9 @@ class ProfileServicer(metaclass=_abc_1.ABCMeta):
         later version of an order in the same call supersedes an earlier one as it would a call
         later). Per-record answers: every valid order is kept; an invalid one (its own fields, or
         identity's violations of its identifiers) is reported in `errors` and changes nothing.
-        A failure of the whole call (a peer or the database unavailable) stores what it had
-        stored, each order idempotently: the same call again ends with the same data.
+        The facts of a call are written by one transaction: a call that fails as a whole (a peer
+        or the database unavailable) stores no fact, though identity may have resolved its
+        orders; each order is idempotent, so the same call again ends with the same data.
         """
 
     @_abc_1.abstractmethod
