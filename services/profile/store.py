@@ -566,7 +566,7 @@ def _array(values: Sequence[Any], type_: Any) -> Any:
 
 def _among(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
     """`column` is one of `values`: on PostgreSQL one array parameter (the same statement
-    whatever the number of values, planned once), elsewhere an IN list."""
+    whatever the number of values, prepared once), elsewhere an IN list."""
     if _postgres(session):
         return column == any_(_array(values, column.type))
     return column.in_(list(values))
@@ -575,7 +575,7 @@ def _among(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
 def bulk_insert(session: AsyncSession, model: Any, rows: Sequence[dict[str, Any]]) -> Any:
     """An INSERT of many rows (every row with the keys of the first), for a conflict clause and
     RETURNING to be added. On PostgreSQL the rows travel as one array a column, unnested (one
-    statement whatever the number of rows, a few parameters, planned once); elsewhere as a
+    statement whatever the number of rows, a few parameters, prepared once); elsewhere as a
     multi-row VALUES."""
     insert = dialect_of(session).insert(model)
     if not _postgres(session):
