@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from c360.common.v1 import common_pb2
 from cli import importing
 from cli.main import main
 from tests.conftest import ADMIN_TOKEN
@@ -136,3 +137,26 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
     assert not checkpoint.exists()
     assert await picture(endpoint, cut) == expected
     await proxy.cut()
+
+
+async def test_a_customer_s_later_record_wins_across_batches_in_flight(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches of 10, four in flight: a customer's records in the first and the fourth batch
+    # must be applied in file order.
+    monkeypatch.setattr(importing, "BATCH", 10)
+    upload = tmp_path / "customers.jsonl"
+    lines: list[dict[str, Any]] = [
+        {"email": f"u{n}@batch.example", "first_name": f"U{n}"} for n in range(40)
+    ]
+    lines[2] = {"email": "kept@batch.example", "first_name": "Early", "can_sms": True}
+    lines[35] = {"email": "kept@batch.example", "first_name": "Late", "can_sms": False}
+    upload.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = await asyncio.to_thread(cli, endpoint.profile_address, "import", "customers",
+                                     str(upload), "--shop", endpoint.shop)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "imported 40 records, rejected 0" in result.output
+    found = await endpoint.get("email", "kept@batch.example")
+    assert found.name.first_name == "Late"
+    assert [(c.channel, c.granted) for c in found.consents] == [(common_pb2.CHANNEL_SMS, False)]
+    assert (await endpoint.get("email", "u39@batch.example")).name.first_name == "U39"
