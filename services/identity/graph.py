@@ -59,6 +59,10 @@ PROMISCUOUS_AFTER = 3
 MAX_CANDIDATE_EVIDENCE = 20
 MAX_IDENTIFIERS = 50
 RETRIES = 10
+# Records a batch writes per transaction, in order. A transaction of the exact path holds an
+# advisory lock per identifier and event id of its records, and PostgreSQL's lock table is
+# shared and small (64 locks a connection by default): a 1,000-record batch would hold ~4,000.
+CHUNK = 100
 # The advisory lock of an event id, beside those of identifiers (no identifier type has this name).
 EVENT_LOCK = "\0event"
 T = TypeVar("T")
@@ -315,10 +319,11 @@ class IdentityGraph:
     async def resolve_batch(
         self, observations: Sequence[Observation], named: bool = True
     ) -> list[Resolution]:
-        """Resolves the observations (all of one shop) in one transaction, with the results and
-        the stored state of resolving each in turn. Every observation is normalised first: any
-        invalid one raises INVALID_ARGUMENT for all of them (violations named
-        `records[<i>].<field>` when `named`) and nothing is stored."""
+        """Resolves the observations (all of one shop), with the results and the stored state of
+        resolving each in turn, in transactions of up to CHUNK records in order (a retry after a
+        failure midway answers the records already stored as replays). Every observation is
+        normalised first: any invalid one raises INVALID_ARGUMENT for all of them (violations
+        named `records[<i>].<field>` when `named`) and nothing is stored."""
         shop_id = observations[0].shop_id
         policy = await self.policy(shop_id)
         prepared: list[tuple[list[Normalized], list[str]]] = []
@@ -336,7 +341,10 @@ class IdentityGraph:
             _Record(observation, normalized)
             for observation, (normalized, _) in zip(observations, prepared, strict=True)
         ]
-        resolutions = await self._resolve_records(shop_id, records, policy.unmerge_window)
+        resolutions = []
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start : start + CHUNK]
+            resolutions += await self._resolve_records(shop_id, chunk, policy.unmerge_window)
         return [
             dataclasses.replace(resolution, skipped=tuple(skipped))
             for resolution, (_, skipped) in zip(resolutions, prepared, strict=True)

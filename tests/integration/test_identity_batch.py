@@ -301,3 +301,29 @@ async def test_batches_racing_on_shared_identifiers_group_as_one_by_one(
     want = components([found for found, _ in records])
     assert await one_by_one == want
     assert await batched == want
+
+
+async def test_a_full_batch_with_conflicts_among_its_records(identity: Identity) -> None:  # noqa: F811
+    records: list[Record] = []
+    for n in range(1000):
+        if n % 10 == 9:  # a second Shopify id for a shopper of this batch: a candidate
+            found = [("email", f"e{n - 9}@full.example"), ("shopify_customer_id", f"x{n}")]
+        else:
+            found = [("email", f"e{n}@full.example"), ("shopify_customer_id", f"s{n}")]
+        records.append((found, {"event_id": f"full-{n}"}))
+    answer = await identity.stub.ResolveBatch(
+        identity_pb2.ResolveBatchRequest(
+            shop_id=identity.shop, records=[request("", r) for r in records]
+        ),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    outcomes = [identity_pb2.ResolveOutcome.Name(a.outcome) for a in answer.results]
+    assert outcomes == [
+        "RESOLVE_OUTCOME_CANDIDATE_RAISED" if n % 10 == 9 else "RESOLVE_OUTCOME_CREATED"
+        for n in range(1000)
+    ]
+    listed = await identity.stub.ListMergeCandidates(
+        identity_pb2.ListMergeCandidatesRequest(shop_id=identity.shop, page_size=1000),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    assert sorted(c.reason for c in listed.candidates) == ["two_shopify_customer_ids"] * 100

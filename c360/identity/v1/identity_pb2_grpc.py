@@ -120,8 +120,10 @@ class IdentityServicer:
         and the stored state are exactly those of calling Resolve on each record in request order:
         a later record sees what an earlier one linked, an event id repeated in the batch (or seen
         before) is answered like a replay, and each record is idempotent per (shop_id, event_id) as
-        with Resolve. All or nothing: an invalid record rejects the whole batch (INVALID_ARGUMENT,
-        violations named `records[<i>].<field>`) and nothing is stored.
+        with Resolve. An invalid record rejects the whole batch (INVALID_ARGUMENT, violations named
+        `records[<i>].<field>`) and nothing is stored. Records are stored in order, up to 100 a
+        transaction: after a failure midway (UNAVAILABLE), calling again with the same event ids is
+        safe, and answers the records already stored as Resolve answers a repeated event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
