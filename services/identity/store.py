@@ -257,7 +257,7 @@ class Stored:
 
 
 async def _stored(
-    session: AsyncSession, shop_id: str, keys: Sequence[tuple[str, str]]
+    session: AsyncSession | AsyncConnection, shop_id: str, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], Stored]:
     """The stored identifiers among these (type, match key) pairs, with their roots."""
     if not keys:
@@ -1107,9 +1107,9 @@ class IdentityStore:
         """The persons grouped with this one (its root first), their identifiers (by type and
         match key) and every merge that involved one of them (oldest first), read by one
         statement; None for a person nobody knows."""
-        async with self._sessions() as session:
+        async with self._reader() as reader:
             rows = (
-                await session.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
+                await reader.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
             ).all()
         members: list[PersonRow] = []
         identifiers: list[IdentifierRow] = []
@@ -1143,8 +1143,19 @@ class IdentityStore:
     async def identifier(self, shop_id: str, key: tuple[str, str]) -> Stored | None:
         """A stored identifier (type, match key) with its root, read by one statement outside
         any transaction."""
-        async with self._sessions() as session:
-            return (await _stored(session, shop_id, [key])).get(key)
+        async with self._reader() as reader:
+            return (await _stored(reader, shop_id, [key])).get(key)
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[AsyncSession | AsyncConnection]:
+        """Where a read of one statement runs: on PostgreSQL an autocommit connection (a session
+        would send BEGIN and ROLLBACK around it), on SQLite a session."""
+        if not self.postgres:
+            async with self._sessions() as session:
+                yield session
+            return
+        async with self.autocommit() as connection:
+            yield connection
 
     async def shop_policy(self, shop_id: str) -> ShopPolicyRow | None:
         async with self._sessions() as session:
