@@ -3,9 +3,6 @@
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import event
 
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.graph import IdentityGraph
@@ -20,16 +17,6 @@ from services.runtime.telemetry import Telemetry
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def generic_plans(dbapi_connection: Any, record: Any) -> None:
-    """Makes a new connection keep one plan per prepared statement (plan_cache_mode), outside
-    any transaction (a rolled back one would undo it)."""
-    autocommit, dbapi_connection.autocommit = dbapi_connection.autocommit, True
-    cursor = dbapi_connection.cursor()
-    cursor.execute("SET plan_cache_mode = force_generic_plan")
-    cursor.close()
-    dbapi_connection.autocommit = autocommit
-
-
 async def build(
     settings: IdentitySettings, telemetry: Telemetry, clock: Callable[[], datetime] = now
 ) -> Server:
@@ -39,8 +26,7 @@ async def build(
     # keep their plans: PostgreSQL otherwise plans each anew, which costs more than running it.
     statements = None
     if engine.dialect.name == "postgresql":
-        statements = db.create_engine(settings)
-        event.listen(statements.sync_engine, "connect", generic_plans)
+        statements = db.create_engine(settings, plans="force_generic_plan")
     graph = IdentityGraph(
         IdentityStore(db.session_factory(engine), statements),
         clock,

@@ -70,11 +70,13 @@ def _closed_connection(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raise exc.DisconnectionError("the server closed the connection")
 
 
-def create_engine(settings: RuntimeSettings) -> AsyncEngine:
+def create_engine(settings: RuntimeSettings, plans: str = "force_custom_plan") -> AsyncEngine:
     """The service's engine. On PostgreSQL every connection works in the service's own schema,
-    so services sharing one database never see each other's tables, and plans every statement
-    for its actual parameters: a cached generic plan of a prepared `IN (...)` of many ids can
-    filter the ids over a whole shop instead of looking each one up (seconds instead of ms).
+    so services sharing one database never see each other's tables, and by default plans every
+    statement for its actual parameters: a cached generic plan of a prepared `IN (...)` of many
+    ids can filter the ids over a whole shop instead of looking each one up (seconds instead of
+    ms). `plans="force_generic_plan"` keeps one plan per prepared statement instead, for
+    statements whose best plan does not depend on their values (arrays unnested into lookups).
     A connection the server closed is replaced at checkout (`_closed_connection`), one lost
     during a statement is DatabaseUnavailable (`_lost_connection`)."""
     url = make_url(settings.sqlalchemy_url)
@@ -86,7 +88,7 @@ def create_engine(settings: RuntimeSettings) -> AsyncEngine:
             connect_args={
                 "server_settings": {
                     "search_path": settings.schema_name,
-                    "plan_cache_mode": "force_custom_plan",
+                    "plan_cache_mode": plans,
                 },
                 "timeout": settings.dependency_timeout_seconds * 5,
             },
