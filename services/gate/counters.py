@@ -11,6 +11,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Connection, Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from services.gate.rules import FATIGUE_WINDOW
@@ -321,19 +322,32 @@ class Counters:
         return [Outcome.parse(reply) for reply in replies]
 
     async def _pipelined_checks(self, chunk: Sequence[tuple[CustomerKeys, CheckArgs]]) -> Any:
-        # EVALSHA queued straight on the pipeline (the script wrapper costs more per call than
-        # the check itself); a Redis that lost its scripts gets them loaded and the chunk again.
-        def pipeline() -> Any:
-            queued = self._client.pipeline(transaction=False)
-            for keys, args in chunk:
-                queued.evalsha(self._check.sha, 4, *keys.all(), *args.argv(self._log_retention_ms))
-            return queued
+        return await self._pipelined(
+            self._check,
+            [(keys.all(), args.argv(self._log_retention_ms)) for keys, args in chunk],
+        )
+
+    async def _pipelined(
+        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> Any:
+        """Runs a script once per (keys, args) in one pipelined round trip: EVALSHA queued
+        straight on the pipeline (the script wrapper costs more per call than a check, and on a
+        pipeline asks SCRIPT EXISTS first, a round trip outside the pipeline's own cleanup: cut
+        short by a timeout, it kept its connection for good); a Redis that lost its scripts
+        gets it loaded and the calls again. The pipeline gives its connection back however the
+        call ends."""
+
+        async def round_trip() -> Any:
+            async with self._client.pipeline(transaction=False) as pipeline:
+                for keys, args in calls:
+                    pipeline.evalsha(script.sha, len(keys), *keys, *args)
+                return await pipeline.execute()
 
         try:
-            return await pipeline().execute()
+            return await round_trip()
         except NoScriptError:
-            await self._client.script_load(CHECK)
-            return await pipeline().execute()
+            await self._client.script_load(script.script)
+            return await round_trip()
 
     async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
         """Replaces the customer's contact policy; the next check sees it."""
@@ -352,13 +366,20 @@ class Counters:
         """Restores customers' policies and reservations (message_id, channel, ms, log entry id),
         each unless someone did first, in one pipelined round trip; `for_a_read` (a peek's
         rebuild) may wait as long as a write."""
-        pipeline = self._client.pipeline(transaction=False)
-        for keys, policy, reservations in customers:
-            flat = [value for reservation in reservations for value in reservation]
-            await self._rebuild(
-                keys=keys.all()[:3], args=[*policy.as_args(), KEY_TTL_MS, *flat], client=pipeline
+        calls = [
+            (
+                keys.all()[:3],
+                [
+                    *policy.as_args(),
+                    KEY_TTL_MS,
+                    *[value for reservation in reservations for value in reservation],
+                ],
             )
-        await self._bounded(pipeline.execute(), self._write_timeout if for_a_read else 0.0)
+            for keys, policy, reservations in customers
+        ]
+        await self._bounded(
+            self._pipelined(self._rebuild, calls), self._write_timeout if for_a_read else 0.0
+        )
 
     async def release(self, keys: CustomerKeys, message_id: str, now: datetime) -> str:
         """Gives back a reservation; returns the log entry id of the reservation, "" when there
@@ -411,11 +432,15 @@ class Counters:
             if dry_run:
                 removed += len(keys)
             elif keys:
-                pipeline = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipeline.unlink(key)
-                removed += sum(await self._bounded(pipeline.execute(), self._write_timeout))
+                removed += sum(await self._bounded(self._unlink(keys), self._write_timeout))
         return {"redis_keys": removed}
+
+    async def _unlink(self, keys: Sequence[Any]) -> list[int]:
+        async with self._client.pipeline(transaction=False) as pipeline:
+            for key in keys:
+                pipeline.unlink(key)
+            removed: list[int] = await pipeline.execute()
+            return removed
 
     async def ping(self) -> None:
         """Raises unless Redis answers within the time a write may wait."""

@@ -15,6 +15,9 @@ import redis.asyncio as redis
 
 from c360.common.v1 import common_pb2
 from c360.gate.v1 import gate_pb2, gate_pb2_grpc
+from services.gate.__main__ import redis_client
+from services.gate.counters import ContactPolicy, Counters, CountersUnavailable, CustomerKeys
+from services.gate.settings import GateSettings
 from services.runtime.server import Server
 from tests.backing import Backing
 from tests.conftest import ADMIN_TOKEN, StartService
@@ -382,3 +385,30 @@ async def test_every_enum_and_duplicate_is_validated(
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await gate.Check(request, metadata=bearer(ADMIN_TOKEN))
     assert [v.field for v in details(failure.value)[0].field_violations] == ["message_class"]
+
+
+async def test_redis_calls_cut_short_by_the_timeout_give_their_connections_back(
+    redis_proxy: TcpProxy, backing: Backing, shop: str
+) -> None:
+    # One connection: a round trip abandoned mid-way that kept it would leave the gate without.
+    settings = GateSettings(
+        redis_url=on_db(redis_proxy.url_through(backing.redis_url), 9),
+        redis_max_connections=1,
+        database_url=backing.database_url,
+    )
+    client = redis_client(settings)
+    counters = Counters(client, timeout=0.05)
+    keys = [CustomerKeys.of(shop, f"p{n}") for n in range(3)]
+    await client.ping()  # the connection is made
+    redis_proxy.stall()
+    for _ in range(4):
+        with pytest.raises(CountersUnavailable):
+            await counters.rebuild_many(
+                [(k, ContactPolicy(frozenset({"email"})), []) for k in keys]
+            )
+        with pytest.raises(CountersUnavailable):
+            await counters.put_policy(keys[0], ContactPolicy(frozenset({"email"})))
+    redis_proxy.resume()
+    await counters.rebuild_many([(k, ContactPolicy(frozenset({"email"})), []) for k in keys])
+    await counters.ping()
+    await client.aclose()
