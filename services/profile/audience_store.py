@@ -212,10 +212,10 @@ class AudienceStore:
                 delete(due).where(
                     due.c.shop_id == bindparam("s"),
                     due.c.person_id == bindparam("p"),
-                    due.c.requested_at == bindparam("r"),
+                    due.c.requests == bindparam("r"),
                 ),
                 [
-                    {"s": r.due.shop_id, "p": r.due.person_id, "r": r.due.requested_at}
+                    {"s": r.due.shop_id, "p": r.due.person_id, "r": r.due.requests}
                     for r in refreshed
                 ],
             )

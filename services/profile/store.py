@@ -284,6 +284,9 @@ class SummaryDueRow(Base):
     shop_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     person_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # How often it was asked for: a refresh settles the request it read only while this has not
+    # moved (a time can repeat: two facts in one clock tick, or a record's own older time).
+    requests: Mapped[int] = mapped_column(BigInteger, server_default="1")
 
 
 class ChangeRow(Base):
@@ -652,7 +655,10 @@ async def _mark_all_due(
     await session.execute(
         due.on_conflict_do_update(
             index_elements=["shop_id", "person_id"],
-            set_={"requested_at": due.excluded.requested_at},
+            set_={
+                "requested_at": due.excluded.requested_at,
+                "requests": SummaryDueRow.requests + 1,
+            },
         )
     )
 

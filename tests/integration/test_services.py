@@ -156,7 +156,7 @@ async def test_every_rpc_not_built_yet_answers_unimplemented(
 
 LATEST_REVISION: dict[ServiceName, str] = {
     "identity": "0002",
-    "profile": "0005",
+    "profile": "0006",
     "enrichment": "0002",
     "gate": "0002",
     "gdpr": "0002",
