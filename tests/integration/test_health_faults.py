@@ -125,9 +125,11 @@ async def test_pooled_connections_the_server_closed_are_replaced_before_use(
     marker = f"c360-idle-{secrets.token_hex(4)}"
     try:
         pooled = [await engine.connect() for _ in range(4)]
+        drivers: list[Any] = []
         for connection in pooled:
             await connection.execute(text(f"SET application_name = '{marker}'"))
             await connection.commit()
+            drivers.append((await connection.get_raw_connection()).driver_connection)
         for connection in pooled:
             await connection.close()
         other = await db.plain_connection(settings)
@@ -148,7 +150,11 @@ async def test_pooled_connections_the_server_closed_are_replaced_before_use(
         finally:
             await other.close()
         assert terminated == 4
-        await asyncio.sleep(0.1)  # the pool's connections read the server's close
+
+        async def seen_closed() -> int:
+            return sum(driver.is_closed() for driver in drivers)
+
+        await eventually(seen_closed, lambda n: n == 4, "the pool's connections saw the close")
         for _ in range(6):
             async with engine.connect() as connection:
                 assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
