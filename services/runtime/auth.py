@@ -2,11 +2,10 @@
 
 import contextvars
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf import descriptor_pool
 from pydantic import SecretStr
 
@@ -101,13 +100,13 @@ def every_shop(method: str) -> bool:
     return bool(_options(method).Extensions[common_pb2.every_shop])
 
 
-def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
-    """The bearer token in the call's `authorization` metadata."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+def bearer_token(metadata: Mapping[str, str | bytes]) -> str | None:
+    """The bearer token in a call's `authorization` metadata."""
+    value = metadata.get("authorization")
+    if isinstance(value, str):
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return None
 
 
@@ -123,7 +122,7 @@ def shops_of(request: Any) -> list[str] | None:
 
 def authenticate(
     tokens: TokenRegistry,
-    context: grpc.aio.ServicerContext,
+    metadata: Mapping[str, str | bytes],
     method: str,
     role: common_pb2.Role.ValueType,
 ) -> Principal:
@@ -131,7 +130,7 @@ def authenticate(
 
     UNAUTHENTICATED without a valid token; PERMISSION_DENIED without the role.
     """
-    token = bearer_token(context)
+    token = bearer_token(metadata)
     if token is None:
         raise Unauthenticated("missing bearer token in `authorization` metadata")
     principal = tokens.principal(token)

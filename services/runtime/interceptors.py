@@ -76,14 +76,23 @@ class Call:
     """The state of one call being served: its span, deadline and caller, its outcome for the
     log."""
 
-    __slots__ = ("_attached", "_deadline", "_principal", "context", "method", "span", "started")
+    __slots__ = (
+        "_attached",
+        "_deadline",
+        "_principal",
+        "context",
+        "metadata",
+        "method",
+        "span",
+        "started",
+    )
 
     def __init__(self, method: Method, context: grpc.aio.ServicerContext) -> None:
         self.method = method
         self.context = context
         self.started = time.perf_counter()
-        carrier = dict(context.invocation_metadata() or ())
-        parent = propagate.extract(carrier)
+        self.metadata = dict(context.invocation_metadata() or ())
+        parent = propagate.extract(self.metadata)
         self.span = method.tracer.start_span(
             method.name, parent, trace.SpanKind.SERVER, method.attributes
         )
@@ -92,8 +101,12 @@ class Call:
         self._deadline = deadline.set(None if remaining is None else time.monotonic() + remaining)
         self._principal: contextvars.Token[Principal] | None = None
 
-    def authenticated(self, principal: Principal) -> None:
-        self._principal = current_principal.set(principal)
+    def authenticate(self, tokens: TokenRegistry, role: Any) -> None:
+        """Makes the caller the call's principal: UNAUTHENTICATED without a known token,
+        PERMISSION_DENIED without the role."""
+        self._principal = current_principal.set(
+            authenticate(tokens, self.metadata, self.method.name, role)
+        )
 
     def finish(self) -> None:
         """Ends the span, restores the context and writes the request log line: method, code,
@@ -238,7 +251,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         ) -> Any:
             call = Call(method, context)
             try:
-                call.authenticated(authenticate(tokens, context, name, role))
+                call.authenticate(tokens, role)
                 if not stream_in:
                     request = decoded(request)
                     check_shops(current_principal.get(), request, all_shops)
@@ -256,7 +269,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncIterator[Any]:
             call = Call(method, context)
             try:
-                call.authenticated(authenticate(tokens, context, name, role))
+                call.authenticate(tokens, role)
                 if stream_in:
                     request = checked(request)
                 else:
