@@ -10,6 +10,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
@@ -137,3 +140,16 @@ async def start_service(settings_for: Callable[..., Any]) -> AsyncIterator[Start
     yield start
     for server in reversed(started):  # callers before the services they call
         await server.stop(grace=1.0)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Keeps the spans of `recording(exporter)` telemetry as they end."""
+    return InMemorySpanExporter()
+
+
+def recording(exporter: InMemorySpanExporter) -> Telemetry:
+    """Telemetry whose spans go to the exporter as each ends."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Telemetry(provider)

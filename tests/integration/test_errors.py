@@ -9,8 +9,6 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -18,8 +16,7 @@ from c360.gate.v1 import gate_pb2, gate_pb2_grpc
 from services.runtime.auth import TokenRegistry
 from services.runtime.errors import FailedPrecondition, NotFound
 from services.runtime.server import Registration, start_server
-from services.runtime.telemetry import Telemetry
-from tests.conftest import ADMIN_TOKEN, TOKENS
+from tests.conftest import ADMIN_TOKEN, TOKENS, recording
 from tests.rpc import bearer, details
 
 SECRET = "sarah@example.com"
@@ -42,14 +39,7 @@ class FailingGate(gate_pb2_grpc.GateServicer):
 
 
 @pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
 async def gate(exporter: InMemorySpanExporter) -> AsyncIterator["gate_pb2_grpc.GateAsyncStub"]:
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
     server = await start_server(
         "127.0.0.1:0",
         [
@@ -60,7 +50,7 @@ async def gate(exporter: InMemorySpanExporter) -> AsyncIterator["gate_pb2_grpc.G
             )
         ],
         tokens=TokenRegistry.from_settings_tokens(TOKENS),
-        telemetry=Telemetry(provider),
+        telemetry=recording(exporter),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield gate_pb2_grpc.GateStub(channel)

@@ -5,8 +5,6 @@ from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from pydantic import SecretStr
@@ -17,8 +15,7 @@ from services.runtime.auth import TokenRegistry, current_principal
 from services.runtime.channels import DEFAULT_TIMEOUT_SECONDS, connect
 from services.runtime.server import Registration, Server, start_server
 from services.runtime.settings import TokenConfig
-from services.runtime.telemetry import Telemetry
-from tests.conftest import ADMIN_TOKEN, TOKENS
+from tests.conftest import ADMIN_TOKEN, TOKENS, recording
 from tests.rpc import bearer
 
 GATE_SERVICE_TOKEN = "tok-gate-service"
@@ -52,17 +49,10 @@ class LookingUpGate(gate_pb2_grpc.GateServicer):
 
 
 @pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
 async def gate_calling_identity(
     exporter: InMemorySpanExporter,
 ) -> AsyncIterator["gate_pb2_grpc.GateAsyncStub"]:
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry = Telemetry(provider)
+    telemetry = recording(exporter)
     tokens = TokenRegistry.from_settings_tokens(TOKENS_WITH_SERVICE)
     identity: Server = await start_server(
         "127.0.0.1:0",
