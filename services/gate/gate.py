@@ -421,9 +421,6 @@ class Gate:
             with contextlib.suppress(*UNDECIDABLE):
                 policy = await self.shop_policy(requests[0].shop_id)
         mode = "dry" if requests[0].dry_run else "check"
-        if len(requests) <= BATCH_CHUNK:
-            outcomes = None if policy is None else await self._outcomes(requests, policy, now, mode)
-            return self._decisions(requests, outcomes, now)
         in_flight = asyncio.Semaphore(BATCH_IN_FLIGHT)
 
         async def decide(part: Sequence[Request]) -> list[Decision]:
@@ -433,6 +430,8 @@ class Gate:
                     outcomes = await self._outcomes(part, policy, now, mode)
             return self._decisions(part, outcomes, now)
 
+        if len(requests) <= BATCH_CHUNK:
+            return await decide(requests)
         parts = [requests[i : i + BATCH_CHUNK] for i in range(0, len(requests), BATCH_CHUNK)]
         decided = await asyncio.gather(*(decide(part) for part in parts))
         return [decision for part in decided for decision in part]
