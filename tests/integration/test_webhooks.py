@@ -75,6 +75,12 @@ async def test_the_fixtures_land_in_one_profile_each_counted_once(endpoint: Endp
         ]
     # The reinstated order (388.00) with its refund (398.00 of lines, capped at the order).
     await eventually(endpoint.purchases, lambda p: p == (1, "0.00", "388.00"), "the profile")
+    # The orders may be applied before the customers' records: wait for every delivery.
+    await eventually(
+        endpoint.inbox,
+        lambda rows: [state for _, state in rows] == ["done"] * len(deliveries),
+        "every delivery processed",
+    )
     profile = await endpoint.get()
     assert (profile.name.first_name, profile.name.last_name) == ("John", "Smith")
     assert list(profile.tags) == ["newsletter", "vip"]
