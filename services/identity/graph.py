@@ -799,31 +799,65 @@ class IdentityGraph:
     async def lookup(self, shop_id: str, type_: str, value: str) -> tuple[str, str]:
         """The person holding an identifier, and the identifier's match key; NOT_FOUND when
         nobody holds it. Creates nothing."""
-        policy = await self.policy(shop_id)
-        try:
-            n = normalize(type_, value, policy.rules)
-        except InvalidIdentifier as exc:
-            field = "type" if "identifier type" in str(exc) else "value"
-            raise InvalidArgument([(f"identifier.{field}", str(exc))]) from None
-        found = await self._store.identifier(shop_id, n.key)
-        if found is None or n.blocked:
+        [found] = await self.lookup_many(shop_id, [(type_, value)])
+        if isinstance(found, InvalidIdentifier):
+            field = "type" if "identifier type" in str(found) else "value"
+            raise InvalidArgument([(f"identifier.{field}", str(found))])
+        if found is None:
             raise NotFound("identifier", type_)
-        return found.root_id, n.match_key
+        return found
+
+    async def lookup_many(
+        self, shop_id: str, identifiers: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str] | InvalidIdentifier | None]:
+        """For each (type, value): the person holding it and its match key, None when nobody
+        does, or why it is not valid; one read for them all. Creates nothing."""
+        policy = await self.policy(shop_id)
+        normalized: list[Normalized | InvalidIdentifier] = []
+        for type_, value in identifiers:
+            try:
+                normalized.append(normalize(type_, value, policy.rules))
+            except InvalidIdentifier as exc:
+                normalized.append(exc)
+        stored = await self._store.identifiers(
+            shop_id, list({n.key for n in normalized if isinstance(n, Normalized)})
+        )
+        results: list[tuple[str, str] | InvalidIdentifier | None] = []
+        for n in normalized:
+            if isinstance(n, InvalidIdentifier):
+                results.append(n)
+                continue
+            found = stored.get(n.key)
+            results.append(None if found is None or n.blocked else (found.root_id, n.match_key))
+        return results
 
     async def person(self, shop_id: str, person_id: str) -> PersonView:
         """The group a person belongs to, seen from its root."""
-        found = await self._store.group(shop_id, person_id)
-        if found is None:
+        [view] = await self.persons(shop_id, [person_id])
+        if view is None:
             raise NotFound("person", person_id)
-        members, identifiers, merges = found
-        return PersonView(
-            person_id=members[0].person_id,
-            created_at=utc(members[0].created_at),
-            erased=members[0].erased_at is not None,
-            identifiers=identifiers,
-            merges=merges,
-            members=[m.person_id for m in members[1:]],
-        )
+        return view
+
+    async def persons(self, shop_id: str, person_ids: Sequence[str]) -> list[PersonView | None]:
+        """The group each person belongs to, seen from its root; None for a person nobody
+        knows."""
+        views: list[PersonView | None] = []
+        for found in await self._store.groups(shop_id, person_ids):
+            if found is None:
+                views.append(None)
+                continue
+            members, identifiers, merges = found
+            views.append(
+                PersonView(
+                    person_id=members[0].person_id,
+                    created_at=utc(members[0].created_at),
+                    erased=members[0].erased_at is not None,
+                    identifiers=identifiers,
+                    merges=merges,
+                    members=[m.person_id for m in members[1:]],
+                )
+            )
+        return views
 
     async def candidates(
         self, shop_id: str, after: int, limit: int

@@ -7,7 +7,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from c360.common.v1 import common_pb2
 from c360.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.identity.graph import IdentityGraph, Observation, Policy, Resolution
+from services.identity.graph import IdentityGraph, Observation, PersonView, Policy, Resolution
+from services.identity.identifiers import InvalidIdentifier
 from services.identity.store import IdentifierRow, MergeRow
 from services.runtime.auth import current_principal
 from services.runtime.db import utc
@@ -62,6 +63,18 @@ def _merge(row: MergeRow) -> identity_pb2.MergeRecord:
         merged_at=timestamp(utc(row.merged_at)),
         unmerged_at=timestamp(None if row.unmerged_at is None else utc(row.unmerged_at)),
         unmerge_deadline=timestamp(utc(row.unmerge_deadline)),
+    )
+
+
+def _person(shop_id: str, view: PersonView) -> identity_pb2.Person:
+    return identity_pb2.Person(
+        shop_id=shop_id,
+        person_id=view.person_id,
+        identifiers=[_identifier(i) for i in view.identifiers],
+        merges=[_merge(m) for m in view.merges],
+        created_at=timestamp(view.created_at),
+        erased=view.erased,
+        member_person_ids=view.members,
     )
 
 
@@ -170,20 +183,50 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             identifier=common_pb2.Identifier(type=request.identifier.type, value=match_key),
         )
 
+    async def LookupBatch(self, request: Any, context: Any) -> identity_pb2.LookupBatchResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 1 <= len(request.identifiers) <= MAX_BATCH:
+            violations.add("identifiers", f"must hold 1-{MAX_BATCH} identifiers")
+        violations.raise_any()
+        found = await self._graph.lookup_many(
+            shop_id, [(i.type, i.value) for i in request.identifiers]
+        )
+        results = []
+        for identifier, result in zip(request.identifiers, found, strict=True):
+            if isinstance(result, InvalidIdentifier):
+                results.append(identity_pb2.LookupResult(invalid=str(result)))
+            elif result is None:
+                results.append(identity_pb2.LookupResult())
+            else:
+                results.append(
+                    identity_pb2.LookupResult(
+                        person_id=result[0],
+                        identifier=common_pb2.Identifier(type=identifier.type, value=result[1]),
+                    )
+                )
+        return identity_pb2.LookupBatchResponse(results=results)
+
     async def GetPerson(self, request: Any, context: Any) -> identity_pb2.Person:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
         person_id = person(request.person_id, "person_id", violations)
         violations.raise_any()
-        view = await self._graph.person(shop_id, person_id)
-        return identity_pb2.Person(
-            shop_id=shop_id,
-            person_id=view.person_id,
-            identifiers=[_identifier(i) for i in view.identifiers],
-            merges=[_merge(m) for m in view.merges],
-            created_at=timestamp(view.created_at),
-            erased=view.erased,
-            member_person_ids=view.members,
+        return _person(shop_id, await self._graph.person(shop_id, person_id))
+
+    async def GetPersons(self, request: Any, context: Any) -> identity_pb2.GetPersonsResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 1 <= len(request.person_ids) <= MAX_BATCH:
+            violations.add("person_ids", f"must hold 1-{MAX_BATCH} person ids")
+        person_ids = [
+            person(p, f"person_ids[{i}]", violations)
+            for i, p in enumerate(request.person_ids[:MAX_BATCH])
+        ]
+        violations.raise_any()
+        views = await self._graph.persons(shop_id, person_ids)
+        return identity_pb2.GetPersonsResponse(
+            persons=[identity_pb2.Person() if v is None else _person(shop_id, v) for v in views]
         )
 
     async def ListMergeCandidates(

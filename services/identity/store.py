@@ -1061,6 +1061,40 @@ def _group_statement() -> Any:
 _GROUP = _group_statement()
 
 
+def _group_of(
+    shop_id: str, rows: Sequence[Any]
+) -> tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None:
+    """A group as _GROUP's rows hold it; None when they hold no member."""
+    members: list[PersonRow] = []
+    identifiers: list[IdentifierRow] = []
+    merges: list[MergeRow] = []
+    for kind, a, b, c, d, e, f, g, h, i, j, t, u, v in rows:
+        if kind == "member":
+            members.append(
+                PersonRow(shop_id=shop_id, person_id=a, root_id=b, created_at=u, erased_at=v)
+            )
+        elif kind == "identifier":
+            identifiers.append(
+                IdentifierRow(
+                    shop_id=shop_id, type=a, match_key=b, raw_value=c, value=d,
+                    person_id=None, first_seen_at=u,
+                )
+            )  # fmt: skip
+        else:
+            merges.append(
+                MergeRow(
+                    merge_id=a, shop_id=shop_id, survivor_id=c, merged_id=d, merged_by=e,
+                    reason=f, event_id=g, candidate_id=h, merged_at=t, unmerge_deadline=u,
+                    unmerged_at=v, unmerged_by=i, unmerge_reason=j,
+                )
+            )  # fmt: skip
+    if not members:
+        return None
+    root_id = members[0].root_id
+    members.sort(key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
+    return members, identifiers, merges
+
+
 class IdentityStore:
     """Transactions on the identity tables, and the reads that need none."""
 
@@ -1101,50 +1135,30 @@ class IdentityStore:
             yield tx
             await append_to_outbox(session, ChangeRow, tx.changes)
 
-    async def group(
-        self, shop_id: str, person_id: str
-    ) -> tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None:
-        """The persons grouped with this one (its root first), their identifiers (by type and
-        match key) and every merge that involved one of them (oldest first), read by one
-        statement; None for a person nobody knows."""
+    async def groups(
+        self, shop_id: str, person_ids: Sequence[str]
+    ) -> list[tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None]:
+        """For each person: the persons grouped with them (the root first), their identifiers
+        (by type and match key) and every merge that involved one of them (oldest first), read
+        by one statement a person on one connection; None for a person nobody knows."""
         async with self._reader() as reader:
-            rows = (
-                await reader.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
-            ).all()
-        members: list[PersonRow] = []
-        identifiers: list[IdentifierRow] = []
-        merges: list[MergeRow] = []
-        for kind, a, b, c, d, e, f, g, h, i, j, t, u, v in rows:
-            if kind == "member":
-                members.append(
-                    PersonRow(shop_id=shop_id, person_id=a, root_id=b, created_at=u, erased_at=v)
+            return [
+                _group_of(
+                    shop_id,
+                    (
+                        await reader.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
+                    ).all(),
                 )
-            elif kind == "identifier":
-                identifiers.append(
-                    IdentifierRow(
-                        shop_id=shop_id, type=a, match_key=b, raw_value=c, value=d,
-                        person_id=None, first_seen_at=u,
-                    )
-                )  # fmt: skip
-            else:
-                merges.append(
-                    MergeRow(
-                        merge_id=a, shop_id=shop_id, survivor_id=c, merged_id=d, merged_by=e,
-                        reason=f, event_id=g, candidate_id=h, merged_at=t, unmerge_deadline=u,
-                        unmerged_at=v, unmerged_by=i, unmerge_reason=j,
-                    )
-                )  # fmt: skip
-        if not members:
-            return None
-        root_id = members[0].root_id
-        members.sort(key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
-        return members, identifiers, merges
+                for person_id in person_ids
+            ]
 
-    async def identifier(self, shop_id: str, key: tuple[str, str]) -> Stored | None:
-        """A stored identifier (type, match key) with its root, read by one statement outside
-        any transaction."""
+    async def identifiers(
+        self, shop_id: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Stored]:
+        """The stored identifiers among these (type, match key) pairs with their roots, read
+        by one statement outside any transaction."""
         async with self._reader() as reader:
-            return (await _stored(reader, shop_id, [key])).get(key)
+            return await _stored(reader, shop_id, keys)
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[AsyncSession | AsyncConnection]:

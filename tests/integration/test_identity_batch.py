@@ -327,3 +327,117 @@ async def test_a_full_batch_with_conflicts_among_its_records(identity: Identity)
         metadata=bearer(ADMIN_TOKEN),
     )
     assert sorted(c.reason for c in listed.candidates) == ["two_shopify_customer_ids"] * 100
+
+
+async def test_lookup_batch_answers_each_identifier_as_lookup_does(
+    identity: Identity,  # noqa: F811
+) -> None:
+    for record in workload(random.Random(7), 150):  # noqa: S311  # reproducible, not a secret
+        await identity.stub.Resolve(request(identity.shop, record), metadata=bearer(ADMIN_TOKEN))
+    asked = [
+        ("email", "C3@X.example"),  # found, through its normalised form
+        ("email", "c3@x.example"),  # the same person again
+        ("shopify_customer_id", "700000007"),
+        ("phone", "+14155550012"),
+        ("cookie", "ck-nobody"),  # nobody holds it
+        ("email", "test@test.com"),  # junk: never a person's
+        ("phone", "12"),  # invalid
+        ("loyalty_card", "123"),  # an unknown type
+        ("email", "not an email"),
+    ]
+    answer = await identity.stub.LookupBatch(
+        identity_pb2.LookupBatchRequest(
+            shop_id=identity.shop,
+            identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in asked],
+        ),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    assert len(answer.results) == len(asked)
+
+    async def lookup(type_: str, value: str) -> tuple[grpc.StatusCode, Any, list[str]]:
+        """Lookup's answer: its code, the response, the descriptions of its violations."""
+        try:
+            single = await identity.stub.Lookup(
+                identity_pb2.LookupRequest(
+                    shop_id=identity.shop, identifier=common_pb2.Identifier(type=type_, value=value)
+                ),
+                metadata=bearer(ADMIN_TOKEN),
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                return error.code(), None, []
+            return error.code(), None, [v.description for v in details(error)[0].field_violations]
+        return grpc.StatusCode.OK, single, []
+
+    found = 0
+    for (type_, value), result in zip(asked, answer.results, strict=True):
+        code, single, why = await lookup(type_, value)
+        if code == grpc.StatusCode.OK:
+            found += 1
+            assert (result.person_id, result.identifier) == (single.person_id, single.identifier)
+            assert result.invalid == ""
+        elif code == grpc.StatusCode.NOT_FOUND:
+            assert (result.person_id, result.invalid) == ("", ""), (type_, value)
+            assert not result.HasField("identifier")
+        else:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert (result.person_id, [result.invalid]) == ("", why)
+            assert not result.HasField("identifier")
+    assert found == 4
+    assert answer.results[0].person_id == answer.results[1].person_id
+    assert [bool(r.invalid) for r in answer.results] == [False] * 6 + [True] * 3
+
+
+async def test_get_persons_answers_each_person_as_get_person_does(
+    identity: Identity,  # noqa: F811
+) -> None:
+    sarah = (await identity.resolve(("email", "sarah@x.example"), ("cookie", "ck-a"))).person_id
+    other = (await identity.resolve(("email", "sarah.b@x.example"), ("cookie", "ck-b"))).person_id
+    alone = (await identity.resolve(("email", "alone@x.example"))).person_id
+    # Two Shopify ids make a candidate; merging it makes `other` a member of sarah's group.
+    await identity.resolve(("email", "sarah@x.example"), ("shopify_customer_id", "1"))
+    await identity.resolve(("email", "sarah.b@x.example"), ("shopify_customer_id", "2"))
+    await identity.resolve(("shopify_customer_id", "1"), ("cookie", "ck-b"))
+    [candidate] = await identity.candidates()
+    await identity.call("Merge", candidate_id=candidate.candidate_id, reason="same shopper")
+    asked = [sarah, other, alone, "p_nobody", sarah]
+    answer = await identity.stub.GetPersons(
+        identity_pb2.GetPersonsRequest(shop_id=identity.shop, person_ids=asked),
+        metadata=bearer(ADMIN_TOKEN),
+    )
+    assert len(answer.persons) == len(asked)
+    for person_id, person in zip(asked, answer.persons, strict=True):
+        if person_id == "p_nobody":
+            assert person == identity_pb2.Person()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await identity.person(person_id)
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+            continue
+        assert person == await identity.person(person_id)
+    assert answer.persons[0].person_id == answer.persons[1].person_id
+    assert len(answer.persons[0].member_person_ids) == 1
+    assert len(answer.persons[0].identifiers) == 6
+
+
+async def test_batch_reads_refuse_bad_requests_whole(identity: Identity) -> None:  # noqa: F811
+    async def refused(method: str, request: Any) -> list[str]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await getattr(identity.stub, method)(request, metadata=bearer(ADMIN_TOKEN))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return [v.field for v in details(raised.value)[0].field_violations]
+
+    email = common_pb2.Identifier(type="email", value="a@x.example")
+    lookup = identity_pb2.LookupBatchRequest
+    assert await refused("LookupBatch", lookup(shop_id=identity.shop)) == ["identifiers"]
+    assert await refused(
+        "LookupBatch", lookup(shop_id=identity.shop, identifiers=[email] * 1001)
+    ) == ["identifiers"]
+    assert await refused("LookupBatch", lookup(identifiers=[email])) == ["shop_id"]
+    persons = identity_pb2.GetPersonsRequest
+    assert await refused("GetPersons", persons(shop_id=identity.shop)) == ["person_ids"]
+    assert await refused(
+        "GetPersons", persons(shop_id=identity.shop, person_ids=["p1"] * 1001)
+    ) == ["person_ids"]
+    assert await refused(
+        "GetPersons", persons(shop_id=identity.shop, person_ids=["p1", "", "p\x01"])
+    ) == ["person_ids[1]", "person_ids[2]"]

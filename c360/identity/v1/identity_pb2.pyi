@@ -295,6 +295,83 @@ class LookupResponse(_message.Message):
 Global___LookupResponse: _TypeAlias = LookupResponse  # noqa: Y015
 
 @_typing.final
+class LookupBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]:
+        """1 to 1,000 identifiers."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[_common_pb2.Identifier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupBatchRequest: _TypeAlias = LookupBatchRequest  # noqa: Y015
+
+@_typing.final
+class LookupBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___LookupResult]:
+        """One result per identifier, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___LookupResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupBatchResponse: _TypeAlias = LookupBatchResponse  # noqa: Y015
+
+@_typing.final
+class LookupResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    INVALID_FIELD_NUMBER: _builtins.int
+    person_id: _builtins.str
+    """The person holding the identifier; empty when nobody does or it is not valid."""
+    invalid: _builtins.str
+    """Why the identifier is not valid (what Lookup answers as INVALID_ARGUMENT); empty when it is."""
+    @_builtins.property
+    def identifier(self) -> _common_pb2.Identifier:
+        """As LookupResponse.identifier, when a person holds it."""
+
+    def __init__(
+        self,
+        *,
+        person_id: _builtins.str = ...,
+        identifier: _common_pb2.Identifier | None = ...,
+        invalid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "invalid", b"invalid", "person_id", b"person_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupResult: _TypeAlias = LookupResult  # noqa: Y015
+
+@_typing.final
 class GetPersonRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -315,6 +392,55 @@ class GetPersonRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPersonRequest: _TypeAlias = GetPersonRequest  # noqa: Y015
+
+@_typing.final
+class GetPersonsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    PERSON_IDS_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 1,000 person ids (repeats allowed)."""
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        person_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["person_ids", b"person_ids", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPersonsRequest: _TypeAlias = GetPersonsRequest  # noqa: Y015
+
+@_typing.final
+class GetPersonsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def persons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Person]:
+        """One per requested id, in request order: what GetPerson answers for it, or an empty Person
+        (person_id "") for an id nobody knows, where GetPerson answers NOT_FOUND.
+        """
+
+    def __init__(
+        self,
+        *,
+        persons: _abc.Iterable[Global___Person] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["persons", b"persons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPersonsResponse: _TypeAlias = GetPersonsResponse  # noqa: Y015
 
 @_typing.final
 class StoredIdentifier(_message.Message):

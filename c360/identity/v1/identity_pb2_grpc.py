@@ -50,10 +50,20 @@ class IdentityStub:
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupRequest.SerializeToString,
                 response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupBatch = channel.unary_unary(
+                '/c360.identity.v1.Identity/LookupBatch',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchResponse.FromString,
+                _registered_method=True)
         self.GetPerson = channel.unary_unary(
                 '/c360.identity.v1.Identity/GetPerson',
                 request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonRequest.SerializeToString,
                 response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.Person.FromString,
+                _registered_method=True)
+        self.GetPersons = channel.unary_unary(
+                '/c360.identity.v1.Identity/GetPersons',
+                request_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsRequest.SerializeToString,
+                response_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsResponse.FromString,
                 _registered_method=True)
         self.ListMergeCandidates = channel.unary_unary(
                 '/c360.identity.v1.Identity/ListMergeCandidates',
@@ -136,8 +146,23 @@ class IdentityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupBatch(self, request, context):
+        """Read-only: Lookup of up to 1,000 identifiers in one call, each answered on its own (an
+        identifier nobody holds, or one that is not valid, names no person).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPerson(self, request, context):
         """A person with all identifiers and merge history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPersons(self, request, context):
+        """GetPerson of up to 1,000 persons in one call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,10 +255,20 @@ def add_IdentityServicer_to_server(servicer, server):
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupRequest.FromString,
                     response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupResponse.SerializeToString,
             ),
+            'LookupBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupBatch,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchResponse.SerializeToString,
+            ),
             'GetPerson': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPerson,
                     request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonRequest.FromString,
                     response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.Person.SerializeToString,
+            ),
+            'GetPersons': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPersons,
+                    request_deserializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsRequest.FromString,
+                    response_serializer=c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsResponse.SerializeToString,
             ),
             'ListMergeCandidates': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMergeCandidates,
@@ -374,6 +409,33 @@ class Identity:
             _registered_method=True)
 
     @staticmethod
+    def LookupBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/LookupBatch',
+            c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.LookupBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetPerson(request,
             target,
             options=(),
@@ -390,6 +452,33 @@ class Identity:
             '/c360.identity.v1.Identity/GetPerson',
             c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonRequest.SerializeToString,
             c360_dot_identity_dot_v1_dot_identity__pb2.Person.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPersons(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.identity.v1.Identity/GetPersons',
+            c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsRequest.SerializeToString,
+            c360_dot_identity_dot_v1_dot_identity__pb2.GetPersonsResponse.FromString,
             options,
             channel_credentials,
             insecure,

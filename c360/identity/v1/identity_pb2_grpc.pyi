@@ -50,8 +50,14 @@ class IdentityStub:
     """
     Lookup: _grpc.UnaryUnaryMultiCallable[_identity_pb2.LookupRequest, _identity_pb2.LookupResponse]
     """Read-only: the person holding an identifier. Never creates anything; NOT_FOUND when unknown."""
+    LookupBatch: _grpc.UnaryUnaryMultiCallable[_identity_pb2.LookupBatchRequest, _identity_pb2.LookupBatchResponse]
+    """Read-only: Lookup of up to 1,000 identifiers in one call, each answered on its own (an
+    identifier nobody holds, or one that is not valid, names no person).
+    """
     GetPerson: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetPersonRequest, _identity_pb2.Person]
     """A person with all identifiers and merge history."""
+    GetPersons: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetPersonsRequest, _identity_pb2.GetPersonsResponse]
+    """GetPerson of up to 1,000 persons in one call."""
     ListMergeCandidates: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListMergeCandidatesRequest, _identity_pb2.ListMergeCandidatesResponse]
     """The Duplicates list: open merge candidates with their reason and evidence."""
     Merge: _grpc.UnaryUnaryMultiCallable[_identity_pb2.MergeRequest, _identity_pb2.MergeResponse]
@@ -104,8 +110,14 @@ class IdentityAsyncStub(IdentityStub):
     """
     Lookup: _aio.UnaryUnaryMultiCallable[_identity_pb2.LookupRequest, _identity_pb2.LookupResponse]  # type: ignore[assignment]
     """Read-only: the person holding an identifier. Never creates anything; NOT_FOUND when unknown."""
+    LookupBatch: _aio.UnaryUnaryMultiCallable[_identity_pb2.LookupBatchRequest, _identity_pb2.LookupBatchResponse]  # type: ignore[assignment]
+    """Read-only: Lookup of up to 1,000 identifiers in one call, each answered on its own (an
+    identifier nobody holds, or one that is not valid, names no person).
+    """
     GetPerson: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetPersonRequest, _identity_pb2.Person]  # type: ignore[assignment]
     """A person with all identifiers and merge history."""
+    GetPersons: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetPersonsRequest, _identity_pb2.GetPersonsResponse]  # type: ignore[assignment]
+    """GetPerson of up to 1,000 persons in one call."""
     ListMergeCandidates: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListMergeCandidatesRequest, _identity_pb2.ListMergeCandidatesResponse]  # type: ignore[assignment]
     """The Duplicates list: open merge candidates with their reason and evidence."""
     Merge: _aio.UnaryUnaryMultiCallable[_identity_pb2.MergeRequest, _identity_pb2.MergeResponse]  # type: ignore[assignment]
@@ -175,12 +187,30 @@ class IdentityServicer(metaclass=_abc_1.ABCMeta):
         """Read-only: the person holding an identifier. Never creates anything; NOT_FOUND when unknown."""
 
     @_abc_1.abstractmethod
+    def LookupBatch(
+        self,
+        request: _identity_pb2.LookupBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.LookupBatchResponse, _abc.Awaitable[_identity_pb2.LookupBatchResponse]]:
+        """Read-only: Lookup of up to 1,000 identifiers in one call, each answered on its own (an
+        identifier nobody holds, or one that is not valid, names no person).
+        """
+
+    @_abc_1.abstractmethod
     def GetPerson(
         self,
         request: _identity_pb2.GetPersonRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.Person, _abc.Awaitable[_identity_pb2.Person]]:
         """A person with all identifiers and merge history."""
+
+    @_abc_1.abstractmethod
+    def GetPersons(
+        self,
+        request: _identity_pb2.GetPersonsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.GetPersonsResponse, _abc.Awaitable[_identity_pb2.GetPersonsResponse]]:
+        """GetPerson of up to 1,000 persons in one call."""
 
     @_abc_1.abstractmethod
     def ListMergeCandidates(
