@@ -350,9 +350,18 @@ class Counters:
             return await round_trip()
 
     async def put_policy(self, keys: CustomerKeys, policy: ContactPolicy) -> None:
-        """Replaces the customer's contact policy; the next check sees it."""
+        """Replaces the customer's contact policy unless a newer one is there; the next check
+        sees it."""
+        await self.put_policies([(keys, policy)])
+
+    async def put_policies(self, policies: Sequence[tuple[CustomerKeys, ContactPolicy]]) -> None:
+        """Replaces customers' contact policies, each unless a newer one is there, in one
+        pipelined round trip; the next checks see them."""
         await self._bounded(
-            self._put_policy(keys=[keys.policy], args=[*policy.as_args(), KEY_TTL_MS]),
+            self._pipelined(
+                self._put_policy,
+                [([keys.policy], [*policy.as_args(), KEY_TTL_MS]) for keys, policy in policies],
+            ),
             self._write_timeout,
         )
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_ID = 256
 MAX_BATCH = 100_000
+MAX_POLICIES = 1000
 MAX_CAP = 1000
 MAX_LOG = 1000
 
@@ -128,6 +129,37 @@ def _channels(
     return frozenset(channel_name(v, f"{field}[{i}]", violations) for i, v in enumerate(values))
 
 
+def _received() -> int:
+    """The time of receipt, in µs since the epoch: the version of a policy sent without one."""
+    return int(time.time() * 1_000_000)
+
+
+def contact_policy(
+    request: gate_pb2.PutContactPolicyRequest, prefix: str, received: int, violations: Violations
+) -> tuple[str, ContactPolicy]:
+    """The person and contact policy of a put, its shop aside; violations name `prefix` + the
+    field (e.g. "policies[3].time_zone"). Without a version, the policy's is `received`."""
+    person_id = person(request.person_id, f"{prefix}person_id", violations)
+    consents: dict[str, bool] = {}
+    for i, consent in enumerate(request.consents):
+        channel = channel_name(consent.channel, f"{prefix}consents[{i}].channel", violations)
+        if consents.get(channel, consent.granted) != consent.granted:
+            violations.add(f"{prefix}consents[{i}]", f"{channel} is both granted and not granted")
+        consents[channel] = consent.granted
+    policy = ContactPolicy(
+        granted=frozenset(channel for channel, granted in consents.items() if granted),
+        global_unsubscribe=request.global_unsubscribe,
+        time_zone=_zone(request.time_zone, f"{prefix}time_zone", violations),
+        suppressed=_channels(request.suppressions, f"{prefix}suppressions", violations),
+        version=request.version or received,
+    )
+    if request.version < 0:
+        violations.add(f"{prefix}version", "must not be negative")
+    elif request.version == ERASED_VERSION:
+        violations.add(f"{prefix}version", "must be below 2^63-1, the version of an erased person")
+    return person_id, policy
+
+
 class GateServicer(gate_pb2_grpc.GateServicer):
     """c360.gate.v1.Gate over the gate's domain."""
 
@@ -193,27 +225,29 @@ class GateServicer(gate_pb2_grpc.GateServicer):
     ) -> gate_pb2.PutContactPolicyResponse:
         violations = Violations()
         shop_id = shop(request.shop_id, violations)
-        person_id = person(request.person_id, "person_id", violations)
-        consents: dict[str, bool] = {}
-        for i, consent in enumerate(request.consents):
-            channel = channel_name(consent.channel, f"consents[{i}].channel", violations)
-            if consents.get(channel, consent.granted) != consent.granted:
-                violations.add(f"consents[{i}]", f"{channel} is both granted and not granted")
-            consents[channel] = consent.granted
-        policy = ContactPolicy(
-            granted=frozenset(channel for channel, granted in consents.items() if granted),
-            global_unsubscribe=request.global_unsubscribe,
-            time_zone=_zone(request.time_zone, "time_zone", violations),
-            suppressed=_channels(request.suppressions, "suppressions", violations),
-            version=request.version or int(time.time() * 1_000_000),
-        )
-        if request.version < 0:
-            violations.add("version", "must not be negative")
-        elif request.version == ERASED_VERSION:
-            violations.add("version", "must be below 2^63-1, the version of an erased person")
+        person_id, policy = contact_policy(request, "", _received(), violations)
         violations.raise_any()
         await self._gate.put_contact_policy(shop_id, person_id, policy)
         return gate_pb2.PutContactPolicyResponse()
+
+    async def PutContactPolicies(
+        self, request: gate_pb2.PutContactPoliciesRequest, context: Any
+    ) -> gate_pb2.PutContactPoliciesResponse:
+        violations = Violations()
+        shop_id = shop(request.shop_id, violations)
+        if not 1 <= len(request.policies) <= MAX_POLICIES:
+            violations.add("policies", f"must hold 1-{MAX_POLICIES} policies")
+            violations.raise_any()
+        # Items without a version are ordered as separate calls in this order would be.
+        received = _received()
+        policies = []
+        for i, item in enumerate(request.policies):
+            if item.shop_id not in ("", request.shop_id):
+                violations.add(f"policies[{i}].shop_id", "must be empty or the request's shop_id")
+            policies.append(contact_policy(item, f"policies[{i}].", received + i, violations))
+        violations.raise_any()
+        await self._gate.put_contact_policies(shop_id, policies)
+        return gate_pb2.PutContactPoliciesResponse()
 
     async def PutShopPolicy(
         self, request: gate_pb2.PutShopPolicyRequest, context: Any

@@ -1,6 +1,7 @@
 """The gate's durable data in its database: shop policies, contact policies, the message log."""
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -147,6 +148,36 @@ LOG_FROM_ARRAYS = text(
 )
 
 
+# Contact policies of one shop as one statement of arrays on PostgreSQL, each replacing only an
+# older version; the JSON columns arrive as text, as SQLAlchemy's JSON type writes them.
+POLICIES_FROM_ARRAYS = text(
+    """
+    INSERT INTO contact_policy (shop_id, person_id, granted, global_unsubscribe, time_zone,
+                                suppressed, version, updated_at)
+    SELECT CAST(:shop_id AS text), person_id, CAST(granted AS json), global_unsubscribe,
+           time_zone, CAST(suppressed AS json), version, CAST(:updated_at AS timestamptz)
+    FROM unnest(CAST(:person_id AS text[]), CAST(:granted AS text[]),
+                CAST(:global_unsubscribe AS boolean[]), CAST(:time_zone AS text[]),
+                CAST(:suppressed AS text[]), CAST(:version AS bigint[]))
+         AS policy (person_id, granted, global_unsubscribe, time_zone, suppressed, version)
+    ON CONFLICT (shop_id, person_id) DO UPDATE
+    SET granted = excluded.granted, global_unsubscribe = excluded.global_unsubscribe,
+        time_zone = excluded.time_zone, suppressed = excluded.suppressed,
+        version = excluded.version, updated_at = excluded.updated_at
+    WHERE contact_policy.version < excluded.version
+    """
+)
+# What a put replaces of a stored contact policy: all but the key.
+POLICY_UPDATED = (
+    "granted",
+    "global_unsubscribe",
+    "time_zone",
+    "suppressed",
+    "version",
+    "updated_at",
+)
+
+
 def _released() -> Any:
     """The releases of the message log row in the enclosing query."""
     return select(ReleaseRow.entry_id).where(
@@ -282,22 +313,42 @@ class GateStore:
         async with self._sessions.begin() as session:
             await session.merge(ShopPolicyRow(shop_id=shop_id, policy=policy, updated_at=now))
 
-    async def put_contact_policy(
-        self, shop_id: str, person_id: str, policy: ContactPolicy, now: datetime
-    ) -> bool:
-        """Stores a customer's contact policy unless a newer one is stored; returns whether it
-        did."""
-        values = _policy_values(shop_id, person_id, policy, now)
+    async def put_contact_policies(
+        self, shop_id: str, policies: Mapping[str, ContactPolicy], now: datetime
+    ) -> int:
+        """Stores customers' contact policies (one per customer), each unless a newer one is
+        stored, in one statement; returns how many it stored."""
+        if not policies:
+            return 0
         async with self._sessions.begin() as session:
-            insert = dialect_of(session).insert(ContactPolicyRow).values(values)
-            result = await session.execute(
-                insert.on_conflict_do_update(
-                    index_elements=["shop_id", "person_id"],
-                    set_={k: v for k, v in values.items() if k not in ("shop_id", "person_id")},
-                    where=ContactPolicyRow.version < insert.excluded.version,
+            connection = await session.connection()
+            dialect = dialect_of(session)
+            if dialect is postgresql:
+                result = await connection.execute(
+                    POLICIES_FROM_ARRAYS,
+                    {
+                        "shop_id": shop_id,
+                        "updated_at": now,
+                        "person_id": list(policies),
+                        "granted": [json.dumps(sorted(p.granted)) for p in policies.values()],
+                        "global_unsubscribe": [p.global_unsubscribe for p in policies.values()],
+                        "time_zone": [p.time_zone for p in policies.values()],
+                        "suppressed": [json.dumps(sorted(p.suppressed)) for p in policies.values()],
+                        "version": [p.version for p in policies.values()],
+                    },
                 )
-            )
-            return bool(getattr(result, "rowcount", 0))
+            else:
+                insert = dialect.insert(ContactPolicyRow.__table__).values(
+                    [_policy_values(shop_id, p, policy, now) for p, policy in policies.items()]
+                )
+                result = await connection.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=["shop_id", "person_id"],
+                        set_={name: insert.excluded[name] for name in POLICY_UPDATED},
+                        where=ContactPolicyRow.__table__.c.version < insert.excluded.version,
+                    )
+                )
+            return int(getattr(result, "rowcount", 0))
 
     async def erase(
         self, shop_id: str, person_id: str, now: datetime, dry_run: bool

@@ -26,7 +26,7 @@ from c360.common.v1 import common_pb2 as c360_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x33\x36\x30/gate/v1/gate.proto\x12\x0c\x63\x33\x36\x30.gate.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x0c\x43heckRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12(\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x31\n\rmessage_class\x18\x05 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"\xcc\x01\n\rContactCounts\x12I\n\x10today_by_channel\x18\x01 \x03(\x0b\x32/.c360.gate.v1.ContactCounts.TodayByChannelEntry\x12\x13\n\x0btoday_total\x18\x02 \x01(\x05\x12\x13\n\x0blast_7_days\x18\x03 \x01(\x05\x12\x0f\n\x07\x66\x61tigue\x18\x04 \x01(\t\x1a\x35\n\x13TodayByChannelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb8\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x34\n\x10next_eligible_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06\x63ounts\x18\x05 \x01(\x0b\x32\x1b.c360.gate.v1.ContactCounts\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xba\x01\n\x11\x43heckBatchRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12(\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x31\n\rmessage_class\x18\x03 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12&\n\x05items\x18\x05 \x03(\x0b\x32\x17.c360.gate.v1.BatchItem\"2\n\tBatchItem\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"B\n\x12\x43heckBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.c360.gate.v1.CheckResponse\"H\n\x0eReleaseRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"K\n\x0e\x43hannelConsent\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x0f\n\x07granted\x18\x02 \x01(\x08\"\xdc\x01\n\x17PutContactPolicyRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12.\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x1c.c360.gate.v1.ChannelConsent\x12\x1a\n\x12global_unsubscribe\x18\x04 \x01(\x08\x12\x11\n\ttime_zone\x18\x05 \x01(\t\x12-\n\x0csuppressions\x18\x06 \x03(\x0e\x32\x17.c360.common.v1.Channel\x12\x0f\n\x07version\x18\x07 \x01(\x03\"\x1a\n\x18PutContactPolicyResponse\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\x05\x12\x12\n\nend_minute\x18\x02 \x01(\x05\"I\n\nChannelCap\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x11\n\tdaily_cap\x18\x02 \x01(\x05\"L\n\x10RegionQuietHours\x12\x0e\n\x06region\x18\x01 \x01(\t\x12(\n\x06window\x18\x02 \x01(\x0b\x32\x18.c360.gate.v1.QuietHours\"\xea\x02\n\x14PutShopPolicyRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x1d\n\x10global_daily_cap\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12.\n\x0c\x63hannel_caps\x18\x03 \x03(\x0b\x32\x18.c360.gate.v1.ChannelCap\x12\x1e\n\x11\x66\x61tigue_threshold\x18\x04 \x01(\tH\x01\x88\x01\x01\x12-\n\x0bquiet_hours\x18\x05 \x01(\x0b\x32\x18.c360.gate.v1.QuietHours\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12:\n\x12region_quiet_hours\x18\x07 \x03(\x0b\x32\x1e.c360.gate.v1.RegionQuietHours\x12)\n\tfail_mode\x18\x08 \x01(\x0e\x32\x16.c360.gate.v1.FailModeB\x13\n\x11_global_daily_capB\x14\n\x12_fatigue_threshold\"\x17\n\x15PutShopPolicyResponse\"f\n\x18GetContactHistoryRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x13\n\x0binclude_log\x18\x03 \x01(\x08\x12\x11\n\tlog_limit\x18\x04 \x01(\x05\"_\n\x0bLastContact\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x0fMessageLogEntry\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12(\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x31\n\rmessage_class\x18\x03 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\ndecided_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08released\x18\x07 \x01(\x08\"\xa5\x01\n\x19GetContactHistoryResponse\x12+\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x1b.c360.gate.v1.ContactCounts\x12/\n\x0clast_contact\x18\x02 \x03(\x0b\x32\x19.c360.gate.v1.LastContact\x12*\n\x03log\x18\x03 \x03(\x0b\x32\x1d.c360.gate.v1.MessageLogEntry\"C\n\x0c\x45raseRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"z\n\rEraseResponse\x12\x39\n\x07removed\x18\x01 \x03(\x0b\x32(.c360.gate.v1.EraseResponse.RemovedEntry\x1a.\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"+\n\x18GetFatiguePostureRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"2\n\x0c\x46\x61tigueLevel\x12\x0f\n\x07\x66\x61tigue\x18\x01 \x01(\t\x12\x11\n\tcustomers\x18\x02 \x01(\x03\"\x8b\x01\n\x0e\x46\x61tiguePosture\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12*\n\x06levels\x18\x02 \x03(\x0b\x32\x1a.c360.gate.v1.FatigueLevel\x12\x11\n\tthreshold\x18\x03 \x01(\t\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*L\n\x0cMessageClass\x12\x1b\n\x17MESSAGE_CLASS_MARKETING\x10\x00\x12\x1f\n\x1bMESSAGE_CLASS_TRANSACTIONAL\x10\x01* \n\x08\x46\x61ilMode\x12\x14\n\x10\x46\x41IL_MODE_CLOSED\x10\x00\x32\xd1\x05\n\x04Gate\x12\x46\n\x05\x43heck\x12\x1a.c360.gate.v1.CheckRequest\x1a\x1b.c360.gate.v1.CheckResponse\"\x04\x88\xb5\x18\x02\x12U\n\nCheckBatch\x12\x1f.c360.gate.v1.CheckBatchRequest\x1a .c360.gate.v1.CheckBatchResponse\"\x04\x88\xb5\x18\x02\x12L\n\x07Release\x12\x1c.c360.gate.v1.ReleaseRequest\x1a\x1d.c360.gate.v1.ReleaseResponse\"\x04\x88\xb5\x18\x02\x12g\n\x10PutContactPolicy\x12%.c360.gate.v1.PutContactPolicyRequest\x1a&.c360.gate.v1.PutContactPolicyResponse\"\x04\x88\xb5\x18\x02\x12^\n\rPutShopPolicy\x12\".c360.gate.v1.PutShopPolicyRequest\x1a#.c360.gate.v1.PutShopPolicyResponse\"\x04\x88\xb5\x18\x04\x12j\n\x11GetContactHistory\x12&.c360.gate.v1.GetContactHistoryRequest\x1a\'.c360.gate.v1.GetContactHistoryResponse\"\x04\x88\xb5\x18\x01\x12\x46\n\x05\x45rase\x12\x1a.c360.gate.v1.EraseRequest\x1a\x1b.c360.gate.v1.EraseResponse\"\x04\x88\xb5\x18\x03\x12_\n\x11GetFatiguePosture\x12&.c360.gate.v1.GetFatiguePostureRequest\x1a\x1c.c360.gate.v1.FatiguePosture\"\x04\x88\xb5\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x33\x36\x30/gate/v1/gate.proto\x12\x0c\x63\x33\x36\x30.gate.v1\x1a\x1b\x63\x33\x36\x30/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x0c\x43heckRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12(\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x12\n\nmessage_id\x18\x04 \x01(\t\x12\x31\n\rmessage_class\x18\x05 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\"\xcc\x01\n\rContactCounts\x12I\n\x10today_by_channel\x18\x01 \x03(\x0b\x32/.c360.gate.v1.ContactCounts.TodayByChannelEntry\x12\x13\n\x0btoday_total\x18\x02 \x01(\x05\x12\x13\n\x0blast_7_days\x18\x03 \x01(\x05\x12\x0f\n\x07\x66\x61tigue\x18\x04 \x01(\t\x1a\x35\n\x13TodayByChannelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb8\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x34\n\x10next_eligible_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06\x63ounts\x18\x05 \x01(\x0b\x32\x1b.c360.gate.v1.ContactCounts\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xba\x01\n\x11\x43heckBatchRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12(\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x31\n\rmessage_class\x18\x03 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12&\n\x05items\x18\x05 \x03(\x0b\x32\x17.c360.gate.v1.BatchItem\"2\n\tBatchItem\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"B\n\x12\x43heckBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.c360.gate.v1.CheckResponse\"H\n\x0eReleaseRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"K\n\x0e\x43hannelConsent\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x0f\n\x07granted\x18\x02 \x01(\x08\"\xdc\x01\n\x17PutContactPolicyRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12.\n\x08\x63onsents\x18\x03 \x03(\x0b\x32\x1c.c360.gate.v1.ChannelConsent\x12\x1a\n\x12global_unsubscribe\x18\x04 \x01(\x08\x12\x11\n\ttime_zone\x18\x05 \x01(\t\x12-\n\x0csuppressions\x18\x06 \x03(\x0e\x32\x17.c360.common.v1.Channel\x12\x0f\n\x07version\x18\x07 \x01(\x03\"\x1a\n\x18PutContactPolicyResponse\"e\n\x19PutContactPoliciesRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x37\n\x08policies\x18\x02 \x03(\x0b\x32%.c360.gate.v1.PutContactPolicyRequest\"\x1c\n\x1aPutContactPoliciesResponse\"6\n\nQuietHours\x12\x14\n\x0cstart_minute\x18\x01 \x01(\x05\x12\x12\n\nend_minute\x18\x02 \x01(\x05\"I\n\nChannelCap\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x11\n\tdaily_cap\x18\x02 \x01(\x05\"L\n\x10RegionQuietHours\x12\x0e\n\x06region\x18\x01 \x01(\t\x12(\n\x06window\x18\x02 \x01(\x0b\x32\x18.c360.gate.v1.QuietHours\"\xea\x02\n\x14PutShopPolicyRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x1d\n\x10global_daily_cap\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12.\n\x0c\x63hannel_caps\x18\x03 \x03(\x0b\x32\x18.c360.gate.v1.ChannelCap\x12\x1e\n\x11\x66\x61tigue_threshold\x18\x04 \x01(\tH\x01\x88\x01\x01\x12-\n\x0bquiet_hours\x18\x05 \x01(\x0b\x32\x18.c360.gate.v1.QuietHours\x12\x11\n\ttime_zone\x18\x06 \x01(\t\x12:\n\x12region_quiet_hours\x18\x07 \x03(\x0b\x32\x1e.c360.gate.v1.RegionQuietHours\x12)\n\tfail_mode\x18\x08 \x01(\x0e\x32\x16.c360.gate.v1.FailModeB\x13\n\x11_global_daily_capB\x14\n\x12_fatigue_threshold\"\x17\n\x15PutShopPolicyResponse\"f\n\x18GetContactHistoryRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x13\n\x0binclude_log\x18\x03 \x01(\x08\x12\x11\n\tlog_limit\x18\x04 \x01(\x05\"_\n\x0bLastContact\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x0fMessageLogEntry\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12(\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x17.c360.common.v1.Channel\x12\x31\n\rmessage_class\x18\x03 \x01(\x0e\x32\x1a.c360.gate.v1.MessageClass\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\ndecided_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08released\x18\x07 \x01(\x08\"\xa5\x01\n\x19GetContactHistoryResponse\x12+\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x1b.c360.gate.v1.ContactCounts\x12/\n\x0clast_contact\x18\x02 \x03(\x0b\x32\x19.c360.gate.v1.LastContact\x12*\n\x03log\x18\x03 \x03(\x0b\x32\x1d.c360.gate.v1.MessageLogEntry\"C\n\x0c\x45raseRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"z\n\rEraseResponse\x12\x39\n\x07removed\x18\x01 \x03(\x0b\x32(.c360.gate.v1.EraseResponse.RemovedEntry\x1a.\n\x0cRemovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"+\n\x18GetFatiguePostureRequest\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\"2\n\x0c\x46\x61tigueLevel\x12\x0f\n\x07\x66\x61tigue\x18\x01 \x01(\t\x12\x11\n\tcustomers\x18\x02 \x01(\x03\"\x8b\x01\n\x0e\x46\x61tiguePosture\x12\x0f\n\x07shop_id\x18\x01 \x01(\t\x12*\n\x06levels\x18\x02 \x03(\x0b\x32\x1a.c360.gate.v1.FatigueLevel\x12\x11\n\tthreshold\x18\x03 \x01(\t\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*L\n\x0cMessageClass\x12\x1b\n\x17MESSAGE_CLASS_MARKETING\x10\x00\x12\x1f\n\x1bMESSAGE_CLASS_TRANSACTIONAL\x10\x01* \n\x08\x46\x61ilMode\x12\x14\n\x10\x46\x41IL_MODE_CLOSED\x10\x00\x32\xc0\x06\n\x04Gate\x12\x46\n\x05\x43heck\x12\x1a.c360.gate.v1.CheckRequest\x1a\x1b.c360.gate.v1.CheckResponse\"\x04\x88\xb5\x18\x02\x12U\n\nCheckBatch\x12\x1f.c360.gate.v1.CheckBatchRequest\x1a .c360.gate.v1.CheckBatchResponse\"\x04\x88\xb5\x18\x02\x12L\n\x07Release\x12\x1c.c360.gate.v1.ReleaseRequest\x1a\x1d.c360.gate.v1.ReleaseResponse\"\x04\x88\xb5\x18\x02\x12g\n\x10PutContactPolicy\x12%.c360.gate.v1.PutContactPolicyRequest\x1a&.c360.gate.v1.PutContactPolicyResponse\"\x04\x88\xb5\x18\x02\x12m\n\x12PutContactPolicies\x12\'.c360.gate.v1.PutContactPoliciesRequest\x1a(.c360.gate.v1.PutContactPoliciesResponse\"\x04\x88\xb5\x18\x02\x12^\n\rPutShopPolicy\x12\".c360.gate.v1.PutShopPolicyRequest\x1a#.c360.gate.v1.PutShopPolicyResponse\"\x04\x88\xb5\x18\x04\x12j\n\x11GetContactHistory\x12&.c360.gate.v1.GetContactHistoryRequest\x1a\'.c360.gate.v1.GetContactHistoryResponse\"\x04\x88\xb5\x18\x01\x12\x46\n\x05\x45rase\x12\x1a.c360.gate.v1.EraseRequest\x1a\x1b.c360.gate.v1.EraseResponse\"\x04\x88\xb5\x18\x03\x12_\n\x11GetFatiguePosture\x12&.c360.gate.v1.GetFatiguePostureRequest\x1a\x1c.c360.gate.v1.FatiguePosture\"\x04\x88\xb5\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATE'].methods_by_name['Release']._serialized_options = b'\210\265\030\002'
   _globals['_GATE'].methods_by_name['PutContactPolicy']._loaded_options = None
   _globals['_GATE'].methods_by_name['PutContactPolicy']._serialized_options = b'\210\265\030\002'
+  _globals['_GATE'].methods_by_name['PutContactPolicies']._loaded_options = None
+  _globals['_GATE'].methods_by_name['PutContactPolicies']._serialized_options = b'\210\265\030\002'
   _globals['_GATE'].methods_by_name['PutShopPolicy']._loaded_options = None
   _globals['_GATE'].methods_by_name['PutShopPolicy']._serialized_options = b'\210\265\030\004'
   _globals['_GATE'].methods_by_name['GetContactHistory']._loaded_options = None
@@ -53,10 +55,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATE'].methods_by_name['Erase']._serialized_options = b'\210\265\030\003'
   _globals['_GATE'].methods_by_name['GetFatiguePosture']._loaded_options = None
   _globals['_GATE'].methods_by_name['GetFatiguePosture']._serialized_options = b'\210\265\030\001'
-  _globals['_MESSAGECLASS']._serialized_start=3060
-  _globals['_MESSAGECLASS']._serialized_end=3136
-  _globals['_FAILMODE']._serialized_start=3138
-  _globals['_FAILMODE']._serialized_end=3170
+  _globals['_MESSAGECLASS']._serialized_start=3193
+  _globals['_MESSAGECLASS']._serialized_end=3269
+  _globals['_FAILMODE']._serialized_start=3271
+  _globals['_FAILMODE']._serialized_end=3303
   _globals['_CHECKREQUEST']._serialized_start=104
   _globals['_CHECKREQUEST']._serialized_end=284
   _globals['_CONTACTCOUNTS']._serialized_start=287
@@ -81,36 +83,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTCONTACTPOLICYREQUEST']._serialized_end=1398
   _globals['_PUTCONTACTPOLICYRESPONSE']._serialized_start=1400
   _globals['_PUTCONTACTPOLICYRESPONSE']._serialized_end=1426
-  _globals['_QUIETHOURS']._serialized_start=1428
-  _globals['_QUIETHOURS']._serialized_end=1482
-  _globals['_CHANNELCAP']._serialized_start=1484
-  _globals['_CHANNELCAP']._serialized_end=1557
-  _globals['_REGIONQUIETHOURS']._serialized_start=1559
-  _globals['_REGIONQUIETHOURS']._serialized_end=1635
-  _globals['_PUTSHOPPOLICYREQUEST']._serialized_start=1638
-  _globals['_PUTSHOPPOLICYREQUEST']._serialized_end=2000
-  _globals['_PUTSHOPPOLICYRESPONSE']._serialized_start=2002
-  _globals['_PUTSHOPPOLICYRESPONSE']._serialized_end=2025
-  _globals['_GETCONTACTHISTORYREQUEST']._serialized_start=2027
-  _globals['_GETCONTACTHISTORYREQUEST']._serialized_end=2129
-  _globals['_LASTCONTACT']._serialized_start=2131
-  _globals['_LASTCONTACT']._serialized_end=2226
-  _globals['_MESSAGELOGENTRY']._serialized_start=2229
-  _globals['_MESSAGELOGENTRY']._serialized_end=2458
-  _globals['_GETCONTACTHISTORYRESPONSE']._serialized_start=2461
-  _globals['_GETCONTACTHISTORYRESPONSE']._serialized_end=2626
-  _globals['_ERASEREQUEST']._serialized_start=2628
-  _globals['_ERASEREQUEST']._serialized_end=2695
-  _globals['_ERASERESPONSE']._serialized_start=2697
-  _globals['_ERASERESPONSE']._serialized_end=2819
-  _globals['_ERASERESPONSE_REMOVEDENTRY']._serialized_start=2773
-  _globals['_ERASERESPONSE_REMOVEDENTRY']._serialized_end=2819
-  _globals['_GETFATIGUEPOSTUREREQUEST']._serialized_start=2821
-  _globals['_GETFATIGUEPOSTUREREQUEST']._serialized_end=2864
-  _globals['_FATIGUELEVEL']._serialized_start=2866
-  _globals['_FATIGUELEVEL']._serialized_end=2916
-  _globals['_FATIGUEPOSTURE']._serialized_start=2919
-  _globals['_FATIGUEPOSTURE']._serialized_end=3058
-  _globals['_GATE']._serialized_start=3173
-  _globals['_GATE']._serialized_end=3894
+  _globals['_PUTCONTACTPOLICIESREQUEST']._serialized_start=1428
+  _globals['_PUTCONTACTPOLICIESREQUEST']._serialized_end=1529
+  _globals['_PUTCONTACTPOLICIESRESPONSE']._serialized_start=1531
+  _globals['_PUTCONTACTPOLICIESRESPONSE']._serialized_end=1559
+  _globals['_QUIETHOURS']._serialized_start=1561
+  _globals['_QUIETHOURS']._serialized_end=1615
+  _globals['_CHANNELCAP']._serialized_start=1617
+  _globals['_CHANNELCAP']._serialized_end=1690
+  _globals['_REGIONQUIETHOURS']._serialized_start=1692
+  _globals['_REGIONQUIETHOURS']._serialized_end=1768
+  _globals['_PUTSHOPPOLICYREQUEST']._serialized_start=1771
+  _globals['_PUTSHOPPOLICYREQUEST']._serialized_end=2133
+  _globals['_PUTSHOPPOLICYRESPONSE']._serialized_start=2135
+  _globals['_PUTSHOPPOLICYRESPONSE']._serialized_end=2158
+  _globals['_GETCONTACTHISTORYREQUEST']._serialized_start=2160
+  _globals['_GETCONTACTHISTORYREQUEST']._serialized_end=2262
+  _globals['_LASTCONTACT']._serialized_start=2264
+  _globals['_LASTCONTACT']._serialized_end=2359
+  _globals['_MESSAGELOGENTRY']._serialized_start=2362
+  _globals['_MESSAGELOGENTRY']._serialized_end=2591
+  _globals['_GETCONTACTHISTORYRESPONSE']._serialized_start=2594
+  _globals['_GETCONTACTHISTORYRESPONSE']._serialized_end=2759
+  _globals['_ERASEREQUEST']._serialized_start=2761
+  _globals['_ERASEREQUEST']._serialized_end=2828
+  _globals['_ERASERESPONSE']._serialized_start=2830
+  _globals['_ERASERESPONSE']._serialized_end=2952
+  _globals['_ERASERESPONSE_REMOVEDENTRY']._serialized_start=2906
+  _globals['_ERASERESPONSE_REMOVEDENTRY']._serialized_end=2952
+  _globals['_GETFATIGUEPOSTUREREQUEST']._serialized_start=2954
+  _globals['_GETFATIGUEPOSTUREREQUEST']._serialized_end=2997
+  _globals['_FATIGUELEVEL']._serialized_start=2999
+  _globals['_FATIGUELEVEL']._serialized_end=3049
+  _globals['_FATIGUEPOSTURE']._serialized_start=3052
+  _globals['_FATIGUEPOSTURE']._serialized_end=3191
+  _globals['_GATE']._serialized_start=3306
+  _globals['_GATE']._serialized_end=4138
 # @@protoc_insertion_point(module_scope)

@@ -398,6 +398,49 @@ class PutContactPolicyResponse(_message.Message):
 Global___PutContactPolicyResponse: _TypeAlias = PutContactPolicyResponse  # noqa: Y015
 
 @_typing.final
+class PutContactPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHOP_ID_FIELD_NUMBER: _builtins.int
+    POLICIES_FIELD_NUMBER: _builtins.int
+    shop_id: _builtins.str
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutContactPolicyRequest]:
+        """1 to 1,000 policies; each item's shop_id is empty or this request's shop_id. An item
+        without a version takes the time of receipt plus its index in microseconds, so that items
+        of one person are ordered as separate calls would be.
+        """
+
+    def __init__(
+        self,
+        *,
+        shop_id: _builtins.str = ...,
+        policies: _abc.Iterable[Global___PutContactPolicyRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies", "shop_id", b"shop_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutContactPoliciesRequest: _TypeAlias = PutContactPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class PutContactPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutContactPoliciesResponse: _TypeAlias = PutContactPoliciesResponse  # noqa: Y015
+
+@_typing.final
 class QuietHours(_message.Message):
     """A daily window [start, end) in local time, minutes after midnight; may wrap midnight."""
 

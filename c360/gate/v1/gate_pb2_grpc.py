@@ -55,6 +55,11 @@ class GateStub:
                 request_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyRequest.SerializeToString,
                 response_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyResponse.FromString,
                 _registered_method=True)
+        self.PutContactPolicies = channel.unary_unary(
+                '/c360.gate.v1.Gate/PutContactPolicies',
+                request_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesRequest.SerializeToString,
+                response_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesResponse.FromString,
+                _registered_method=True)
         self.PutShopPolicy = channel.unary_unary(
                 '/c360.gate.v1.Gate/PutShopPolicy',
                 request_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutShopPolicyRequest.SerializeToString,
@@ -117,6 +122,17 @@ class GateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutContactPolicies(self, request, context):
+        """PutContactPolicy for many people of one shop at once (a bulk import): 1 to 1,000
+        policies, each validated and stored exactly as PutContactPolicy stores one, so a call ends
+        with what the same policies sent one call each, in order, would leave (of one person's
+        items the highest version wins). An invalid item fails the whole call with INVALID_ARGUMENT
+        naming it (policies[i].<field>) and nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutShopPolicy(self, request, context):
         """Stores a shop's caps, fatigue threshold, quiet hours and fail mode. Fields left unset keep
         the spec's defaults.
@@ -171,6 +187,11 @@ def add_GateServicer_to_server(servicer, server):
                     servicer.PutContactPolicy,
                     request_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyRequest.FromString,
                     response_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyResponse.SerializeToString,
+            ),
+            'PutContactPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutContactPolicies,
+                    request_deserializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesRequest.FromString,
+                    response_serializer=c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesResponse.SerializeToString,
             ),
             'PutShopPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.PutShopPolicy,
@@ -302,6 +323,33 @@ class Gate:
             '/c360.gate.v1.Gate/PutContactPolicy',
             c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyRequest.SerializeToString,
             c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutContactPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c360.gate.v1.Gate/PutContactPolicies',
+            c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesRequest.SerializeToString,
+            c360_dot_gate_dot_v1_dot_gate__pb2.PutContactPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,13 @@ class GateStub:
     hard suppressions). Pushed by the profile service on every consent change; the next Check
     sees it.
     """
+    PutContactPolicies: _grpc.UnaryUnaryMultiCallable[_gate_pb2.PutContactPoliciesRequest, _gate_pb2.PutContactPoliciesResponse]
+    """PutContactPolicy for many people of one shop at once (a bulk import): 1 to 1,000
+    policies, each validated and stored exactly as PutContactPolicy stores one, so a call ends
+    with what the same policies sent one call each, in order, would leave (of one person's
+    items the highest version wins). An invalid item fails the whole call with INVALID_ARGUMENT
+    naming it (policies[i].<field>) and nothing is stored.
+    """
     PutShopPolicy: _grpc.UnaryUnaryMultiCallable[_gate_pb2.PutShopPolicyRequest, _gate_pb2.PutShopPolicyResponse]
     """Stores a shop's caps, fatigue threshold, quiet hours and fail mode. Fields left unset keep
     the spec's defaults.
@@ -93,6 +100,13 @@ class GateAsyncStub(GateStub):
     """Stores one person's contact policy (consent per channel, global unsubscribe, time zone,
     hard suppressions). Pushed by the profile service on every consent change; the next Check
     sees it.
+    """
+    PutContactPolicies: _aio.UnaryUnaryMultiCallable[_gate_pb2.PutContactPoliciesRequest, _gate_pb2.PutContactPoliciesResponse]  # type: ignore[assignment]
+    """PutContactPolicy for many people of one shop at once (a bulk import): 1 to 1,000
+    policies, each validated and stored exactly as PutContactPolicy stores one, so a call ends
+    with what the same policies sent one call each, in order, would leave (of one person's
+    items the highest version wins). An invalid item fails the whole call with INVALID_ARGUMENT
+    naming it (policies[i].<field>) and nothing is stored.
     """
     PutShopPolicy: _aio.UnaryUnaryMultiCallable[_gate_pb2.PutShopPolicyRequest, _gate_pb2.PutShopPolicyResponse]  # type: ignore[assignment]
     """Stores a shop's caps, fatigue threshold, quiet hours and fail mode. Fields left unset keep
@@ -155,6 +169,19 @@ class GateServicer(metaclass=_abc_1.ABCMeta):
         """Stores one person's contact policy (consent per channel, global unsubscribe, time zone,
         hard suppressions). Pushed by the profile service on every consent change; the next Check
         sees it.
+        """
+
+    @_abc_1.abstractmethod
+    def PutContactPolicies(
+        self,
+        request: _gate_pb2.PutContactPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gate_pb2.PutContactPoliciesResponse, _abc.Awaitable[_gate_pb2.PutContactPoliciesResponse]]:
+        """PutContactPolicy for many people of one shop at once (a bulk import): 1 to 1,000
+        policies, each validated and stored exactly as PutContactPolicy stores one, so a call ends
+        with what the same policies sent one call each, in order, would leave (of one person's
+        items the highest version wins). An invalid item fails the whole call with INVALID_ARGUMENT
+        naming it (policies[i].<field>) and nothing is stored.
         """
 
     @_abc_1.abstractmethod
