@@ -44,6 +44,10 @@ class Sighting:
 # take far longer than the default deadline of a peer call; the caller's deadline still applies).
 RESOLVE_BATCH = 1000
 RESOLVE_BATCH_SECONDS = 60.0
+# At most this many identifiers or persons in one LookupBatch or GetPersons.
+READ_BATCH = 1000
+# At most this many policies in one PutContactPolicies.
+POLICY_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,17 @@ class Group:
         """Every anchor a fact of this person can carry."""
         persons = [("person", p) for p in [self.person_id, *self.members]]
         return persons + [(t, key) for t, _, key in self.identifiers]
+
+
+@dataclass(frozen=True)
+class ContactPolicy:
+    """What the gate is told of a person: consent per channel, the global unsubscribe, and
+    the version that orders updates (µs since the epoch of the change)."""
+
+    person_id: str
+    granted: dict[str, bool]
+    global_unsubscribe: bool
+    version: int
 
 
 @dataclass(frozen=True)
@@ -145,18 +160,57 @@ class IdentityPeer:
             self._stub.Forget(identity_pb2.ForgetRequest(shop_id=shop_id, person_id=person_id))
         )
 
+    async def lookup_many(self, shop_id: str, identifiers: Sequence[tuple[str, str]]) -> list[str]:
+        """The person holding each identifier ("" when nobody does or it is not valid), with
+        LookupBatch, READ_BATCH identifiers a call."""
+        found: list[str] = []
+        for start in range(0, len(identifiers), READ_BATCH):
+            answer = await peer_answer(
+                self._stub.LookupBatch(
+                    identity_pb2.LookupBatchRequest(
+                        shop_id=shop_id,
+                        identifiers=[
+                            common_pb2.Identifier(type=t, value=v)
+                            for t, v in identifiers[start : start + READ_BATCH]
+                        ],
+                    )
+                )
+            )
+            found.extend(result.person_id for result in answer.results)
+        return found
+
     async def group(self, shop_id: str, person_id: str) -> Group:
-        person = await peer_answer(
-            self._stub.GetPerson(
-                identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
+        return _group(
+            await peer_answer(
+                self._stub.GetPerson(
+                    identity_pb2.GetPersonRequest(shop_id=shop_id, person_id=person_id)
+                )
             )
         )
-        return Group(
-            person.person_id,
-            list(person.member_person_ids),
-            [(i.type, i.normalized_value, i.match_key) for i in person.identifiers],
-            person.erased,
-        )
+
+    async def groups(self, shop_id: str, person_ids: Sequence[str]) -> list[Group | None]:
+        """The group of each person (None for a person identity does not know), with
+        GetPersons, READ_BATCH persons a call."""
+        found: list[Group | None] = []
+        for start in range(0, len(person_ids), READ_BATCH):
+            answer = await peer_answer(
+                self._stub.GetPersons(
+                    identity_pb2.GetPersonsRequest(
+                        shop_id=shop_id, person_ids=person_ids[start : start + READ_BATCH]
+                    )
+                )
+            )
+            found.extend(_group(p) if p.person_id else None for p in answer.persons)
+        return found
+
+
+def _group(person: identity_pb2.Person) -> Group:
+    return Group(
+        person.person_id,
+        list(person.member_person_ids),
+        [(i.type, i.normalized_value, i.match_key) for i in person.identifiers],
+        person.erased,
+    )
 
 
 def _resolve_request(shop_id: str, sighting: Sighting) -> identity_pb2.ResolveRequest:
@@ -203,28 +257,28 @@ class GatePeer:
     def __init__(self, stub: "gate_pb2_grpc.GateAsyncStub") -> None:
         self._stub = stub
 
-    async def put_contact_policy(
-        self,
-        shop_id: str,
-        person_id: str,
-        granted: dict[str, bool],
-        global_unsubscribe: bool,
-        version: int,
-    ) -> None:
-        await peer_answer(
-            self._stub.PutContactPolicy(
-                gate_pb2.PutContactPolicyRequest(
-                    shop_id=shop_id,
-                    person_id=person_id,
-                    consents=[
-                        gate_pb2.ChannelConsent(channel=CHANNEL_ENUMS[name], granted=ok)
-                        for name, ok in sorted(granted.items())
-                    ],
-                    global_unsubscribe=global_unsubscribe,
-                    version=version,
+    async def put_contact_policies(self, shop_id: str, policies: Sequence[ContactPolicy]) -> None:
+        """Sends persons' contact policies, POLICY_BATCH a call (PutContactPolicies)."""
+        for start in range(0, len(policies), POLICY_BATCH):
+            await peer_answer(
+                self._stub.PutContactPolicies(
+                    gate_pb2.PutContactPoliciesRequest(
+                        shop_id=shop_id,
+                        policies=[
+                            gate_pb2.PutContactPolicyRequest(
+                                person_id=p.person_id,
+                                consents=[
+                                    gate_pb2.ChannelConsent(channel=CHANNEL_ENUMS[name], granted=ok)
+                                    for name, ok in sorted(p.granted.items())
+                                ],
+                                global_unsubscribe=p.global_unsubscribe,
+                                version=p.version,
+                            )
+                            for p in policies[start : start + POLICY_BATCH]
+                        ],
+                    )
                 )
             )
-        )
 
     async def allowed(self, shop_id: str, person_ids: Sequence[str], channel: str) -> list[bool]:
         """Whether the gate would let a marketing message through to each person now (dry-run

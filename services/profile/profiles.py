@@ -15,7 +15,15 @@ from typing import Any
 from c360.identity.v1 import identity_pb2
 from services.profile import custobar, loyalty
 from services.profile.loyalty import Standing
-from services.profile.peers import GatePeer, Group, History, IdentityPeer, Resolved, Sighting
+from services.profile.peers import (
+    ContactPolicy,
+    GatePeer,
+    Group,
+    History,
+    IdentityPeer,
+    Resolved,
+    Sighting,
+)
 from services.profile.store import (
     Anchor,
     ConsentRow,
@@ -39,6 +47,8 @@ ALL_CHANNELS = "all"
 CUSTOBAR = "custobar"
 UPLOAD_IN_FLIGHT = 16
 PUSHES_IN_FLIGHT = 16
+# Persons whose contact policies one round of the push worker sends.
+PUSH_BATCH = 500
 IDENTITY = "identity"
 # Identity changes after which consent applies to other people than before.
 REGROUPING = frozenset({identity_pb2.CHANGE_KIND_MERGED, identity_pb2.CHANGE_KIND_UNMERGED})
@@ -370,28 +380,23 @@ class Profiles:
             CUSTOBAR,
             [k for i in indices for key in keys[i] for k in (key, hidden(shop_id, key))],
         )
-        limit = asyncio.Semaphore(UPLOAD_IN_FLIGHT)
-
-        async def existing(index: int) -> CustomerRow | None:
-            found = next((stored[k] for k in keys[index] if k in stored), None)  # by its own key,
-            if found is not None:
-                return found
-            async with limit:  # else by the person any of its identifiers names
-                return await self._uploaded_record_of(shop_id, custobar.identifiers(records[index]))
-
         # Forgotten for good: nothing an upload says about them is kept.
         live = [i for i in indices if not any(hidden(shop_id, k) in stored for k in keys[i])]
-        found = await asyncio.gather(*(existing(i) for i in live), return_exceptions=True)
+        found: dict[int, CustomerRow | None] = {
+            i: next((stored[k] for k in keys[i] if k in stored), None) for i in live
+        }  # by its own key, else by the person any of its identifiers names
+        found.update(
+            await self._uploaded_records_of(
+                shop_id,
+                {i: custobar.identifiers(records[i]) for i, row in found.items() if row is None},
+            )
+        )
         now = self._clock()
         later: list[int] = []
         taken: set[str] = set()
         uploads: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
-        for index, record_of in zip(live, found, strict=True):
-            if isinstance(record_of, BaseException):
-                if not isinstance(record_of, PeerRejected):
-                    raise record_of
-                problems[index] = _violations(record_of, records[index])
-                continue
+        for index in live:
+            record_of = found[index]
             if record_of is not None and record_of.deleted:
                 continue  # deleted for good
             key = keys[index][0] if record_of is None else record_of.source_id
@@ -473,18 +478,30 @@ class Profiles:
             self._pusher.wake()
         await self._store.replace_customers(shop_id, customers, now)
 
-    async def _uploaded_record_of(
-        self, shop_id: str, identifiers: list[tuple[str, str]]
-    ) -> CustomerRow | None:
-        """The newest uploaded record of the person one of these identifiers belongs to."""
-        for type_, value in identifiers:
-            try:
-                person_id = await self._identity.lookup(shop_id, type_, value)
-            except PeerRejected:
-                continue
-            group = await self._identity.group(shop_id, person_id)
-            return await self._store.newest_customer(shop_id, CUSTOBAR, group.anchors)
-        return None
+    async def _uploaded_records_of(
+        self, shop_id: str, identifiers: dict[int, list[tuple[str, str]]]
+    ) -> dict[int, CustomerRow | None]:
+        """For each record (by index), the newest uploaded record of the person its first
+        identifier that names someone belongs to: one LookupBatch and one GetPersons for them
+        all, then a read a record found (UPLOAD_IN_FLIGHT at once)."""
+        asked = [(i, identifier) for i, found in identifiers.items() for identifier in found]
+        persons = await self._identity.lookup_many(shop_id, [found for _, found in asked])
+        person_of: dict[int, str] = {}
+        for (index, _), person_id in zip(asked, persons, strict=True):
+            if person_id:
+                person_of.setdefault(index, person_id)
+        wanted = list(dict.fromkeys(person_of.values()))
+        groups = dict(zip(wanted, await self._identity.groups(shop_id, wanted), strict=True))
+        limit = asyncio.Semaphore(UPLOAD_IN_FLIGHT)
+
+        async def newest(index: int) -> CustomerRow | None:
+            group = groups.get(person_of.get(index, ""))
+            if group is None:
+                return None
+            async with limit:
+                return await self._store.newest_customer(shop_id, CUSTOBAR, group.anchors)
+
+        return dict(zip(identifiers, await asyncio.gather(*map(newest, identifiers)), strict=True))
 
     async def _forget_upload(
         self, shop_id: str, known: dict[str, Any], existing: CustomerRow | None
@@ -693,40 +710,57 @@ class Profiles:
 
     async def push_pending(self) -> int:
         """Gives the gate the contact policy of every person whose consent changed (or whose
-        grouping did), PUSHES_IN_FLIGHT at a time so that a burst of merges does not hold a
-        consent change back; returns how many were pushed. A failed push is retried with
-        backoff."""
-        limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
-
-        async def push(row: GatePushRow) -> bool:
-            """Whether the gate has the row's policy now."""
-            async with limit:
-                try:
-                    group = await self._identity.group(row.shop_id, row.person_id)
-                    facts = await self._store.facts(row.shop_id, group.anchors)
-                    states, unsubscribed = consent_states(facts.consents)
-                    await self._gate.put_contact_policy(
-                        row.shop_id,
-                        row.person_id,  # a merged person's id too: it gets its group's policy
-                        {s.channel: s.granted for s in states},
-                        unsubscribed,
-                        version=int(row.requested_at.timestamp() * 1_000_000),
-                    )
-                except Exception as exc:
-                    delay = min(60.0, 0.5 * 2 ** min(row.attempts, 7))
-                    log.warning(
-                        "contact policy push failed; retrying",
-                        extra={"error": type(exc).__name__, "attempts": row.attempts + 1},
-                    )
-                    await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
-                    return False
-                return True
-
-        rows = await self._store.pending_pushes(self._clock(), limit=500)
-        pushed = await asyncio.gather(*map(push, rows))
-        done = [row for row, ok in zip(rows, pushed, strict=True) if ok]
+        grouping did), a shop's due persons at a time (one GetPersons, one PutContactPolicies);
+        returns how many were pushed. A failed push is retried with backoff."""
+        rows = await self._store.pending_pushes(self._clock(), limit=PUSH_BATCH)
+        shops: dict[str, list[GatePushRow]] = {}
+        for row in rows:
+            shops.setdefault(row.shop_id, []).append(row)
+        done: list[GatePushRow] = []
+        for shop_id, due in shops.items():
+            try:
+                unknown = await self._push(shop_id, due)
+            except Exception as exc:
+                await self._push_failed(due, type(exc).__name__)
+                continue
+            await self._push_failed(unknown, "NotFound")
+            done.extend(row for row in due if row not in unknown)
         await self._store.pushed(done)  # one statement for them all
         return len(done)
+
+    async def _push(self, shop_id: str, rows: Sequence[GatePushRow]) -> list[GatePushRow]:
+        """Sends the gate the policies of one shop's persons, each as its group's facts say
+        (a merged person's id too: it gets its group's policy); returns the rows of persons
+        identity does not know, whose policies were not sent."""
+        groups = await self._identity.groups(shop_id, [row.person_id for row in rows])
+        known = [(row, group) for row, group in zip(rows, groups, strict=True) if group]
+        limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
+
+        async def policy(row: GatePushRow, group: Group) -> ContactPolicy:
+            async with limit:
+                facts = await self._store.facts(shop_id, group.anchors)
+            states, unsubscribed = consent_states(facts.consents)
+            return ContactPolicy(
+                row.person_id,
+                {s.channel: s.granted for s in states},
+                unsubscribed,
+                version=int(row.requested_at.timestamp() * 1_000_000),
+            )
+
+        policies = await asyncio.gather(*(policy(row, group) for row, group in known))
+        await self._gate.put_contact_policies(shop_id, policies)
+        return [row for row, group in zip(rows, groups, strict=True) if group is None]
+
+    async def _push_failed(self, rows: Sequence[GatePushRow], error: str) -> None:
+        """Puts pushes off, each with its own backoff (0.5 s doubling to 60 s)."""
+        if rows:
+            log.warning(
+                "contact policy push failed; retrying",
+                extra={"error": error, "persons": len(rows)},
+            )
+        for row in rows:
+            delay = min(60.0, 0.5 * 2 ** min(row.attempts, 7))
+            await self._store.push_failed(row, self._clock() + timedelta(seconds=delay))
 
     async def follow_identity(self) -> int:
         """Reads identity's changes since the last time: a merge or an unmerge changes whose

@@ -12,9 +12,10 @@ from services.runtime import db
 
 
 async def test_a_request_made_again_at_the_same_instant_outlives_the_refresh_that_read_the_first(
-    settings_for: Callable[..., Any],
+    settings_for: Callable[..., Any], run_id: str
 ) -> None:
-    settings = settings_for("profile")
+    # A schema of its own: other tests' services leave requests in the run's profile schema.
+    settings = settings_for("profile", db_schema_prefix=f"{run_id}_summary_requests_")
     await asyncio.to_thread(db.migrate, settings, MIGRATIONS)
     engine = db.create_engine(settings)
     sessions = db.session_factory(engine)
