@@ -40,10 +40,12 @@ class Sighting:
     observed_at: datetime | None = None
 
 
-# At most this many records in one ResolveBatch, and how long one may take (a thousand records
-# take far longer than the default deadline of a peer call; the caller's deadline still applies).
+# At most this many records in one ResolveBatch.
 RESOLVE_BATCH = 1000
-RESOLVE_BATCH_SECONDS = 60.0
+# How long a call of a batch RPC (ResolveBatch, LookupBatch, GetPersons, PutContactPolicies) may
+# take: a thousand items take far longer than the default deadline of a peer call; the caller's
+# deadline still applies.
+BATCH_SECONDS = 60.0
 # At most this many identifiers or persons in one LookupBatch or GetPersons.
 READ_BATCH = 1000
 # At most this many policies in one PutContactPolicies.
@@ -113,7 +115,7 @@ class IdentityPeer:
                             shop_id=shop_id,
                             records=[_resolve_request(shop_id, sightings[i]) for i in chunk],
                         ),
-                        timeout=RESOLVE_BATCH_SECONDS,
+                        timeout=BATCH_SECONDS,
                     )
                 )
             except PeerRejected as rejected:
@@ -173,7 +175,8 @@ class IdentityPeer:
                             common_pb2.Identifier(type=t, value=v)
                             for t, v in identifiers[start : start + READ_BATCH]
                         ],
-                    )
+                    ),
+                    timeout=BATCH_SECONDS,
                 )
             )
             found.extend(result.person_id for result in answer.results)
@@ -197,7 +200,8 @@ class IdentityPeer:
                 self._stub.GetPersons(
                     identity_pb2.GetPersonsRequest(
                         shop_id=shop_id, person_ids=person_ids[start : start + READ_BATCH]
-                    )
+                    ),
+                    timeout=BATCH_SECONDS,
                 )
             )
             found.extend(_group(p) if p.person_id else None for p in answer.persons)
@@ -276,7 +280,8 @@ class GatePeer:
                             )
                             for p in policies[start : start + POLICY_BATCH]
                         ],
-                    )
+                    ),
+                    timeout=BATCH_SECONDS,
                 )
             )
 
