@@ -283,42 +283,27 @@ class Audiences:
         transaction; returns how many it refreshed."""
         limit = asyncio.Semaphore(REFRESH_IN_FLIGHT)
 
-        async def one(due: SummaryDueRow, group: Group | None) -> Refreshed | None:
+        async def one(due: SummaryDueRow) -> Refreshed | None:
             async with limit:
                 try:
-                    return await self._refresh(due, group)
+                    return await self._refresh(due)
                 except Exception as exc:
                     log.warning("summary refresh failed", extra={"error": type(exc).__name__})
                     return None
 
         rows = await self._store.due_summaries(REFRESH_BATCH)
-        try:
-            groups = await self._groups(rows)
-        except Exception as exc:
-            log.warning("summary refresh failed", extra={"error": type(exc).__name__})
-            return 0
-        built = [
-            found
-            for found in await asyncio.gather(*(one(row, groups[row]) for row in rows))
-            if found
-        ]
+        built = [found for found in await asyncio.gather(*(one(row) for row in rows)) if found]
         if built:
             await self._store.save_summaries(built)
         return len(built)
 
-    async def _groups(self, rows: Sequence[SummaryDueRow]) -> dict[SummaryDueRow, Group | None]:
-        """The group of each row's person (None: identity knows nobody by that id), one
-        GetPersons a shop."""
-        shops: dict[str, list[SummaryDueRow]] = {}
-        for row in rows:
-            shops.setdefault(row.shop_id, []).append(row)
-        found: dict[SummaryDueRow, Group | None] = {}
-        for shop_id, due in shops.items():
-            groups = await self._identity.groups(shop_id, [row.person_id for row in due])
-            found.update(zip(due, groups, strict=True))
-        return found
-
-    async def _refresh(self, due: SummaryDueRow, group: Group | None) -> Refreshed:
+    async def _refresh(self, due: SummaryDueRow) -> Refreshed:
+        try:
+            group: Group | None = await self._identity.group(due.shop_id, due.person_id)
+        except PeerRejected as rejected:
+            if rejected.code.name != "NOT_FOUND":
+                raise
+            group = None
         if group is None or group.erased:
             return Refreshed(due, due.person_id, [], [], None, [])
         # One statement for the facts, the erased check, the programme and the ledger.
