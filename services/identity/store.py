@@ -257,9 +257,9 @@ class Stored:
 
 
 # The identifier rows of (type, match key) pairs given as two arrays, one index lookup a pair.
-# The subquery is LATERAL with OFFSET 0 so that the planner cannot turn it into a join: for a
-# few hundred pairs it otherwise hashes every identifier of the shop (a backfill's batches grew
-# from 1 to 30 s as the table grew, its statistics always behind).
+# The subquery is LATERAL with OFFSET 0 so that the planner cannot turn it into a join: for
+# many pairs it otherwise hashes every identifier of the shop, a cost that grows with the shop
+# (2,000 pairs among 200,000 identifiers: 81 ms hashed, 18 ms looked up).
 _KEYED = """
     unnest(CAST(:{types} AS text[]), CAST(:{keys} AS text[])) AS k(type, match_key)
     CROSS JOIN LATERAL (
