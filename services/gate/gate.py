@@ -328,8 +328,7 @@ class Gate:
         push of a later change still wins by its version)."""
         assert self._policy_source is not None
         pulled = await self._policy_source(shop_id, person_ids)
-        if pulled:
-            await self._store.put_contact_policies(shop_id, pulled, now)
+        await self._store.put_contact_policies(shop_id, pulled, now)
         return pulled
 
     async def _run_checks(

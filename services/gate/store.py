@@ -315,16 +315,16 @@ class GateStore:
 
     async def put_contact_policies(
         self, shop_id: str, policies: Mapping[str, ContactPolicy], now: datetime
-    ) -> int:
+    ) -> None:
         """Stores customers' contact policies (one per customer), each unless a newer one is
-        stored, in one statement; returns how many it stored."""
+        stored, in one statement."""
         if not policies:
-            return 0
+            return
         async with self._sessions.begin() as session:
             connection = await session.connection()
             dialect = dialect_of(session)
             if dialect is postgresql:
-                result = await connection.execute(
+                await connection.execute(
                     POLICIES_FROM_ARRAYS,
                     {
                         "shop_id": shop_id,
@@ -341,14 +341,13 @@ class GateStore:
                 insert = dialect.insert(ContactPolicyRow.__table__).values(
                     [_policy_values(shop_id, p, policy, now) for p, policy in policies.items()]
                 )
-                result = await connection.execute(
+                await connection.execute(
                     insert.on_conflict_do_update(
                         index_elements=["shop_id", "person_id"],
                         set_={name: insert.excluded[name] for name in POLICY_UPDATED},
                         where=ContactPolicyRow.__table__.c.version < insert.excluded.version,
                     )
                 )
-            return int(getattr(result, "rowcount", 0))
 
     async def erase(
         self, shop_id: str, person_id: str, now: datetime, dry_run: bool

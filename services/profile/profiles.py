@@ -705,8 +705,7 @@ class Profiles:
             if rejected.code.name == "NOT_FOUND":
                 return None
             raise
-        facts = await self._store.facts(shop_id, group.anchors)
-        return consent_states(facts.consents)
+        return await self._consents(shop_id, group)
 
     async def push_pending(self) -> int:
         """Gives the gate the contact policy of every person whose consent changed (or whose
@@ -719,27 +718,25 @@ class Profiles:
         done: list[GatePushRow] = []
         for shop_id, due in shops.items():
             try:
-                unknown = await self._push(shop_id, due)
+                done.extend(await self._push(shop_id, due))
             except Exception as exc:
                 await self._push_failed(due, type(exc).__name__)
-                continue
-            await self._push_failed(unknown, "NotFound")
-            done.extend(row for row in due if row not in unknown)
         await self._store.pushed(done)  # one statement for them all
         return len(done)
 
     async def _push(self, shop_id: str, rows: Sequence[GatePushRow]) -> list[GatePushRow]:
         """Sends the gate the policies of one shop's persons, each as its group's facts say
-        (a merged person's id too: it gets its group's policy); returns the rows of persons
-        identity does not know, whose policies were not sent."""
+        (a merged person's id too: it gets its group's policy); returns the rows it sent. The
+        rows of persons identity does not know are put off."""
         groups = await self._identity.groups(shop_id, [row.person_id for row in rows])
-        known = [(row, group) for row, group in zip(rows, groups, strict=True) if group]
+        paired = list(zip(rows, groups, strict=True))
+        known = [(row, group) for row, group in paired if group is not None]
+        await self._push_failed([row for row, group in paired if group is None], "NotFound")
         limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
 
         async def policy(row: GatePushRow, group: Group) -> ContactPolicy:
             async with limit:
-                facts = await self._store.facts(shop_id, group.anchors)
-            states, unsubscribed = consent_states(facts.consents)
+                states, unsubscribed = await self._consents(shop_id, group)
             return ContactPolicy(
                 row.person_id,
                 {s.channel: s.granted for s in states},
@@ -749,7 +746,12 @@ class Profiles:
 
         policies = await asyncio.gather(*(policy(row, group) for row, group in known))
         await self._gate.put_contact_policies(shop_id, policies)
-        return [row for row, group in zip(rows, groups, strict=True) if group is None]
+        return [row for row, _ in known]
+
+    async def _consents(self, shop_id: str, group: Group) -> tuple[list[ConsentState], bool]:
+        """A group's consents and global unsubscribe, from the facts anchored on it."""
+        facts = await self._store.facts(shop_id, group.anchors)
+        return consent_states(facts.consents)
 
     async def _push_failed(self, rows: Sequence[GatePushRow], error: str) -> None:
         """Puts pushes off, each with its own backoff (0.5 s doubling to 60 s)."""
