@@ -8,6 +8,7 @@ between wider transactions is retried.
 """
 
 import asyncio
+import contextvars
 import dataclasses
 import time
 import uuid
@@ -46,7 +47,7 @@ from services.identity.store import (
     read_snapshot,
     write,
 )
-from services.runtime.db import Rehearsal, utc
+from services.runtime.db import DatabaseUnavailable, Rehearsal, utc
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_UNMERGE_WINDOW = timedelta(days=7)
@@ -146,6 +147,15 @@ class _Record:
 
 
 @dataclass
+class _Queue:
+    """One shop's resolves waiting for the batch being written to end, and the task writing
+    the shop's batches (None when none is)."""
+
+    waiting: list[tuple[_Record, asyncio.Future[Resolution]]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
 class _Plan:
     """What `_plan` decided: the answers of the records it could decide, the rows they add, and
     the first record it left to the exact path (None when it decided every one)."""
@@ -205,6 +215,7 @@ class IdentityGraph:
         self._clock = clock
         self._policy_ttl = policy_ttl
         self._policies: dict[str, tuple[float, Policy]] = {}
+        self._queues: dict[str, _Queue] = {}
 
     async def _retrying(self, shop_id: str, work: Callable[[Tx], Awaitable[T]]) -> T:
         for attempt in range(RETRIES):
@@ -313,17 +324,68 @@ class IdentityGraph:
 
     async def resolve(self, observation: Observation) -> Resolution:
         """Records the observation and returns the person it belongs to (see linking.py for
-        when identifiers join and when they raise a merge candidate instead)."""
-        return (await self.resolve_batch([observation], named=False))[0]
+        when identifiers join and when they raise a merge candidate instead); INVALID_ARGUMENT
+        for an invalid identifier, and nothing stored.
 
-    async def resolve_batch(
-        self, observations: Sequence[Observation], named: bool = True
-    ) -> list[Resolution]:
+        A shop's concurrent resolves are written together: those that arrive while one of the
+        shop's batches is being written wait for it and then go as the next batch, resolved in
+        turn as `resolve_batch` resolves its records. A resolve arriving alone goes at once."""
+        policy = await self.policy(observation.shop_id)
+        normalized, skipped = self._normalize(observation, policy.rules)
+        answer: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
+        queue = self._queues.setdefault(observation.shop_id, _Queue())
+        queue.waiting.append((_Record(observation, normalized), answer))
+        if queue.task is None:
+            # A context of its own: the batch is no one caller's (span, deadline, principal).
+            queue.task = asyncio.create_task(
+                self._drain(observation.shop_id, queue), context=contextvars.Context()
+            )
+        # A caller that goes away (its answer cancelled) leaves its record to be stored anyway.
+        return dataclasses.replace(await answer, skipped=tuple(skipped))
+
+    async def _drain(self, shop_id: str, queue: _Queue) -> None:
+        """Writes the shop's waiting resolves, CHUNK at a time, until none wait."""
+        try:
+            while queue.waiting:
+                batch, queue.waiting = queue.waiting[:CHUNK], queue.waiting[CHUNK:]
+                await self._answer(shop_id, batch)
+        finally:
+            queue.task = None
+            if not queue.waiting:
+                self._queues.pop(shop_id, None)
+
+    async def _answer(
+        self, shop_id: str, batch: list[tuple[_Record, asyncio.Future[Resolution]]]
+    ) -> None:
+        """Resolves a batch and answers each of its resolves. When the batch fails for a reason
+        other than the database being down, each record is resolved again on its own, so that
+        one record's failure is its caller's alone."""
+        try:
+            window = (await self.policy(shop_id)).unmerge_window
+            results = await self._resolve_records(shop_id, [r for r, _ in batch], window)
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, DatabaseUnavailable):
+                for one in batch:
+                    await self._answer(shop_id, [one])
+                return
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        except BaseException:
+            for _, answer in batch:
+                answer.cancel()
+            raise
+        for (_, answer), result in zip(batch, results, strict=True):
+            if not answer.done():
+                answer.set_result(result)
+
+    async def resolve_batch(self, observations: Sequence[Observation]) -> list[Resolution]:
         """Resolves the observations (all of one shop), with the results and the stored state of
         resolving each in turn, in transactions of up to CHUNK records in order (a retry after a
         failure midway answers the records already stored as replays). Every observation is
         normalised first: any invalid one raises INVALID_ARGUMENT for all of them (violations
-        named `records[<i>].<field>` when `named`) and nothing is stored."""
+        named `records[<i>].<field>`) and nothing is stored."""
         shop_id = observations[0].shop_id
         policy = await self.policy(shop_id)
         prepared: list[tuple[list[Normalized], list[str]]] = []
@@ -332,8 +394,7 @@ class IdentityGraph:
             try:
                 prepared.append(self._normalize(observation, policy.rules))
             except InvalidArgument as exc:
-                prefix = f"records[{i}]." if named else ""
-                violations += [(prefix + name, why) for name, why in exc.violations]
+                violations += [(f"records[{i}].{name}", why) for name, why in exc.violations]
         if violations:
             raise InvalidArgument(violations)
 

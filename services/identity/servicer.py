@@ -152,7 +152,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         shop_id = shop(request.shop_id, violations)
         observation = _observation(request, shop_id, "", violations)
         violations.raise_any()
-        return _resolution((await self._graph.resolve_batch([observation], named=False))[0])
+        return _resolution(await self._graph.resolve(observation))
 
     async def ResolveBatch(self, request: Any, context: Any) -> identity_pb2.ResolveBatchResponse:
         violations = Violations()

@@ -23,6 +23,7 @@ from tests.integration.test_identity import (  # noqa: F401  # the fixture
     components,
     identity,
 )
+from tests.polling import eventually
 from tests.rpc import bearer, details
 
 Record = tuple[list[tuple[str, str]], dict[str, Any]]
@@ -441,3 +442,111 @@ async def test_batch_reads_refuse_bad_requests_whole(identity: Identity) -> None
     assert await refused(
         "GetPersons", persons(shop_id=identity.shop, person_ids=["p1", "", "p\x01"])
     ) == ["person_ids[1]", "person_ids[2]"]
+
+
+class HeldBatches:
+    """Spies on the graph's batches of concurrent resolves: the event ids of each batch written,
+    the first one held until `release` is set, and a batch holding the event id `poison`
+    failing as a record that breaks its batch would."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.written: list[list[str]] = []
+        self.normalized = 0
+        self.release = asyncio.Event()
+        original = graph.IdentityGraph._resolve_records
+        normalize = graph.IdentityGraph._normalize
+
+        async def resolve_records(inner: Any, shop_id: str, records: Any, window: Any) -> Any:
+            self.written.append([r.observation.event_id for r in records])
+            if len(self.written) == 1:
+                await self.release.wait()
+            if "poison" in self.written[-1]:
+                raise RuntimeError("a record that breaks its batch")
+            return await original(inner, shop_id, records, window)
+
+        def counted(inner: Any, *args: Any) -> Any:
+            self.normalized += 1
+            return normalize(inner, *args)
+
+        monkeypatch.setattr(graph.IdentityGraph, "_resolve_records", resolve_records)
+        monkeypatch.setattr(graph.IdentityGraph, "_normalize", counted)
+
+    async def arrived(self, count: int) -> None:
+        """Returns once `count` resolves reached the graph (each is queued once normalised)."""
+
+        async def probe() -> int:
+            return self.normalized
+
+        await eventually(probe, lambda n: n == count, f"{count} resolves in the graph")
+
+
+async def test_concurrent_resolves_are_written_together_each_answered_its_own(
+    identity: Identity,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held = HeldBatches(monkeypatch)
+    sarah = asyncio.create_task(identity.resolve(("email", "sarah@x.example"), event_id="s-1"))
+    await held.arrived(1)
+    again = asyncio.create_task(identity.resolve(("email", "sarah@x.example"), event_id="s-1"))
+    linked = asyncio.create_task(
+        identity.resolve(("email", "sarah@x.example"), ("phone", "+14155550100"), event_id="s-2")
+    )
+    new = [
+        asyncio.create_task(identity.resolve(("email", f"new{n}@x.example"), event_id=f"n-{n}"))
+        for n in range(10)
+    ]
+    await held.arrived(13)
+    # An invalid record is refused at once, whatever batch is being written.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.resolve(("phone", "12"), event_id="bad")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(raised.value)[0].field_violations] == ["identifiers[0].value"]
+    assert held.written == [["s-1"]]
+
+    held.release.set()
+    first, replay, link, *created = await asyncio.gather(sarah, again, linked, *new)
+
+    # In the order they reached the server, which the callers do not fix.
+    assert [sorted(batch) for batch in held.written] == [
+        ["s-1"],
+        sorted(["s-1", "s-2", *(f"n-{n}" for n in range(10))]),
+    ]
+    assert first.outcome == identity_pb2.RESOLVE_OUTCOME_CREATED
+    assert replay.outcome == identity_pb2.RESOLVE_OUTCOME_UNCHANGED
+    assert link.outcome == identity_pb2.RESOLVE_OUTCOME_LINKED
+    assert replay.person_id == link.person_id == first.person_id
+    assert [c.outcome for c in created] == [identity_pb2.RESOLVE_OUTCOME_CREATED] * 10
+    assert len({c.person_id for c in created} | {first.person_id}) == 11
+    assert await identity.keys(first.person_id) == {
+        ("email", "sarah@x.example"),
+        ("phone", "+14155550100"),
+    }
+
+
+async def test_a_record_that_breaks_its_batch_fails_only_its_own_resolve(
+    identity: Identity,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held = HeldBatches(monkeypatch)
+    first = asyncio.create_task(identity.resolve(("email", "first@x.example"), event_id="f"))
+    await held.arrived(1)
+    calls = [
+        asyncio.create_task(identity.resolve(("email", f"{e}@x.example"), event_id=e))
+        for e in ("a", "poison", "b")
+    ]
+    await held.arrived(4)
+    held.release.set()
+    answers = await asyncio.gather(first, *calls, return_exceptions=True)
+
+    batch, *alone = held.written[1:]
+    assert (held.written[0], sorted(batch)) == (["f"], ["a", "b", "poison"])
+    assert alone == [[e] for e in batch]
+    poisoned = answers[2]
+    assert isinstance(poisoned, grpc.aio.AioRpcError)
+    assert poisoned.code() == grpc.StatusCode.INTERNAL
+    assert [a.outcome for a in (answers[0], answers[1], answers[3])] == [  # type: ignore[union-attr]
+        identity_pb2.RESOLVE_OUTCOME_CREATED
+    ] * 3
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.lookup("email", "poison@x.example")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
