@@ -149,7 +149,7 @@ class _Record:
 @dataclass
 class _Queue:
     """One shop's resolves waiting for the batch being written to end, and the task writing
-    the shop's batches (None when none is)."""
+    the shop's batches (the queue is dropped when the task ends)."""
 
     waiting: list[tuple[_Record, asyncio.Future[Resolution]]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
@@ -333,26 +333,28 @@ class IdentityGraph:
         policy = await self.policy(observation.shop_id)
         normalized, skipped = self._normalize(observation, policy.rules)
         answer: asyncio.Future[Resolution] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(observation.shop_id, _Queue())
-        queue.waiting.append((_Record(observation, normalized), answer))
-        if queue.task is None:
+        queue = self._queues.get(observation.shop_id)
+        if queue is None:
+            queue = self._queues[observation.shop_id] = _Queue()
             # A context of its own: the batch is no one caller's (span, deadline, principal).
             queue.task = asyncio.create_task(
                 self._drain(observation.shop_id, queue), context=contextvars.Context()
             )
+        queue.waiting.append((_Record(observation, normalized), answer))
         # A caller that goes away (its answer cancelled) leaves its record to be stored anyway.
         return dataclasses.replace(await answer, skipped=tuple(skipped))
 
     async def _drain(self, shop_id: str, queue: _Queue) -> None:
-        """Writes the shop's waiting resolves, CHUNK at a time, until none wait."""
+        """Writes the shop's waiting resolves, CHUNK at a time, until none wait. Cancelled (the
+        process stopping), it cancels the resolves still waiting."""
         try:
             while queue.waiting:
                 batch, queue.waiting = queue.waiting[:CHUNK], queue.waiting[CHUNK:]
                 await self._answer(shop_id, batch)
         finally:
-            queue.task = None
-            if not queue.waiting:
-                self._queues.pop(shop_id, None)
+            for _, answer in queue.waiting:
+                answer.cancel()
+            del self._queues[shop_id]
 
     async def _answer(
         self, shop_id: str, batch: list[tuple[_Record, asyncio.Future[Resolution]]]
