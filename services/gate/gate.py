@@ -438,7 +438,12 @@ class Gate:
             with contextlib.suppress(*UNDECIDABLE):
                 policy = await self.shop_policy(requests[0].shop_id)
         mode = "dry" if requests[0].dry_run else "check"
-        in_flight = asyncio.Semaphore(BATCH_IN_FLIGHT)
+        # A single group (every Check) has nothing to wait for.
+        in_flight: contextlib.AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext()
+            if len(requests) <= BATCH_CHUNK
+            else asyncio.Semaphore(BATCH_IN_FLIGHT)
+        )
 
         async def decide(part: Sequence[Request]) -> list[Decision]:
             outcomes = None

@@ -310,11 +310,10 @@ class IdentityGraph:
             try:
                 n = normalize(type_, value, rules, observation.country)
             except InvalidIdentifier as exc:
-                field = "type" if "identifier type" in str(exc) else "value"
                 if observation.skip_invalid:
                     skipped.append(f"identifiers[{i}]: {exc}")
                 else:
-                    violations.append((f"identifiers[{i}].{field}", str(exc)))
+                    violations.append((f"identifiers[{i}].{exc.field}", str(exc)))
             else:
                 found.setdefault(n.key, n)
         if violations:
@@ -864,8 +863,7 @@ class IdentityGraph:
         nobody holds it. Creates nothing."""
         [found] = await self.lookup_many(shop_id, [(type_, value)])
         if isinstance(found, InvalidIdentifier):
-            field = "type" if "identifier type" in str(found) else "value"
-            raise InvalidArgument([(f"identifier.{field}", str(found))])
+            raise InvalidArgument([(f"identifier.{found.field}", str(found))])
         if found is None:
             raise NotFound("identifier", type_)
         return found

@@ -72,7 +72,12 @@ SALESFORCE_SUFFIX = "ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
 
 
 class InvalidIdentifier(ValueError):
-    """A value that is not a valid identifier of its type (say, an impossible phone number)."""
+    """A value that is not a valid identifier of its type (say, an impossible phone number), or
+    a type that is none; `field` names which of the two ("type" or "value") is wrong."""
+
+    def __init__(self, why: str, field: str = "value") -> None:
+        super().__init__(why)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ def normalize(type_: str, raw: str, rules: ShopRules, country: str = "") -> Norm
     too long or empty, an invalid email or an invalid phone number (parsed with `country`, else
     the shop's)."""
     if type_ not in RANK:
-        raise InvalidIdentifier(f"unknown identifier type; one of: {', '.join(TYPES)}")
+        raise InvalidIdentifier(f"unknown identifier type; one of: {', '.join(TYPES)}", "type")
     limit = MAX_LENGTH.get(type_, DEFAULT_MAX_LENGTH)
     if not raw.strip() or len(raw) > limit:
         raise InvalidIdentifier(f"must be 1-{limit} characters")
