@@ -46,7 +46,6 @@ CENT = Decimal("0.01")
 ALL_CHANNELS = "all"
 CUSTOBAR = "custobar"
 UPLOAD_IN_FLIGHT = 16
-PUSHES_IN_FLIGHT = 16
 # Persons whose contact policies one round of the push worker sends.
 PUSH_BATCH = 500
 IDENTITY = "identity"
@@ -222,6 +221,14 @@ def consent_states(rows: Sequence[ConsentRow]) -> tuple[list[ConsentState], bool
         s.granted and s.at > unsubscribed_at for s in latest.values()
     )
     return sorted(latest.values(), key=lambda s: s.channel), stands
+
+
+def _consent_states_of(
+    group: Group, consents: dict[Anchor, list[ConsentRow]]
+) -> tuple[list[ConsentState], bool]:
+    """A group's consents and global unsubscribe, from the consent records of its anchors."""
+    rows = [row for anchor in group.anchors for row in consents.get(anchor, ())]
+    return consent_states(sorted(rows, key=lambda row: (row.at, row.consent_id)))
 
 
 def assemble(shop_id: str, group: Group, facts: Facts, history: History | None) -> Profile:
@@ -705,7 +712,7 @@ class Profiles:
             if rejected.code.name == "NOT_FOUND":
                 return None
             raise
-        return await self._consents(shop_id, group)
+        return _consent_states_of(group, await self._store.consents(shop_id, group.anchors))
 
     async def push_pending(self) -> int:
         """Gives the gate the contact policy of every person whose consent changed (or whose
@@ -732,26 +739,20 @@ class Profiles:
         paired = list(zip(rows, groups, strict=True))
         known = [(row, group) for row, group in paired if group is not None]
         await self._push_failed([row for row, group in paired if group is None], "NotFound")
-        limit = asyncio.Semaphore(PUSHES_IN_FLIGHT)
-
-        async def policy(row: GatePushRow, group: Group) -> ContactPolicy:
-            async with limit:
-                states, unsubscribed = await self._consents(shop_id, group)
-            return ContactPolicy(
-                row.person_id,
-                {s.channel: s.granted for s in states},
-                unsubscribed,
-                version=int(row.requested_at.timestamp() * 1_000_000),
+        consents = await self._store.consents(shop_id, [a for _, g in known for a in g.anchors])
+        policies = []
+        for row, group in known:
+            states, unsubscribed = _consent_states_of(group, consents)
+            policies.append(
+                ContactPolicy(
+                    row.person_id,
+                    {s.channel: s.granted for s in states},
+                    unsubscribed,
+                    version=int(row.requested_at.timestamp() * 1_000_000),
+                )
             )
-
-        policies = await asyncio.gather(*(policy(row, group) for row, group in known))
         await self._gate.put_contact_policies(shop_id, policies)
         return [row for row, _ in known]
-
-    async def _consents(self, shop_id: str, group: Group) -> tuple[list[ConsentState], bool]:
-        """A group's consents and global unsubscribe, from the facts anchored on it."""
-        facts = await self._store.facts(shop_id, group.anchors)
-        return consent_states(facts.consents)
 
     async def _push_failed(self, rows: Sequence[GatePushRow], error: str) -> None:
         """Puts pushes off, each with its own backoff (0.5 s doubling to 60 s)."""

@@ -443,9 +443,10 @@ def _tagged(kind: str, **values: Any) -> Any:
     return select(*columns)
 
 
-def _statement(extras: bool) -> Any:
-    """The statement of `ProfileStore.facts` (extras False) or `ProfileStore.picture`."""
+def _picture_statement() -> Any:
+    """The statement of `ProfileStore.picture`."""
     shop_id: Any = bindparam("shop_id")
+    person_id: Any = bindparam("person_id")
     anchors: Any = bindparam("anchors", expanding=True)
 
     def of(table: Any) -> Any:
@@ -455,6 +456,8 @@ def _statement(extras: bool) -> Any:
 
     o, r, e = OrderRow.__table__, RefundRow.__table__, EventRow.__table__
     c, u = ConsentRow.__table__, CustomerRow.__table__
+    x, s = ErasedPersonRow.__table__, SignalRow.__table__
+    p, g = ProgrammeRow.__table__, EarningRow.__table__
     mine = (
         select(o.c.order_id, o.c.currency, o.c.source, o.c.location, o.c.total, o.c.placed_at)
         .where(of(o), o.c.cancelled.is_(False))
@@ -488,33 +491,27 @@ def _statement(extras: bool) -> Any:
             "customer", a=u.c.first_name, b=u.c.last_name, c=u.c.source, d=u.c.source_id,
             j=u.c.tags, k=u.c.attributes, t=u.c.updated_at,
         ).where(of(u), u.c.deleted.is_(False)),
+        _tagged("erased").where(x.c.shop_id == shop_id, x.c.person_id == person_id),
+        _tagged("signals", j=s.c.predictions, f=s.c.engagement).where(
+            s.c.shop_id == shop_id, s.c.person_id == person_id
+        ),
+        _tagged("programme", j=p.c.tiers, y=p.c.points_per_unit, n=p.c.expiry_days).where(
+            p.c.shop_id == shop_id
+        ),
+        # Their earning orders, with all that was refunded of each.
+        _tagged(
+            "ledger", x=mine.c.total, y=func.coalesce(refunds.c.amount, literal_column("0")),
+            z=g.c.rate, t=g.c.earned_at, u=g.c.expires_at,
+        ).select_from(
+            mine.join(g, (g.c.shop_id == shop_id) & (g.c.order_id == mine.c.order_id))
+            .outerjoin(refunds, refunds.c.order_id == mine.c.order_id)
+        ),
     ]  # fmt: skip
-    if extras:
-        person_id: Any = bindparam("person_id")
-        x, s = ErasedPersonRow.__table__, SignalRow.__table__
-        p, g = ProgrammeRow.__table__, EarningRow.__table__
-        parts += [
-            _tagged("erased").where(x.c.shop_id == shop_id, x.c.person_id == person_id),
-            _tagged("signals", j=s.c.predictions, f=s.c.engagement).where(
-                s.c.shop_id == shop_id, s.c.person_id == person_id
-            ),
-            _tagged("programme", j=p.c.tiers, y=p.c.points_per_unit, n=p.c.expiry_days).where(
-                p.c.shop_id == shop_id
-            ),
-            # Their earning orders, with all that was refunded of each.
-            _tagged(
-                "ledger", x=mine.c.total, y=func.coalesce(refunds.c.amount, literal_column("0")),
-                z=g.c.rate, t=g.c.earned_at, u=g.c.expires_at,
-            ).select_from(
-                mine.join(g, (g.c.shop_id == shop_id) & (g.c.order_id == mine.c.order_id))
-                .outerjoin(refunds, refunds.c.order_id == mine.c.order_id)
-            ),
-        ]  # fmt: skip
     return union_all(*parts)
 
 
 def _picture(rows: Sequence[Any]) -> Picture:
-    """The rows of `_statement`, decoded."""
+    """The rows of `_picture_statement`, decoded."""
     orders: list[OrderTotals] = []
     refunded: dict[str, Decimal] = {}
     engagement: list[tuple[str, str, int, datetime]] = []
@@ -666,6 +663,18 @@ async def _mark_all_due(
 def anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
     """Rows of `model` anchored on any of these anchors."""
     return tuple_(model.anchor_type, model.anchor_key).in_(anchors)
+
+
+def _anchored_among(session: AsyncSession, model: Any, anchors: Sequence[Anchor]) -> Any:
+    """Rows of `model` anchored on any of these anchors, however many: on PostgreSQL two array
+    parameters unnested (one statement whatever their number, prepared once), elsewhere an IN
+    list."""
+    if not _postgres(session):
+        return anchored(model, anchors)
+    types, keys = zip(*anchors, strict=True) if anchors else ((), ())
+    arrays = func.unnest(_array(types, Text()), _array(keys, Text()))
+    wanted = arrays.table_valued("t", "k").render_derived()
+    return tuple_(model.anchor_type, model.anchor_key).in_(select(wanted.c.t, wanted.c.k))
 
 
 def _change(
@@ -962,22 +971,29 @@ class ProfileStore:
                 )
             )
 
-    async def facts(self, shop_id: str, anchors: Sequence[Anchor]) -> Facts:
-        """The facts anchored on any of these identifiers, aggregated in the database."""
-        return (await self._read(FACTS, shop_id, "", anchors)).facts
+    async def consents(
+        self, shop_id: str, anchors: Sequence[Anchor]
+    ) -> dict[Anchor, list[ConsentRow]]:
+        """The consent records anchored on each of these anchors (many persons' at once), read by
+        one statement."""
+        found: dict[Anchor, list[ConsentRow]] = {}
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(ConsentRow).where(
+                    ConsentRow.shop_id == shop_id, _anchored_among(session, ConsentRow, anchors)
+                )
+            )
+            for row in rows:
+                found.setdefault((row.anchor_type, row.anchor_key), []).append(row)
+        return found
 
     async def picture(self, shop_id: str, person_id: str, anchors: Sequence[Anchor]) -> Picture:
         """Everything of a person's profile this service holds, read by one statement (one
         snapshot, one round trip): the facts anchored on any of these anchors, whether the
         person was erased, their signals, the shop's loyalty programme and their ledger."""
-        return await self._read(PICTURE, shop_id, person_id, anchors)
-
-    async def _read(
-        self, statement: Any, shop_id: str, person_id: str, anchors: Sequence[Anchor]
-    ) -> Picture:
         parameters = {"shop_id": shop_id, "person_id": person_id, "anchors": list(anchors)}
         async with self._sessions() as session:
-            rows = (await session.execute(statement, parameters)).all()
+            rows = (await session.execute(PICTURE, parameters)).all()
         return _picture(rows)
 
     async def cursor(self, name: str) -> int:
@@ -1142,5 +1158,4 @@ class Inbox:
             return await session.get(WebhookRow, row_id)
 
 
-FACTS = _statement(extras=False)
-PICTURE = _statement(extras=True)
+PICTURE = _picture_statement()

@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from c360.common.v1 import common_pb2
@@ -239,6 +241,37 @@ async def test_consent_keeps_its_exact_text_and_reaches_the_gate(mesh: Mesh) -> 
         return str(answer.reason) or "allowed"
 
     await eventually(sms_check, lambda r: r in ("allowed", "quiet_hours"), "consent at the gate")
+
+
+async def test_an_uploads_permissions_reach_the_gate_each_persons_own(mesh: Mesh) -> None:
+    """Permissions of one upload are pushed to the gate together (their consents read for all
+    the persons at once); each person gets exactly their own."""
+    wanted = {f"u{n}@mail.example": (n % 2 == 0, n % 3 == 0) for n in range(6)}
+    customers = [
+        json_format.ParseDict({"email": email, "can_email": e, "can_sms": s}, Struct())
+        for email, (e, s) in wanted.items()
+    ]
+    answer = await mesh.profile.UpsertCustomers(
+        profile_pb2.UpsertCustomersRequest(shop_id=mesh.shop, customers=customers), metadata=AUTH
+    )
+    assert answer.accepted == 6
+    persons = {email: (await mesh.get(type="email", value=email)).person_id for email in wanted}
+
+    async def checks() -> dict[str, tuple[bool, bool]]:
+        found = {}
+        for email, person_id in persons.items():
+            allowed = []
+            for channel in (common_pb2.CHANNEL_EMAIL, common_pb2.CHANNEL_SMS):
+                answer = await mesh.gate.Check(
+                    gate_pb2.CheckRequest(shop_id=mesh.shop, person_id=person_id, channel=channel,
+                                          message_id=secrets.token_hex(4), dry_run=True),
+                    metadata=AUTH,
+                )  # fmt: skip
+                allowed.append(answer.reason not in (f"no_consent:{c}" for c in ("email", "sms")))
+            found[email] = (allowed[0], allowed[1])
+        return found
+
+    await eventually(checks, lambda found: found == wanted, "each person's consents at the gate")
 
 
 async def test_an_unsubscribe_blocks_the_next_check_on_every_channel(mesh: Mesh) -> None:
