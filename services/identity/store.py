@@ -359,10 +359,11 @@ class Writes:
         return bool(self.evidence)
 
 
-# The members of each root found are looked up the same way, LATERAL with OFFSET 0 (as are the
-# rows `_EXPECTED` locks): in tables PostgreSQL has not analysed yet (a new shop's first import,
-# before autovacuum gets to it) the planner otherwise compared every person of the shop with every
-# root (15,000 persons and 200 roots: 719 ms, against 1 ms looked up).
+# Every part looks its rows up the same way, LATERAL with OFFSET 0 (as do the rows `_EXPECTED`
+# locks): in tables PostgreSQL has not analysed yet (a new shop's first import, before autovacuum
+# gets to it) the planner otherwise compared every person of the shop with every root found
+# (15,000 persons and 200 roots: 719 ms, against 1 ms looked up) and every evidence row of the
+# shop with every event id asked (23,000 rows and 1,000 ids: seconds a statement).
 _SNAPSHOT = text(
     f"""
     WITH found AS (
@@ -383,13 +384,21 @@ _SNAPSHOT = text(
     UNION ALL
     SELECT 'e', e.event_id, e.anchor_type, e.person_id, p.root_id, NULL, e.anchor_key,
            e.outcome || ' ' || coalesce(e.candidate_id, '')
-    FROM evidence e
-    LEFT JOIN person p ON p.shop_id = e.shop_id AND p.person_id = e.person_id
-    WHERE e.shop_id = :shop AND e.event_id = ANY(CAST(:events AS text[]))
+    FROM unnest(CAST(:events AS text[])) AS w(event_id)
+    CROSS JOIN LATERAL (
+        SELECT * FROM evidence x WHERE x.shop_id = :shop AND x.event_id = w.event_id OFFSET 0
+    ) AS e
+    LEFT JOIN LATERAL (
+        SELECT root_id FROM person x
+        WHERE x.shop_id = e.shop_id AND x.person_id = e.person_id OFFSET 0
+    ) AS p ON true
     UNION ALL
     SELECT 't', t.key_hash, NULL, t.person_id, NULL, NULL, NULL, NULL
-    FROM erased_identifier t
-    WHERE t.shop_id = :shop AND t.key_hash = ANY(CAST(:hashes AS text[]))
+    FROM unnest(CAST(:hashes AS text[])) AS w(key_hash)
+    CROSS JOIN LATERAL (
+        SELECT * FROM erased_identifier x
+        WHERE x.shop_id = :shop AND x.key_hash = w.key_hash OFFSET 0
+    ) AS t
     """  # noqa: S608  # composed of constants only
 )
 
