@@ -362,8 +362,9 @@ class Writes:
 # Every part looks its rows up the same way, LATERAL with OFFSET 0 (as do the rows `_EXPECTED`
 # locks): in tables PostgreSQL has not analysed yet (a new shop's first import, before autovacuum
 # gets to it) the planner otherwise compared every person of the shop with every root found
-# (15,000 persons and 200 roots: 719 ms, against 1 ms looked up) and every evidence row of the
-# shop with every event id asked (23,000 rows and 1,000 ids: seconds a statement).
+# (15,000 persons and 200 roots: 719 ms, against 1 ms looked up), and filtered every evidence
+# row of the shop against the event ids asked and hashed every person of the shop to find their
+# roots (23,000 and 15,000 rows for 100 ids: 15 ms, against 1 ms looked up).
 _SNAPSHOT = text(
     f"""
     WITH found AS (

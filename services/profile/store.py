@@ -36,13 +36,14 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    true,
     tuple_,
     union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column
 
 from services.profile.loyalty import Earning, Programme, Tier
 from services.runtime.db import append_to_outbox, dialect_of, utc
@@ -665,16 +666,26 @@ def anchored(model: Any, anchors: Sequence[Anchor]) -> Any:
     return tuple_(model.anchor_type, model.anchor_key).in_(anchors)
 
 
-def _anchored_among(session: AsyncSession, model: Any, anchors: Sequence[Anchor]) -> Any:
-    """Rows of `model` anchored on any of these anchors, however many: on PostgreSQL two array
-    parameters unnested (one statement whatever their number, prepared once), elsewhere an IN
-    list."""
-    if not _postgres(session):
-        return anchored(model, anchors)
+def _consents_looked_up(shop_id: str, anchors: Sequence[Anchor]) -> Any:
+    """On PostgreSQL: the consent rows of anchors given as two arrays (one statement whatever
+    their number, prepared once), one index lookup an anchor. The lookup is LATERAL with OFFSET
+    0 so that the planner cannot make it a join: as `IN (SELECT unnest ...)` it hashed every
+    consent row of the shop."""
     types, keys = zip(*anchors, strict=True) if anchors else ((), ())
     arrays = func.unnest(_array(types, Text()), _array(keys, Text()))
     wanted = arrays.table_valued("t", "k").render_derived()
-    return tuple_(model.anchor_type, model.anchor_key).in_(select(wanted.c.t, wanted.c.k))
+    one = aliased(
+        ConsentRow,
+        select(ConsentRow)
+        .where(
+            ConsentRow.shop_id == shop_id,
+            ConsentRow.anchor_type == wanted.c.t,
+            ConsentRow.anchor_key == wanted.c.k,
+        )
+        .offset(0)
+        .lateral(),
+    )
+    return select(one).select_from(wanted).join(one, true())
 
 
 def _change(
@@ -978,12 +989,14 @@ class ProfileStore:
         one statement."""
         found: dict[Anchor, list[ConsentRow]] = {}
         async with self._sessions() as session:
-            rows = await session.scalars(
-                select(ConsentRow).where(
-                    ConsentRow.shop_id == shop_id, _anchored_among(session, ConsentRow, anchors)
+            query = (
+                _consents_looked_up(shop_id, anchors)
+                if _postgres(session)
+                else select(ConsentRow).where(
+                    ConsentRow.shop_id == shop_id, anchored(ConsentRow, anchors)
                 )
             )
-            for row in rows:
+            for row in await session.scalars(query):
                 found.setdefault((row.anchor_type, row.anchor_key), []).append(row)
         return found
 
