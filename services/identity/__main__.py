@@ -22,13 +22,8 @@ async def build(
 ) -> Server:
     """Wires the service: settings -> engine -> identity graph -> servicer -> server."""
     engine = db.create_engine(settings)
-    # Resolve's own statements (arrays in, one plan whatever their values) on connections that
-    # keep their plans: PostgreSQL otherwise plans each anew, which costs more than running it.
-    statements = None
-    if engine.dialect.name == "postgresql":
-        statements = db.create_engine(settings, plans="force_generic_plan")
     graph = IdentityGraph(
-        IdentityStore(db.session_factory(engine), statements),
+        IdentityStore(db.session_factory(engine)),
         clock,
         settings.shop_policy_ttl_seconds,
     )
@@ -37,13 +32,7 @@ async def build(
         IdentityServicer(graph),
         identity_pb2_grpc.add_IdentityServicer_to_server,
     )
-    return await start_service(
-        settings,
-        telemetry,
-        [registration],
-        engine,
-        on_stop=[statements.dispose] if statements is not None else [],
-    )
+    return await start_service(settings, telemetry, [registration], engine)
 
 
 if __name__ == "__main__":

@@ -1147,22 +1147,18 @@ def _group_of(
 class IdentityStore:
     """Transactions on the identity tables, and the reads that need none."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], statements: AsyncEngine | None = None
-    ) -> None:
-        """`statements`: the engine whose connections run the statements of `autocommit` (the
-        sessions' own when None)."""
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         # SQLite has no row or advisory locks: its transactions take turns in this process.
         self._turns = asyncio.Lock()
-        self._engine: AsyncEngine = statements or sessions.kw["bind"]
+        self._engine: AsyncEngine = sessions.kw["bind"]
         self.postgres = self._engine.dialect.name == "postgresql"
         self._serial = not self.postgres
 
     @contextlib.asynccontextmanager
     async def statements(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction on a connection of the statements' engine, committed when the block
-        ends (no ORM session: a few statements written by hand)."""
+        """A transaction on a connection, committed when the block ends (no ORM session: a few
+        statements written by hand)."""
         async with self._engine.begin() as connection:
             yield connection
 

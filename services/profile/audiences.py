@@ -279,31 +279,37 @@ class Audiences:
 
     async def refresh_due(self) -> int:
         """Refreshes the summaries of persons whose facts or grouping changed, REFRESH_BATCH at
-        a time: each built on its own (REFRESH_IN_FLIGHT at once), all saved by one
-        transaction; returns how many it refreshed."""
+        a time: their groups asked of identity in one call a shop, each summary built on its
+        own (REFRESH_IN_FLIGHT at once), all saved by one transaction; returns how many it
+        refreshed."""
         limit = asyncio.Semaphore(REFRESH_IN_FLIGHT)
 
-        async def one(due: SummaryDueRow) -> Refreshed | None:
+        async def one(due: SummaryDueRow, group: Group | None) -> Refreshed | None:
             async with limit:
                 try:
-                    return await self._refresh(due)
+                    return await self._refresh(due, group)
                 except Exception as exc:
                     log.warning("summary refresh failed", extra={"error": type(exc).__name__})
                     return None
 
-        rows = await self._store.due_summaries(REFRESH_BATCH)
-        built = [found for found in await asyncio.gather(*(one(row) for row in rows)) if found]
+        shops: dict[str, list[SummaryDueRow]] = {}
+        for row in await self._store.due_summaries(REFRESH_BATCH):
+            shops.setdefault(row.shop_id, []).append(row)
+        work = []
+        for shop_id, rows in shops.items():
+            try:
+                groups = await self._identity.groups(shop_id, [row.person_id for row in rows])
+            except Exception as exc:  # these stay due: the next round asks again
+                log.warning("summary refresh failed", extra={"error": type(exc).__name__})
+                continue
+            work += [one(row, group) for row, group in zip(rows, groups, strict=True)]
+        built = [found for found in await asyncio.gather(*work) if found]
         if built:
             await self._store.save_summaries(built)
         return len(built)
 
-    async def _refresh(self, due: SummaryDueRow) -> Refreshed:
-        try:
-            group: Group | None = await self._identity.group(due.shop_id, due.person_id)
-        except PeerRejected as rejected:
-            if rejected.code.name != "NOT_FOUND":
-                raise
-            group = None
+    async def _refresh(self, due: SummaryDueRow, group: Group | None) -> Refreshed:
+        """A person's summary from their group (None: identity does not know them)."""
         if group is None or group.erased:
             return Refreshed(due, due.person_id, [], [], None, [])
         # One statement for the facts, the erased check, the programme and the ledger.

@@ -70,13 +70,14 @@ def _closed_connection(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raise exc.DisconnectionError("the server closed the connection")
 
 
-def create_engine(settings: RuntimeSettings, plans: str = "force_custom_plan") -> AsyncEngine:
+def create_engine(settings: RuntimeSettings) -> AsyncEngine:
     """The service's engine. On PostgreSQL every connection works in the service's own schema,
-    so services sharing one database never see each other's tables, and by default plans every
-    statement for its actual parameters: a cached generic plan of a prepared `IN (...)` of many
-    ids can filter the ids over a whole shop instead of looking each one up (seconds instead of
-    ms). `plans="force_generic_plan"` keeps one plan per prepared statement instead, for
-    statements whose best plan does not depend on their values (arrays unnested into lookups).
+    so services sharing one database never see each other's tables, and plans every statement
+    for its actual parameters and the tables as they are now. A generic plan is kept for the
+    connection's life and is made with what PostgreSQL knew at its first call: a prepared `IN
+    (...)` of many ids filtered the ids over a whole shop instead of looking each one up, and
+    lookups first planned on a new shop's near-empty tables went on scanning every row of the
+    shop by its `shop_id` once they had grown (seconds a call instead of ms; docs/identity.md).
     A connection the server closed is replaced at checkout (`_closed_connection`), one lost
     during a statement is DatabaseUnavailable (`_lost_connection`)."""
     url = make_url(settings.sqlalchemy_url)
@@ -88,7 +89,7 @@ def create_engine(settings: RuntimeSettings, plans: str = "force_custom_plan") -
             connect_args={
                 "server_settings": {
                     "search_path": settings.schema_name,
-                    "plan_cache_mode": plans,
+                    "plan_cache_mode": "force_custom_plan",
                 },
                 "timeout": settings.dependency_timeout_seconds * 5,
             },
