@@ -26,7 +26,7 @@ from c360.profile.v1 import profile_pb2
 from services.profile.custobar import BOOLEANS, IDENTIFYING, keys_of
 
 BATCH = 1000
-IN_FLIGHT = 4  # batches
+IN_FLIGHT = 8  # batches
 TIMEOUT = 300  # seconds a batch may take on a busy machine
 
 # A Klaviyo profile export's columns, as Custobar-format fields.

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    any_,
     bindparam,
     delete,
     func,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -1039,16 +1041,17 @@ class Tx:
         return int(getattr(await self.session.execute(statement), "rowcount", 0))
 
 
-# GetPerson's read is one statement: the person's group (every member), their identifiers and
-# the merges that touched them, as a UNION ALL of selects whose rows are tagged with their kind
-# and carry their values in the slots below (NULL where a kind has none). One snapshot, one round
-# trip, no transaction. Rows come ordered by kind, then (t, a, b): identifiers by type and match
-# key, merges by time and id, as the database collates them.
+# GetPerson's and GetPersons' read is one statement: the asked persons' groups (every member),
+# their identifiers and the merges that touched them, as a UNION ALL of selects whose rows are
+# tagged with their kind and their group's root (`r`) and carry their values in the slots below
+# (NULL where a kind has none). One snapshot, one round trip, no transaction, however many
+# persons are asked. Rows come ordered by root and kind, then (t, a, b): identifiers by type and
+# match key, merges by time and id, as the database collates them.
 _SLOTS: list[tuple[str, Any]] = [
     ("a", String()), ("b", String()), ("c", String()), ("d", String()), ("e", String()),
     ("f", String()), ("g", String()), ("h", String()), ("i", String()), ("j", String()),
     ("t", DateTime(timezone=True)), ("u", DateTime(timezone=True)),
-    ("v", DateTime(timezone=True)),
+    ("v", DateTime(timezone=True)), ("r", String()),
 ]  # fmt: skip
 
 
@@ -1062,17 +1065,22 @@ def _tagged(kind: str, **values: Any) -> Any:
     return select(*columns)
 
 
-def _group_statement() -> Any:
+def _groups_statement(postgres: bool) -> Any:
+    """The statement of `IdentityStore.groups`: the persons asked are one array parameter on
+    PostgreSQL (one prepared statement however many), an expanding IN list on SQLite."""
     shop_id: Any = bindparam("shop_id")
-    person_id: Any = bindparam("person_id")
     p, i, m = PersonRow.__table__, IdentifierRow.__table__, MergeRow.__table__
-    root = select(p.c.root_id).where(p.c.shop_id == shop_id, p.c.person_id == person_id)
+    asked = (
+        p.c.person_id == any_(bindparam("person_ids", type_=ARRAY(String())))
+        if postgres
+        else p.c.person_id.in_(bindparam("person_ids", expanding=True))
+    )
+    roots = select(p.c.root_id).where(p.c.shop_id == shop_id, asked)
     members = (
         select(p.c.person_id, p.c.root_id, p.c.created_at, p.c.erased_at)
-        .where(p.c.shop_id == shop_id, p.c.root_id == root.scalar_subquery())
+        .where(p.c.shop_id == shop_id, p.c.root_id.in_(roots))
         .cte("members")
     )
-    ids = select(members.c.person_id)
     return union_all(
         _tagged(
             "member",
@@ -1080,6 +1088,7 @@ def _group_statement() -> Any:
             b=members.c.root_id,
             u=members.c.created_at,
             v=members.c.erased_at,
+            r=members.c.root_id,
         ),
         _tagged(
             "identifier",
@@ -1088,7 +1097,10 @@ def _group_statement() -> Any:
             c=i.c.raw_value,
             d=i.c.value,
             u=i.c.first_seen_at,
-        ).where(i.c.shop_id == shop_id, i.c.person_id.in_(ids)),
+            r=members.c.root_id,
+        ).select_from(
+            i.join(members, (i.c.shop_id == shop_id) & (i.c.person_id == members.c.person_id))
+        ),
         _tagged(
             "merge",
             t=m.c.merged_at,
@@ -1103,21 +1115,31 @@ def _group_statement() -> Any:
             j=m.c.unmerge_reason,
             u=m.c.unmerge_deadline,
             v=m.c.unmerged_at,
-        ).where(m.c.shop_id == shop_id, or_(m.c.survivor_id.in_(ids), m.c.merged_id.in_(ids))),
-    ).order_by(*(literal_column(name) for name in ("kind", "t", "a", "b")))
+            r=members.c.root_id,
+        )
+        # A merge between two members of one group is one row of that group.
+        .distinct()
+        .select_from(
+            m.join(
+                members,
+                (m.c.shop_id == shop_id)
+                & or_(m.c.survivor_id == members.c.person_id, m.c.merged_id == members.c.person_id),
+            )
+        ),
+    ).order_by(*(literal_column(name) for name in ("r", "kind", "t", "a", "b")))
 
 
-_GROUP = _group_statement()
+_GROUP_READS = {postgres: _groups_statement(postgres) for postgres in (False, True)}
 
 
 def _group_of(
     shop_id: str, rows: Sequence[Any]
-) -> tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None:
-    """A group as _GROUP's rows hold it; None when they hold no member."""
+) -> tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]]:
+    """A group as the rows of its root in `_GROUP_READS` hold it."""
     members: list[PersonRow] = []
     identifiers: list[IdentifierRow] = []
     merges: list[MergeRow] = []
-    for kind, a, b, c, d, e, f, g, h, i, j, t, u, v in rows:
+    for kind, a, b, c, d, e, f, g, h, i, j, t, u, v, _ in rows:
         if kind == "member":
             members.append(
                 PersonRow(shop_id=shop_id, person_id=a, root_id=b, created_at=u, erased_at=v)
@@ -1137,8 +1159,6 @@ def _group_of(
                     unmerged_at=v, unmerged_by=i, unmerge_reason=j,
                 )
             )  # fmt: skip
-    if not members:
-        return None
     root_id = members[0].root_id
     members.sort(key=lambda p: (p.person_id != root_id, p.created_at, p.person_id))
     return members, identifiers, merges
@@ -1185,17 +1205,18 @@ class IdentityStore:
     ) -> list[tuple[list[PersonRow], list[IdentifierRow], list[MergeRow]] | None]:
         """For each person: the persons grouped with them (the root first), their identifiers
         (by type and match key) and every merge that involved one of them (oldest first), read
-        by one statement a person on one connection; None for a person nobody knows."""
+        by one statement for all of them; None for a person nobody knows."""
+        parameters = {"shop_id": shop_id, "person_ids": list(person_ids)}
         async with self._reader() as reader:
-            return [
-                _group_of(
-                    shop_id,
-                    (
-                        await reader.execute(_GROUP, {"shop_id": shop_id, "person_id": person_id})
-                    ).all(),
-                )
-                for person_id in person_ids
-            ]
+            rows = (await reader.execute(_GROUP_READS[self.postgres], parameters)).all()
+        of_root: dict[str, list[Any]] = {}
+        for row in rows:
+            of_root.setdefault(row.r, []).append(row)
+        root_of = {row.a: row.r for row in rows if row.kind == "member"}
+        return [
+            _group_of(shop_id, of_root[root_of[person_id]]) if person_id in root_of else None
+            for person_id in person_ids
+        ]
 
     async def identifiers(
         self, shop_id: str, keys: Sequence[tuple[str, str]]

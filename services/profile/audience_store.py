@@ -225,22 +225,6 @@ class AudienceStore:
         async with self._sessions() as session:
             return await session.get(SummaryRow, (shop_id, person_id))
 
-    async def purchases(
-        self, shop_id: str, anchors: Sequence[Anchor]
-    ) -> list[tuple[datetime, list[Any]]]:
-        """When each of a person's live orders was placed, and its line items."""
-        async with self._sessions() as session:
-            return [
-                (placed_at, items)
-                for placed_at, items in await session.execute(
-                    select(OrderRow.placed_at, OrderRow.line_items).where(
-                        OrderRow.shop_id == shop_id,
-                        tuple_(OrderRow.anchor_type, OrderRow.anchor_key).in_(anchors),
-                        OrderRow.cancelled.is_(False),
-                    )
-                )
-            ]
-
     # --- the change feed ------------------------------------------------------------------------
 
     async def changes(

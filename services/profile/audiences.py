@@ -312,14 +312,16 @@ class Audiences:
         """A person's summary from their group (None: identity does not know them)."""
         if group is None or group.erased:
             return Refreshed(due, due.person_id, [], [], None, [])
-        # One statement for the facts, the erased check, the programme and the ledger.
-        picture = await self._facts.picture(due.shop_id, group.person_id, group.anchors)
+        # One statement for the facts, the erased check, the programme, the ledger and the
+        # line items.
+        picture = await self._facts.picture(
+            due.shop_id, group.person_id, group.anchors, purchases=True
+        )
         if picture.erased:
             return Refreshed(due, due.person_id, [], [], None, [])
         profile = assemble(due.shop_id, group, picture.facts, None)
-        purchases = await self._store.purchases(due.shop_id, group.anchors)
         standing = loyalty.standing(picture.programme, picture.ledger, self._clock())
-        summary = summary_of(profile, purchases, standing)
+        summary = summary_of(profile, picture.purchases, standing)
         summary["updated_at"] = self._clock()
         gone = [m for m in {*group.members, due.person_id} if m != group.person_id]
         return Refreshed(due, group.person_id, gone, group.anchors, summary, profile.tags)

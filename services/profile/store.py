@@ -386,6 +386,8 @@ class Picture:
     signals: SignalRow | None = None
     programme: Programme | None = None
     ledger: list[Earning] = field(default_factory=list)
+    # When each live order was placed, and its line items (read for summaries only).
+    purchases: list[tuple[datetime, list[Any]]] = field(default_factory=list)
 
 
 def _earning(shop_id: str, order: dict[str, Any], programme: "ProgrammeRow") -> dict[str, Any]:
@@ -444,8 +446,9 @@ def _tagged(kind: str, **values: Any) -> Any:
     return select(*columns)
 
 
-def _picture_statement() -> Any:
-    """The statement of `ProfileStore.picture`."""
+def _picture_statement(purchases: bool) -> Any:
+    """The statement of `ProfileStore.picture`, with each live order's time and line items
+    when `purchases`."""
     shop_id: Any = bindparam("shop_id")
     person_id: Any = bindparam("person_id")
     anchors: Any = bindparam("anchors", expanding=True)
@@ -508,6 +511,12 @@ def _picture_statement() -> Any:
             .outerjoin(refunds, refunds.c.order_id == mine.c.order_id)
         ),
     ]  # fmt: skip
+    if purchases:
+        parts.append(
+            _tagged("purchase", t=o.c.placed_at, j=o.c.line_items).where(
+                of(o), o.c.cancelled.is_(False)
+            )
+        )
     return union_all(*parts)
 
 
@@ -518,7 +527,7 @@ def _picture(rows: Sequence[Any]) -> Picture:
     engagement: list[tuple[str, str, int, datetime]] = []
     consents: list[ConsentRow] = []
     customers: list[CustomerRow] = []
-    erased, signals, programme, ledger = False, None, None, []
+    erased, signals, programme, ledger, purchases = False, None, None, [], []
     for kind, a, b, c, d, n, x, y, z, t, u, flag, j, k, f in rows:
         if kind == "order":
             orders.append(OrderTotals(a, b, c, n, x, utc(t), utc(u)))
@@ -547,6 +556,8 @@ def _picture(rows: Sequence[Any]) -> Picture:
             programme = programme_of(j, y, n)
         elif kind == "ledger":
             ledger.append(earning((x, y, z, t, u)))
+        elif kind == "purchase":
+            purchases.append((utc(t), j))
     # In the order the separate queries gave them: groups by their key, consents oldest first,
     # customer records oldest first.
     orders.sort(key=lambda o: (o.currency, o.source, o.location))
@@ -554,7 +565,7 @@ def _picture(rows: Sequence[Any]) -> Picture:
     consents.sort(key=lambda c: (c.at, c.consent_id))
     customers.sort(key=lambda c: (c.updated_at, c.source, c.source_id))
     facts = Facts(orders, refunded, engagement, consents, customers)
-    return Picture(facts, erased, signals, programme, ledger)
+    return Picture(facts, erased, signals, programme, ledger, purchases)
 
 
 def _postgres(session: AsyncSession) -> bool:
@@ -1000,13 +1011,16 @@ class ProfileStore:
                 found.setdefault((row.anchor_type, row.anchor_key), []).append(row)
         return found
 
-    async def picture(self, shop_id: str, person_id: str, anchors: Sequence[Anchor]) -> Picture:
+    async def picture(
+        self, shop_id: str, person_id: str, anchors: Sequence[Anchor], purchases: bool = False
+    ) -> Picture:
         """Everything of a person's profile this service holds, read by one statement (one
         snapshot, one round trip): the facts anchored on any of these anchors, whether the
-        person was erased, their signals, the shop's loyalty programme and their ledger."""
+        person was erased, their signals, the shop's loyalty programme and their ledger; with
+        `purchases`, also each live order's time and line items."""
         parameters = {"shop_id": shop_id, "person_id": person_id, "anchors": list(anchors)}
         async with self._sessions() as session:
-            rows = (await session.execute(PICTURE, parameters)).all()
+            rows = (await session.execute(PICTURES[purchases], parameters)).all()
         return _picture(rows)
 
     async def cursor(self, name: str) -> int:
@@ -1171,4 +1185,4 @@ class Inbox:
             return await session.get(WebhookRow, row_id)
 
 
-PICTURE = _picture_statement()
+PICTURES = {purchases: _picture_statement(purchases) for purchases in (False, True)}
