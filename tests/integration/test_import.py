@@ -80,8 +80,12 @@ async def picture(endpoint: Endpoint, shop: str) -> list[tuple[Any, ...]]:
 async def test_an_interrupted_import_resumes_to_the_same_data(
     endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Batches of 100, so that the import is cut with some of them done and some in flight.
-    monkeypatch.setattr(importing, "BATCH", 100)
+    # Batches of 25, so that the import is cut with some of them done, some in flight and some
+    # not sent yet (the orders are 24 batches; at 200 done, 8 have landed and at most IN_FLIGHT
+    # more were sent).
+    monkeypatch.setattr(importing, "BATCH", 25)
+    assert ORDERS // 25 > 200 // 25 + importing.IN_FLIGHT
+    loop = asyncio.get_running_loop()
     customers, orders = write_exports(tmp_path)
     address = endpoint.profile_address
     whole = endpoint.shop
@@ -118,6 +122,19 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
     assert (await asyncio.to_thread(cli, through, "import", "customers", str(customers),
                                     "--shop", cut)).exit_code == 0  # fmt: skip
     checkpoint = tmp_path / f"orders_export.csv.{cut}.c360-checkpoint"
+    save = importing.Importer._save
+
+    def save_then_stall(importer: importing.Importer, done: int) -> None:
+        # Once 200 records are done, the proxy holds every byte before the importer (in the
+        # CLI's thread) goes on: the batches still in flight cannot land before the cut.
+        save(importer, done)
+        if done >= 200:
+            asyncio.run_coroutine_threadsafe(stall(), loop).result()
+
+    async def stall() -> None:
+        proxy.stall()
+
+    monkeypatch.setattr(importing.Importer, "_save", save_then_stall)
     running = asyncio.create_task(
         asyncio.to_thread(cli, through, "import", "orders", str(orders), "--shop", cut)
     )
@@ -130,6 +147,9 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
     broken = await running
     assert broken.exit_code == 1
     assert "run the same command again to resume" in broken.output
+    assert 200 <= await progress() < ORDERS
+    monkeypatch.setattr(importing.Importer, "_save", save)
+    proxy.resume()
     await proxy.start()
     resumed = await asyncio.to_thread(cli, through, "import", "orders", str(orders), "--shop", cut)
     assert resumed.exit_code == 0, resumed.output
@@ -142,8 +162,8 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
 async def test_a_customer_s_later_record_wins_across_batches_in_flight(
     endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Batches of 10, four in flight: a customer's records in the first and the fourth batch
-    # must be applied in file order.
+    # Batches of 10, all four in flight at once: a customer's records in the first and the
+    # fourth batch must be applied in file order.
     monkeypatch.setattr(importing, "BATCH", 10)
     upload = tmp_path / "customers.jsonl"
     lines: list[dict[str, Any]] = [
