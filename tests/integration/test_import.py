@@ -81,8 +81,8 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
     endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Batches of 25, so that the import is cut with some of them done, some in flight and some
-    # not sent yet (the orders are 24 batches; at 200 done, 8 have landed and at most IN_FLIGHT
-    # more were sent).
+    # not sent yet (the 601 order records are 25 batches; at 200 done, 8 have landed and at most
+    # IN_FLIGHT more were sent).
     monkeypatch.setattr(importing, "BATCH", 25)
     assert ORDERS // 25 > 200 // 25 + importing.IN_FLIGHT
     loop = asyncio.get_running_loop()
@@ -162,8 +162,8 @@ async def test_an_interrupted_import_resumes_to_the_same_data(
 async def test_a_customer_s_later_record_wins_across_batches_in_flight(
     endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Batches of 10, all four in flight at once: a customer's records in the first and the
-    # fourth batch must be applied in file order.
+    # Batches of 10, up to eight in flight: a customer's records in the first and the fourth
+    # batch must be applied in file order (the fourth waits for the first, which shares a key).
     monkeypatch.setattr(importing, "BATCH", 10)
     upload = tmp_path / "customers.jsonl"
     lines: list[dict[str, Any]] = [
