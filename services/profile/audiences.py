@@ -279,15 +279,15 @@ class Audiences:
 
     async def refresh_due(self) -> int:
         """Refreshes the summaries of persons whose facts or grouping changed, REFRESH_BATCH at
-        a time: their groups asked of identity in one call a shop, each summary built on its
-        own (REFRESH_IN_FLIGHT at once), all saved by one transaction; returns how many it
-        refreshed."""
+        a time: their groups asked of identity in one call a shop (one call a person when
+        identity refuses that one), each summary built on its own (REFRESH_IN_FLIGHT at once),
+        all saved by one transaction; returns how many it refreshed."""
         limit = asyncio.Semaphore(REFRESH_IN_FLIGHT)
 
-        async def one(due: SummaryDueRow, group: Group | None) -> Refreshed | None:
+        async def one(due: SummaryDueRow, group: Group | None, alone: bool) -> Refreshed | None:
             async with limit:
                 try:
-                    return await self._refresh(due, group)
+                    return await self._refresh(due, await self._group(due) if alone else group)
                 except Exception as exc:
                     log.warning("summary refresh failed", extra={"error": type(exc).__name__})
                     return None
@@ -299,14 +299,26 @@ class Audiences:
         for shop_id, rows in shops.items():
             try:
                 groups = await self._identity.groups(shop_id, [row.person_id for row in rows])
+            except PeerRejected:  # an id identity refuses holds back only itself
+                work += [one(row, None, alone=True) for row in rows]
+                continue
             except Exception as exc:  # these stay due: the next round asks again
                 log.warning("summary refresh failed", extra={"error": type(exc).__name__})
                 continue
-            work += [one(row, group) for row, group in zip(rows, groups, strict=True)]
+            work += [one(row, group, alone=False) for row, group in zip(rows, groups, strict=True)]
         built = [found for found in await asyncio.gather(*work) if found]
         if built:
             await self._store.save_summaries(built)
         return len(built)
+
+    async def _group(self, due: SummaryDueRow) -> Group | None:
+        """A person's group asked on its own; None when identity does not know them."""
+        try:
+            return await self._identity.group(due.shop_id, due.person_id)
+        except PeerRejected as rejected:
+            if rejected.code.name != "NOT_FOUND":
+                raise
+            return None
 
     async def _refresh(self, due: SummaryDueRow, group: Group | None) -> Refreshed:
         """A person's summary from their group (None: identity does not know them)."""

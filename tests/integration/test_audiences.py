@@ -24,6 +24,7 @@ from tests.integration.test_profile import stamp
 from tests.integration.test_webhooks import fixture
 from tests.polling import eventually
 from tests.rpc import details
+from tests.sql import sql
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 CRM360_TYPES: dict[str, Any] = {
@@ -529,3 +530,34 @@ async def test_members_can_be_only_those_the_gate_allows_now(endpoint: Endpoint)
         lambda found: found == [opted],
         "the gate's answer",
     )
+
+
+async def test_a_person_identity_refuses_holds_back_only_their_own_summary(
+    endpoint: Endpoint,
+) -> None:
+    # A mark whose person id identity refuses (INVALID_ARGUMENT), older than any other, so that
+    # it is in every round with the shop's other marks.
+    refused = "p\x01refused"
+    await sql(
+        endpoint.settings,
+        "INSERT INTO summary_due (shop_id, person_id, requested_at) VALUES ($1, $2, $3)",
+        endpoint.shop,
+        refused,
+        NOW - timedelta(days=365),
+    )
+    try:
+        await order(endpoint, "r1", "ren@refused.example", "20.00", NOW)
+        await settled(endpoint, 1)
+        due = await sql(
+            endpoint.settings,
+            "SELECT person_id FROM summary_due WHERE shop_id = $1",
+            endpoint.shop,
+        )
+        assert [row["person_id"] for row in due] == [refused]
+    finally:
+        await sql(
+            endpoint.settings,
+            "DELETE FROM summary_due WHERE shop_id = $1 AND person_id = $2",
+            endpoint.shop,
+            refused,
+        )
