@@ -462,9 +462,10 @@ def _picture_statement(purchases: bool) -> Any:
     c, u = ConsentRow.__table__, CustomerRow.__table__
     x, s = ErasedPersonRow.__table__, SignalRow.__table__
     p, g = ProgrammeRow.__table__, EarningRow.__table__
+    live = of(o) & o.c.cancelled.is_(False)
     mine = (
         select(o.c.order_id, o.c.currency, o.c.source, o.c.location, o.c.total, o.c.placed_at)
-        .where(of(o), o.c.cancelled.is_(False))
+        .where(live)
         .cte("mine")
     )
     # What was refunded of each of their orders.
@@ -512,11 +513,7 @@ def _picture_statement(purchases: bool) -> Any:
         ),
     ]  # fmt: skip
     if purchases:
-        parts.append(
-            _tagged("purchase", t=o.c.placed_at, j=o.c.line_items).where(
-                of(o), o.c.cancelled.is_(False)
-            )
-        )
+        parts.append(_tagged("purchase", t=o.c.placed_at, j=o.c.line_items).where(live))
     return union_all(*parts)
 
 

@@ -564,6 +564,7 @@ async def test_a_lookup_first_run_on_a_new_shops_empty_tables_reads_by_key_once_
     the same lookup of 10 identifiers reads exactly those 10 rows. A generic plan kept from the
     first call read the shop's identifiers through `identifier_person` by `shop_id` alone, all
     20,000 for each key asked (200,000 rows here; 4-8 s a call in an import)."""
+    # No health pings during the test: a connection opened for one would plan the lookup afresh.
     settings = settings_for(
         "identity", db_schema_prefix=f"{run_id}_plans_", health_interval_seconds=60.0
     )
