@@ -35,6 +35,7 @@ from bench.load import (
     drop_schema,
     free_port,
     summarize,
+    wait_listening,
     wait_serving,
 )
 from c360.common.v1 import common_pb2
@@ -281,7 +282,7 @@ async def run(seconds: float, customers: int) -> dict[str, Any]:
         stack = f"127.0.0.1:{stack_port}"
         await wait_serving(gate)
         await wait_serving(stack)
-        await asyncio.sleep(1)  # the bare baseline has no health service; give it a moment
+        await wait_listening(baseline_port)  # the bare baseline has no health service
         async with grpc.aio.insecure_channel(gate) as channel:
             await gate_pb2_grpc.GateStub(channel).PutShopPolicy(
                 gate_pb2.PutShopPolicyRequest(  # quiet hours off: the run may be at night

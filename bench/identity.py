@@ -160,10 +160,14 @@ async def load(address: str, target: str, concurrency: int, seconds: float, pers
                     outcome = name.removeprefix("RESOLVE_OUTCOME_").lower()
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return {**summarize(latencies, elapsed, errors), "outcomes": outcomes}
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {
+        **summarize(latencies, elapsed, errors),
+        "outcomes": outcomes,
+        "client_cpu_ms_per_call": 1000 * cpu / max(len(latencies), 1),
+    }
 
 
 def drive(address: str, target: str, concurrency: int, seconds: float, persons: int) -> Any:
@@ -367,7 +371,8 @@ def report(results: dict[str, Any]) -> str:
                 f"{name} {c['service']:.2f} + {c['postgres']:.2f} = {c['total']:.2f}"
                 for name, c in cpu.items()
             )
-            + f"; ratio {r['cpu_ratio']:.2f}"
+            + f"; ratio {r['cpu_ratio']:.2f}; load generator "
+            + f"{base['client_cpu_ms_per_call']:.2f} / {res['client_cpu_ms_per_call']:.2f}"
         )
         lines.append(f"     outcomes: {res['outcomes']}, errors {res['errors']}")
     batch, base = results["batch"], results["levels"]["16"]["baseline_select"]
