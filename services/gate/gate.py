@@ -297,8 +297,10 @@ class Gate:
         """Restores customers Redis does not hold in full (lost, or never seen) from the durable
         data, in bulk, asking for the policies of customers it has none for; for a peek (the
         contact history needs counts, not consent) without asking, and as patiently as a
-        write."""
-        await self._log.flush()
+        write. This replica's decisions not yet in the database go there first, so that the
+        counts include them; that write is bounded by the database timeout too."""
+        async with asyncio.timeout(self._database_timeout):
+            await self._log.flush()
         people = list(dict.fromkeys(person_ids))
         for start in range(0, len(people), REBUILD_CHUNK):
             chunk = people[start : start + REBUILD_CHUNK]

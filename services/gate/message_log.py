@@ -98,7 +98,9 @@ class MessageLogWriter:
 
     async def flush(self) -> int:
         """Writes everything queued so far; returns how many entries were written. On a database
-        failure the entries stay queued (and pending in Redis) for the next attempt."""
+        failure, or when the caller is cancelled (its deadline, a timeout) while the batch is
+        written, the entries stay queued (and pending in Redis) for the next attempt: a write
+        that did commit is copied again, which changes nothing."""
         async with self._lock:
             batch, self._buffer = self._buffer, []
             self._full.clear()
@@ -106,7 +108,7 @@ class MessageLogWriter:
                 return 0
             try:
                 await self._write(batch)
-            except Exception:
+            except BaseException:
                 self._buffer[:0] = batch
                 raise
             return len(batch)

@@ -499,3 +499,40 @@ async def test_a_batch_works_after_redis_forgot_its_scripts(gut: GateUnderTest) 
         [Request(gut.shop, "p1", "sms", "m1"), Request(gut.shop, "p2", "sms", "m2")]
     )
     assert [d.reason for d in decisions] == ["", "no_consent:sms"]
+
+
+@pytest.mark.parametrize("gut", ["redis"], indirect=True)
+async def test_a_stalled_database_during_a_rebuild_is_gate_unavailable_and_loses_no_decision(
+    gut: GateUnderTest, settings_for: Callable[..., Any]
+) -> None:
+    """A check for a customer Redis lost first writes this replica's buffered decisions to the
+    database (so that the rebuilt counts include them). With the message log locked, that write
+    gives up at the database timeout, answering gate_unavailable rather than hanging, and the
+    decisions it was writing stay queued: they reach the log once the database answers again."""
+    gate = Gate(
+        gut.gate._counters, gut.store, gut.writer, gut.clock,
+        MeterProvider().get_meter("test"), shop_policy_ttl=0, database_timeout=0.2,
+    )  # fmt: skip
+    await gut.consent("p1", granted={"email"})
+    await gut.consent("p2", granted={"email"})
+    assert (await gut.check("p1", "email", "m1")).allowed is True
+    await gut.lose_redis("p2")
+    locker = await db.plain_connection(settings_for("gate"))
+    try:
+        await locker.execute("BEGIN; LOCK TABLE message_log IN EXCLUSIVE MODE")
+        stalled = await asyncio.wait_for(
+            gate.check(Request(gut.shop, "p2", "email", "m2")), SLOW_MACHINE_SECONDS
+        )
+    finally:
+        await locker.execute("ROLLBACK")
+        await locker.close()
+    assert (stalled.allowed, stalled.reason, stalled.retryable) == (
+        False,
+        "gate_unavailable",
+        True,
+    )
+    assert await gut.writer.flush() == 1
+    assert [(r.message_id, r.allowed) for r in await gut.store.log(gut.shop, "p1", 10)] == [
+        ("m1", True)
+    ]
+    assert (await gate.check(Request(gut.shop, "p2", "email", "m2"))).allowed is True
