@@ -94,6 +94,11 @@ def service_settings(
     }
     if service == "gate":
         values["redis_url"] = backing.redis_url
+        # A check may wait 2 s for Redis, not 50 ms: on a busy 2-core machine (or after another
+        # test made Redis forget its scripts, so that a call loads its script again) a check past
+        # the budget answers gate_unavailable, and a test about what the gate decides would fail
+        # on that (a CI run did). Tests of the budget itself set it back to 50 ms.
+        values["redis_timeout_ms"] = 2000
     values.update(overrides)
     settings: RuntimeSettings = settings_class(**values)
     return settings

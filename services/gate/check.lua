@@ -11,8 +11,8 @@
 -- Returns {status, allowed, reason, retry_at_ms, today_total, last_window, fatigue,
 --   log_entry_id, channel1, count1, ...}; status OK, REPLAY, CONFLICT (the message_id is
 --   reserved on another channel; reason holds it), REBUILD (Redis does not hold the customer in
---   full: lost, or never seen) or TZ (the customer's zone has no row; reason holds it). Counts
---   are as before this message.
+--   full: lost, never seen, or, for a check, only their counts) or TZ (the customer's zone has
+--   no row; reason holds it). Counts are as before this message.
 local policy, sent, channels, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, message_id, channel = ARGV[1], ARGV[2], ARGV[3]
 local now, transactional = tonumber(ARGV[4]), ARGV[5] == '1'
@@ -20,7 +20,8 @@ local global_cap, channel_cap, threshold = tonumber(ARGV[6]), tonumber(ARGV[7]),
 local window, ttl, retention = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 
 local fields = redis.call('HMGET', policy, 'v', 'tz', 'consent', 'unsub', 'suppressed')
-if not fields[1] then
+-- v: 1 when Redis holds the customer in full, c when it holds their counts but not their policy.
+if not fields[1] or (fields[1] ~= '1' and mode ~= 'peek') then
   return {'REBUILD', 0, '', 0, 0, 0, 0, ''}
 end
 local tz = fields[2] or ''

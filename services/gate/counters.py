@@ -35,19 +35,25 @@ return 1
 """
 
 # Restores a customer Redis does not hold in full, unless someone restored them first: the
-# policy (unless a newer one arrived meanwhile) and the reservations, then marks them present.
-# ARGV: the policy's five fields, key ttl ms, then (message_id, channel, ms, entry id) quads.
+# policy (unless a newer one arrived meanwhile) and the reservations, then marks them present:
+# v = 1, or v = c when only the counts are known (a contact history's rebuild, which does not
+# ask the profile for a policy the gate lacks: a check rebuilds such a customer again, with the
+# policy, and keeps the counts Redis holds). ARGV: the policy's five fields, key ttl ms, the
+# mark (1|c), then (message_id, channel, ms, entry id) quads.
 REBUILD = """
-if redis.call('HEXISTS', KEYS[1], 'v') == 1 then return 0 end
+local marked = redis.call('HGET', KEYS[1], 'v')
+if marked == '1' or (marked and ARGV[7] == 'c') then return 0 end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
 if stored < tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[1], 'tz', ARGV[1], 'consent', ARGV[2], 'unsub', ARGV[3],
     'suppressed', ARGV[4], 'ver', ARGV[5])
 end
-redis.call('HSET', KEYS[1], 'v', '1')
-for i = 7, #ARGV, 4 do
-  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 3])
+redis.call('HSET', KEYS[1], 'v', ARGV[7])
+if not marked then
+  for i = 8, #ARGV, 4 do
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 3])
+  end
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 return 1
@@ -368,19 +374,21 @@ class Counters:
     async def rebuild_many(
         self,
         customers: Sequence[
-            tuple[CustomerKeys, ContactPolicy, Sequence[tuple[str, str, int, str]]]
+            tuple[CustomerKeys, ContactPolicy | None, Sequence[tuple[str, str, int, str]]]
         ],
         for_a_read: bool = False,
     ) -> None:
         """Restores customers' policies and reservations (message_id, channel, ms, log entry id),
         each unless someone did first, in one pipelined round trip; `for_a_read` (a peek's
-        rebuild) may wait as long as a write."""
+        rebuild) may wait as long as a write. A policy of None (only for a read) restores the
+        counts alone: the customer's next check rebuilds their policy."""
         calls = [
             (
                 keys.all()[:3],
                 [
-                    *policy.as_args(),
+                    *(policy or ContactPolicy()).as_args(),
                     KEY_TTL_MS,
+                    "c" if policy is None else "1",
                     *[value for reservation in reservations for value in reservation],
                 ],
             )

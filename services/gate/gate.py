@@ -297,11 +297,14 @@ class Gate:
         """Restores customers Redis does not hold in full (lost, or never seen) from the durable
         data, in bulk, asking for the policies of customers it has none for; for a peek (the
         contact history needs counts, not consent) without asking, and as patiently as a
-        write. This replica's decisions not yet in the database go there first, so that the
+        write, leaving such a policy unknown rather than empty (their next check rebuilds them
+        with it: an empty policy marked complete would answer no_consent until the next push).
+        This replica's decisions not yet in the database go there first, so that the
         counts include them; that write is bounded by the database timeout too."""
         async with asyncio.timeout(self._database_timeout):
             await self._log.flush()
         people = list(dict.fromkeys(person_ids))
+        missing = None if peek else ContactPolicy()
         for start in range(0, len(people), REBUILD_CHUNK):
             chunk = people[start : start + REBUILD_CHUNK]
             async with asyncio.timeout(self._database_timeout):
@@ -315,7 +318,7 @@ class Gate:
                 [
                     (
                         CustomerKeys.of(shop_id, person_id),
-                        policies.get(person_id, ContactPolicy()),
+                        policies.get(person_id, missing),
                         [(m, c, ms(at), e) for m, c, at, e in reservations.get(person_id, [])],
                     )
                     for person_id in chunk

@@ -536,3 +536,29 @@ async def test_a_stalled_database_during_a_rebuild_is_gate_unavailable_and_loses
         ("m1", True)
     ]
     assert (await gate.check(Request(gut.shop, "p2", "email", "m2"))).allowed is True
+
+
+async def test_a_contact_history_first_leaves_the_policy_to_be_pulled_by_the_next_check(
+    gut: GateUnderTest,
+) -> None:
+    """The journey engine reads a profile (the gate's contact history) before its first check of
+    a customer the gate holds no policy for: the history's rebuild does not ask the profile, and
+    the check that follows still does, and decides on the consent it gets."""
+    asked: list[list[str]] = []
+
+    async def profile(shop_id: str, person_ids: list[str]) -> dict[str, ContactPolicy]:
+        asked.append(person_ids)
+        return {p: ContactPolicy(frozenset({"email"}), version=5) for p in person_ids}
+
+    gate = Gate(
+        gut.gate._counters, gut.store, gut.writer, gut.clock,
+        MeterProvider().get_meter("test"), shop_policy_ttl=0,
+        database_timeout=SLOW_MACHINE_SECONDS, policy_source=profile,
+    )  # fmt: skip
+    history = await gate.history(gut.shop, "p1", 10)
+    assert (history.counts.today_total, history.log, asked) == (0, [], [])
+    decision = await gate.check(Request(gut.shop, "p1", "email", "m1"))
+    assert (decision.allowed, decision.reason, asked) == (True, "", [["p1"]])
+    assert (await gate.check(Request(gut.shop, "p1", "sms", "m2"))).reason == "no_consent:sms"
+    assert asked == [["p1"]]
+    assert (await gate.history(gut.shop, "p1", 10)).counts.today_total == 1

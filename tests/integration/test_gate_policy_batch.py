@@ -81,12 +81,12 @@ def store(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def gate(start_service: StartService, store: str, tmp_path: Path) -> AsyncIterator[Any]:
-    """A Gate stub to the gate on `store`, its clock at NOON. Checks may wait 2 s for Redis:
-    the tests compare answers, and on a busy 2-core machine a check past the default 50 ms
-    budget answers gate_unavailable (a CI run failed so)."""
-    overrides: dict[str, Any] = {"redis_timeout_ms": 2000}
-    if store == "embedded":
-        overrides |= {"database_url": f"sqlite+aiosqlite:///{tmp_path}/gate.db", "redis_url": None}
+    """A Gate stub to the gate on `store`, its clock at NOON."""
+    overrides: dict[str, Any] = (
+        {"database_url": f"sqlite+aiosqlite:///{tmp_path}/gate.db", "redis_url": None}
+        if store == "embedded"
+        else {}
+    )
     server: Server = await start_service("gate", clock=Clock(NOON), **overrides)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield gate_pb2_grpc.GateStub(channel)

@@ -181,8 +181,7 @@ async def test_two_hundred_concurrent_checks_over_grpc_allow_exactly_three(
     start_service: StartService,
     shop: str,
 ) -> None:
-    # Two hundred calls at once on two cores: give each its decision, not a shed gate_unavailable.
-    gate = await gate_stub(await start_service("gate", redis_timeout_ms=2000))
+    gate = await gate_stub(await start_service("gate"))
     await consent(gate, shop, "p1", EMAIL)
     answers = await asyncio.gather(
         *(gate.Check(check(shop, "p1", f"m{i}"), metadata=bearer(ADMIN_TOKEN)) for i in range(200))
@@ -216,13 +215,14 @@ async def test_redis_cut_mid_run_answers_gate_unavailable(
 async def test_a_redis_that_stops_answering_is_gate_unavailable_not_a_hang(
     start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
-    # Socket timeouts of five seconds: only the gate's own 50 ms budget can answer within the
-    # caller's one-second deadline.
+    # Socket timeouts of five seconds: only the gate's own 50 ms budget (its default) can answer
+    # within the caller's one-second deadline.
     gate = await gate_stub(
         await start_service(
             "gate",
             redis_url=redis_proxy.url_through(backing.redis_url),
             dependency_timeout_seconds=5.0,
+            redis_timeout_ms=50,
         )
     )
     await consent(gate, shop, "p1", EMAIL)
@@ -321,7 +321,9 @@ async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_lo
     start_service: StartService, backing: Backing, shop: str, redis_proxy: TcpProxy
 ) -> None:
     gate = await gate_stub(
-        await start_service("gate", redis_url=redis_proxy.url_through(backing.redis_url))
+        await start_service(
+            "gate", redis_url=redis_proxy.url_through(backing.redis_url), redis_timeout_ms=50
+        )
     )
     await consent(gate, shop, "p1", EMAIL)
     assert (await gate.Check(check(shop, "p1", "m0"), metadata=bearer(ADMIN_TOKEN))).allowed
