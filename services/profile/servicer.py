@@ -1,7 +1,6 @@
 """Profile RPCs: requests validated and turned into profile calls, answers into protos."""
 
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -66,6 +65,8 @@ MAX_PAGE = 1000
 DEFAULT_HISTORY_PAGE = 5000
 MAX_HISTORY_PAGE = 20_000
 MAX_TEXT = 4000
+# The version of a contact policy the gate pulls: below every push's (docs/profile.md).
+PULLED_VERSION = 1
 MAX_AMOUNT = Decimal("1e15")
 MAX_NAME = 128
 MAX_RATE = Decimal(1000)
@@ -799,7 +800,6 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
             violations.add("person_ids", f"at most {MAX_PAGE}")
         ids = [person(p, f"person_ids[{i}]", violations) for i, p in enumerate(request.person_ids)]
         violations.raise_any()
-        version = int(time.time() * 1_000_000)  # read now: a push of any later change wins
         policies = []
         for person_id in ids:
             found = await self._profiles.contact_policy(shop_id, person_id)
@@ -817,7 +817,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServicer):
                         for c in states
                     ],
                     global_unsubscribe=unsubscribed,
-                    version=version,
+                    version=PULLED_VERSION,
                 )
             )  # fmt: skip
         return profile_pb2.GetContactPoliciesResponse(policies=policies)

@@ -483,7 +483,10 @@ class ContactPolicy(_message.Message):
     person_id: _builtins.str
     global_unsubscribe: _builtins.bool
     version: _builtins.int
-    """When the profile read it, in microseconds since the epoch: a push of a later change wins."""
+    """1, below the version of every push (the time of its change in microseconds since the
+    epoch): the gate pulls only a policy it holds none of, and any push, of a change recorded
+    before or after the read, carries the profile's state when it is sent, so it replaces this.
+    """
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]: ...
     def __init__(
