@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -382,21 +383,26 @@ class Gate:
                 outcomes[i] = outcome
         return [o if o is None or o.status not in ("REBUILD", "TZ") else None for o in outcomes]
 
+    def _record(
+        self, request: Request, entry_id: str, allowed: bool, reason: str, now: datetime
+    ) -> None:
+        self._log.record(
+            Decided(
+                request.shop_id,
+                request.person_id,
+                entry_id,
+                request.message_id,
+                request.channel,
+                request.transactional,
+                allowed,
+                reason,
+                now,
+            ),
+        )
+
     def _decision(self, request: Request, now: datetime, outcome: Outcome) -> Decision:
         if outcome.log_entry:
-            self._log.record(
-                Decided(
-                    request.shop_id,
-                    request.person_id,
-                    outcome.log_entry,
-                    request.message_id,
-                    request.channel,
-                    request.transactional,
-                    outcome.allowed,
-                    outcome.reason,
-                    now,
-                ),
-            )
+            self._record(request, outcome.log_entry, outcome.allowed, outcome.reason, now)
         retry_at = from_ms(outcome.retry_at_ms) if outcome.retry_at_ms else None
         return Decision(
             allowed=outcome.allowed,
@@ -476,6 +482,10 @@ class Gate:
                 # Redis may still have decided after the gate stopped waiting: have the durable
                 # log read what this customer's log stream holds.
                 self._log.suspect(request.shop_id, request.person_id)
+                # The answer the caller got is logged too (with an entry id of its own: Redis
+                # holds no entry for it), unless the log is what the gate is waiting on.
+                if not request.dry_run and not self._log.saturated:
+                    self._record(request, f"u{uuid.uuid4().hex}", False, UNAVAILABLE, now)
                 decisions.append(_unavailable())
             elif outcome.status == "CONFLICT":
                 conflict = conflict or AlreadyExists(

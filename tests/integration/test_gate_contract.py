@@ -508,7 +508,8 @@ async def test_a_stalled_database_during_a_rebuild_is_gate_unavailable_and_loses
     """A check for a customer Redis lost first writes this replica's buffered decisions to the
     database (so that the rebuilt counts include them). With the message log locked, that write
     gives up at the database timeout, answering gate_unavailable rather than hanging, and the
-    decisions it was writing stay queued: they reach the log once the database answers again."""
+    decisions it was writing stay queued: they reach the log once the database answers again,
+    with the gate_unavailable answer."""
     gate = Gate(
         gut.gate._counters, gut.store, gut.writer, gut.clock,
         MeterProvider().get_meter("test"), shop_policy_ttl=0, database_timeout=0.2,
@@ -531,11 +532,17 @@ async def test_a_stalled_database_during_a_rebuild_is_gate_unavailable_and_loses
         "gate_unavailable",
         True,
     )
-    assert await gut.writer.flush() == 1
+    assert await gut.writer.flush() == 2
     assert [(r.message_id, r.allowed) for r in await gut.store.log(gut.shop, "p1", 10)] == [
         ("m1", True)
     ]
+    gut.clock.set(NOON + timedelta(seconds=1))
     assert (await gate.check(Request(gut.shop, "p2", "email", "m2"))).allowed is True
+    await gut.writer.flush()
+    assert [(r.message_id, r.reason) for r in await gut.store.log(gut.shop, "p2", 10)] == [
+        ("m2", ""),
+        ("m2", "gate_unavailable"),
+    ]
 
 
 async def test_a_contact_history_first_leaves_the_policy_to_be_pulled_by_the_next_check(

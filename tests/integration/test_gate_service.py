@@ -335,16 +335,18 @@ async def test_a_decision_redis_made_after_the_gate_gave_up_still_reaches_the_lo
         shop_id=shop, person_id="p1", include_log=True
     )
 
-    async def logged() -> list[tuple[str, bool]]:
+    async def logged() -> list[tuple[str, bool, str]]:
         try:
             history = await gate.GetContactHistory(history_request, metadata=bearer(ADMIN_TOKEN))
         except grpc.aio.AioRpcError:
             return []
-        return sorted((e.message_id, e.allowed) for e in history.log)
+        return sorted((e.message_id, e.allowed, e.reason) for e in history.log)
 
-    assert await eventually(
-        logged, lambda log: log == [("m0", True), ("m1", True)], "the late decision logged"
-    ) == [("m0", True), ("m1", True)]
+    # Both are logged: the answer the caller got, and what Redis decided after the gate gave up.
+    expected = [("m0", True, ""), ("m1", False, "gate_unavailable"), ("m1", True, "")]
+    assert await eventually(logged, lambda log: log == expected, "the late decision logged") == (
+        expected
+    )
     again = await gate.Check(check(shop, "p1", "m1"), metadata=bearer(ADMIN_TOKEN))
     assert (again.allowed, again.replayed, again.counts.today_total) == (True, True, 2)
 
