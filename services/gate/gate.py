@@ -168,6 +168,9 @@ class Gate:
         self._database_timeout = database_timeout
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._shop_policies: dict[str, tuple[float, ShopPolicy]] = {}
+        # How many times this replica changed each shop's policy: a read that began before a
+        # change does not cache what it read.
+        self._shop_policy_changes: Counter[str] = Counter()
         # The zones each shop's customers use ("" = none of their own), learnt from contact
         # policies and checks; every check carries the calendar of all of them.
         self._zones: dict[str, list[str]] = {}
@@ -198,8 +201,10 @@ class Gate:
         return cached[1]
 
     async def _load_shop_policy(self, shop_id: str) -> ShopPolicy:
+        changes = self._shop_policy_changes[shop_id]
         policy = shop_policy_from_document(await self._store.shop_policy(shop_id))
-        self._shop_policies[shop_id] = (time.monotonic(), policy)
+        if self._shop_policy_changes[shop_id] == changes:
+            self._shop_policies[shop_id] = (time.monotonic(), policy)
         return policy
 
     async def _refresh_shop_policy(self, shop_id: str) -> None:
@@ -214,6 +219,7 @@ class Gate:
     async def put_shop_policy(self, shop_id: str, document: dict[str, Any]) -> None:
         """Replaces the shop's policy; this replica applies it at once, others within the TTL."""
         await self._store.put_shop_policy(shop_id, document, self._clock())
+        self._shop_policy_changes[shop_id] += 1
         self._shop_policies.pop(shop_id, None)
 
     async def put_contact_policy(self, shop_id: str, person_id: str, policy: ContactPolicy) -> None:

@@ -569,3 +569,43 @@ async def test_a_contact_history_first_leaves_the_policy_to_be_pulled_by_the_nex
     assert (await gate.check(Request(gut.shop, "p1", "sms", "m2"))).reason == "no_consent:sms"
     assert asked == [["p1"]]
     assert (await gate.history(gut.shop, "p1", 10)).counts.today_total == 1
+
+
+class HeldReads(GateStore):
+    """The gate's store, whose shop policy reads can be held once they have read (a slow read
+    that returns after a change was written)."""
+
+    def __init__(self, sessions: Any) -> None:
+        super().__init__(sessions)
+        self.hold: asyncio.Event | None = None
+        self.read = asyncio.Event()
+
+    async def shop_policy(self, shop_id: str) -> dict[str, Any] | None:
+        document = await super().shop_policy(shop_id)
+        if self.hold is not None:
+            self.read.set()
+            await self.hold.wait()
+        return document
+
+
+async def test_a_policy_read_that_began_before_a_change_does_not_bring_the_old_one_back(
+    gut: GateUnderTest,
+) -> None:
+    store = HeldReads(gut.store._sessions)
+    gate = Gate(
+        gut.gate._counters, store, gut.writer, gut.clock, MeterProvider().get_meter("test"),
+        shop_policy_ttl=0, database_timeout=SLOW_MACHINE_SECONDS,
+    )  # fmt: skip
+    await gate.put_shop_policy(gut.shop, {"global_daily_cap": 3, "channel_caps": {"email": 3}})
+    await gut.consent("p1", granted={"email"})
+    assert (await gate.check(Request(gut.shop, "p1", "email", "m1"))).allowed is True
+    store.hold = asyncio.Event()
+    # Served from the cache, which sends a refresh to the database: it reads the cap of 3.
+    assert (await gate.check(Request(gut.shop, "p1", "email", "m2"))).allowed is True
+    await asyncio.wait_for(store.read.wait(), SLOW_MACHINE_SECONDS)
+    await gate.put_shop_policy(gut.shop, {"global_daily_cap": 1, "channel_caps": {"email": 3}})
+    hold, store.hold = store.hold, None
+    hold.set()
+    await asyncio.gather(*gate._refreshing.values())
+    blocked = await gate.check(Request(gut.shop, "p1", "email", "m3"))
+    assert (blocked.allowed, blocked.reason) == (False, "global_cap_reached:2/1")
