@@ -252,3 +252,24 @@ async def test_with_a_shop_map_only_mapped_domains_may_deliver(
             async with http.post(url, data=body, headers=headers) as response:
                 statuses.append(response.status)
     assert statuses == [200, 401]
+
+
+async def test_a_previous_secret_set_to_nothing_signs_nothing(start_service: StartService) -> None:
+    """`SHOPIFY_API_SECRET_PREVIOUS=` left blank after a rotation is unset, not an empty HMAC key
+    anyone could sign with."""
+    profile = await start_service(
+        "profile", webhook_port=0, shopify_api_secret=SECRET, shopify_api_secret_previous=""
+    )
+    url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
+    body = fixture("orders_create.json")
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for key in ("", SECRET):
+            headers = {
+                "X-Shopify-Topic": "orders/create", "X-Shopify-Shop-Domain": "acme.myshopify.com",
+                "X-Shopify-Webhook-Id": secrets.token_hex(8),
+                "X-Shopify-Hmac-Sha256": signature(key, body),
+            }  # fmt: skip
+            async with http.post(url, data=body, headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [401, 200]
