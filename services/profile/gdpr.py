@@ -2,7 +2,7 @@
 honours, and the scrub, in one transaction) and exporting everything it holds of them."""
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -18,26 +18,48 @@ MIN_NAME = 2
 """Shorter names (an initial) are not searched for in deliveries: they would match anything."""
 
 
-def mentions(emails: set[str], phones: set[str], names: set[str]) -> Callable[[Any], bool]:
-    """Whether a parsed JSON document names the person anywhere: one of their emails (any
-    case), phones (any formatting of the national number) or names (any case)."""
-    words = {e.lower() for e in emails} | {n.lower() for n in names if len(n) >= MIN_NAME}
+def mentions(
+    emails: set[str], phones: set[str], names: set[tuple[str, str]]
+) -> Callable[[Any], bool]:
+    """Whether a parsed JSON document names the person: one of their emails (any case) or
+    phones (any formatting of the national number) in any of its strings, or one of their full
+    names (the first and last name of one of their customer records, any case) as words
+    anywhere in it. A first or a last name alone is not searched for: other people's deliveries
+    share them, and an erasure must not destroy those."""
+    addresses = {e.lower() for e in emails}
     digits = {_national(p) for p in phones} - {""}
+    full_names = [
+        set(f"{first} {last}".lower().split())
+        for first, last in names
+        if len(first) >= MIN_NAME and len(last) >= MIN_NAME
+    ]
 
-    def found(value: Any) -> bool:
-        if isinstance(value, dict):
-            return any(found(v) for v in value.values())
-        if isinstance(value, list):
-            return any(found(v) for v in value)
-        if not isinstance(value, str):
-            return False
-        text = value.strip().lower()
-        if text in words or any(w in text.split() for w in words):
-            return True
-        number = re.sub(r"\D", "", text)
-        return bool(number) and any(number.endswith(d) for d in digits)
+    def found(document: Any) -> bool:
+        words: set[str] = set()
+        for value in _strings(document):
+            text = value.strip().lower()
+            split = text.split()
+            if text in addresses or any(w in addresses for w in split):
+                return True
+            number = re.sub(r"\D", "", text)
+            if number and any(number.endswith(d) for d in digits):
+                return True
+            words.update(split)
+        return any(name <= words for name in full_names)
 
     return found
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string a parsed JSON document holds."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
 
 
 def _national(phone: str) -> str:

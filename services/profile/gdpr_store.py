@@ -71,15 +71,15 @@ class GdprStore:
         except Rehearsal as rehearsal:
             return dict(rehearsal.result)
 
-    async def names(self, shop_id: str, anchors: Sequence[Anchor]) -> list[str]:
-        """The names the person's customer records give."""
+    async def names(self, shop_id: str, anchors: Sequence[Anchor]) -> list[tuple[str, str]]:
+        """The full names (first, last) the person's customer records give."""
         async with self._sessions() as session:
             rows = await session.execute(
                 select(CustomerRow.first_name, CustomerRow.last_name).where(
                     CustomerRow.shop_id == shop_id, anchored(CustomerRow, anchors)
                 )
             )
-            return [name for pair in rows for name in pair if name]
+            return [(first, last) for first, last in rows if first and last]
 
     async def export(self, shop_id: str, anchors: Sequence[Anchor]) -> dict[str, list[Any]]:
         """Every order, refund, event, opt-in and customer record under the anchors."""

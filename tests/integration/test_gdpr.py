@@ -366,6 +366,49 @@ async def test_an_erasure_leaves_no_pii_anywhere_and_keeps_the_revenue(
     assert dict(audit.entries[0].counts)["profile.order_fact"] == 3
 
 
+async def test_an_erasure_blanks_the_held_deliveries_about_the_person_and_no_others(
+    mesh: Mesh,
+) -> None:
+    """Dead-lettered (or pending) deliveries are searched for the person: by email or phone in
+    any string, or by their full name. Another customer who shares only a first or a last name
+    keeps their delivery."""
+    tag = secrets.token_hex(3)
+    email, first, last = f"zedq.{tag}@stardust.example", f"Zed{tag}", f"Quill{tag}"
+    await mesh.shopper(email, "+33612340000", first, last, orders=1)
+    held = [
+        {"id": 1, "email": email.upper(), "total_price": "10.00"},
+        {"id": 2, "shipping_address": {"first_name": first, "last_name": last, "city": "Lyon"}},
+        {"id": 3, "customer": {"first_name": first, "last_name": "Other", "email": "o@x.example"}},
+        {"id": 4, "customer": {"first_name": "Ann", "last_name": last, "phone": "+33698760000"}},
+    ]
+    now = datetime.now(UTC)
+    for n, document in enumerate(held):
+        await mesh.query(
+            "profile",
+            "INSERT INTO webhook_inbox (shop_id, webhook_id, topic, body, received_at, state,"
+            " attempts, next_attempt_at, error) VALUES ($1, $2, 'orders/create', $3, $4, 'dead',"
+            " 12, $4, 'KeyError')",
+            mesh.shop, f"held-{n}", json.dumps(document).encode(), now,
+        )  # fmt: skip
+    started = await mesh.gdpr.Erase(
+        gdpr_pb2.EraseRequest(shop_id=mesh.shop, person=mesh.person(email), reason="asked"),
+        metadata=AUTH,
+    )
+    assert (await mesh.erasure(started.job_id)).state == gdpr_pb2.ERASURE_STATE_DONE
+    rows = await mesh.query(
+        "profile",
+        "SELECT webhook_id, state, body FROM webhook_inbox"
+        " WHERE shop_id = $1 AND webhook_id LIKE 'held-%' ORDER BY webhook_id",
+        mesh.shop,
+    )
+    assert [(r["webhook_id"], r["state"], json.loads(r["body"] or b"null")) for r in rows] == [
+        ("held-0", "erased", None),
+        ("held-1", "erased", None),
+        ("held-2", "dead", held[2]),
+        ("held-3", "dead", held[3]),
+    ]
+
+
 async def test_a_job_finishes_after_a_service_comes_back_and_reads_never_show_pii(
     mesh: Mesh, start_service: StartService
 ) -> None:
