@@ -603,7 +603,9 @@ class Profiles:
         return resolved.person_id, applied
 
     async def set_consent(self, change: ConsentChange) -> tuple[str, bool]:
-        """Stores a consent change and queues the person's contact policy for the gate."""
+        """Stores a consent change and queues the person's contact policy for the gate; for a
+        person erased under GDPR, nothing (its text could name them; the gate blocks them for
+        good anyway)."""
         # Recorded against what the change names, the person id or the identifier: it follows
         # that through merges and unmerges.
         if change.person.identifier is not None:
@@ -617,6 +619,8 @@ class Profiles:
             person_id = change.person.person_id
             anchor = ("person", person_id)
         group = await self._identity.group(change.shop_id, person_id)
+        if await self._store.erased_among(change.shop_id, [group.person_id]):
+            return group.person_id, False
         [applied] = await self._store.add_consents(
             change.shop_id, [(_consent_values(change, anchor), group.person_id)], self._clock()
         )

@@ -409,6 +409,27 @@ async def test_an_erasure_blanks_the_held_deliveries_about_the_person_and_no_oth
     ]
 
 
+async def test_a_consent_sent_for_an_erased_person_stores_nothing(mesh: Mesh) -> None:
+    tag = secrets.token_hex(3)
+    email = f"yuki.{tag}@stardust.example"
+    person_id = await mesh.shopper(email, "+33612341111", f"Yuki{tag}", f"Sato{tag}", orders=1)
+    started = await mesh.gdpr.Erase(
+        gdpr_pb2.EraseRequest(shop_id=mesh.shop, person=mesh.person(email), reason="asked"),
+        metadata=AUTH,
+    )
+    assert (await mesh.erasure(started.job_id)).state == gdpr_pb2.ERASURE_STATE_DONE
+    answer = await mesh.profile.SetConsent(
+        profile_pb2.SetConsentRequest(
+            shop_id=mesh.shop, person=common_pb2.PersonRef(person_id=person_id),
+            channel=common_pb2.CHANNEL_SMS, granted=True, consent_text=f"Yes, Yuki{tag}",
+            source="checkout", at=_stamp(datetime(2026, 10, 5, tzinfo=UTC)),
+        ),
+        metadata=AUTH,
+    )  # fmt: skip
+    assert answer.applied is False
+    assert await _found_in_tables(mesh, [f"Yuki{tag}"]) == []
+
+
 async def test_a_job_finishes_after_a_service_comes_back_and_reads_never_show_pii(
     mesh: Mesh, start_service: StartService
 ) -> None:
