@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import RuntimeSettings, ServiceName
 
@@ -44,7 +44,6 @@ class ProfileSettings(RuntimeSettings):
         validation_alias="SHOPIFY_API_SECRET_PREVIOUS",
         description="The secret being rotated out, still accepted until it is unset.",
     )
-
     shopify_shops: dict[str, str] = Field(
         default_factory=dict,
         description='Shop domain -> shop id, e.g. {"acme.myshopify.com": "acme"}; a domain '
@@ -55,12 +54,3 @@ class ProfileSettings(RuntimeSettings):
         description="Processing attempts of a delivery before it becomes a dead letter (backoff "
         "doubling from 2 s to 5 min: about half an hour of outage is ridden out).",
     )
-
-    @field_validator("shopify_api_secret", "shopify_api_secret_previous", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        """A secret set to nothing (`SHOPIFY_API_SECRET_PREVIOUS=` after a rotation) is unset:
-        kept, it would be an HMAC key anyone can sign with."""
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        return None if isinstance(value, str) and not value.strip() else value

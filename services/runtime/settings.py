@@ -24,8 +24,14 @@ class TokenConfig(BaseModel):
 class RuntimeSettings(BaseSettings):
     """Settings every service reads. Variables are prefixed C360_, except the standard ones."""
 
+    # A variable set to nothing is unset (env_ignore_empty): `SHOPIFY_API_SECRET_PREVIOUS=` left
+    # blank after a rotation must not become an empty HMAC key anyone could sign webhooks with.
     model_config = SettingsConfigDict(
-        env_prefix="C360_", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="C360_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     service: ClassVar[ServiceName]

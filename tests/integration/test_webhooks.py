@@ -254,12 +254,13 @@ async def test_with_a_shop_map_only_mapped_domains_may_deliver(
     assert statuses == [200, 401]
 
 
-async def test_a_previous_secret_set_to_nothing_signs_nothing(start_service: StartService) -> None:
+async def test_a_previous_secret_set_to_nothing_signs_nothing(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`SHOPIFY_API_SECRET_PREVIOUS=` left blank after a rotation is unset, not an empty HMAC key
     anyone could sign with."""
-    profile = await start_service(
-        "profile", webhook_port=0, shopify_api_secret=SECRET, shopify_api_secret_previous=""
-    )
+    monkeypatch.setenv("SHOPIFY_API_SECRET_PREVIOUS", "")
+    profile = await start_service("profile", webhook_port=0, shopify_api_secret=SECRET)
     url = f"http://127.0.0.1:{profile.http_ports['webhooks']}/webhooks/shopify"
     body = fixture("orders_create.json")
     async with aiohttp.ClientSession() as http:
