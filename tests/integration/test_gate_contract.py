@@ -39,7 +39,7 @@ class GateUnderTest:
     client: Any
     metrics: InMemoryMetricReader
     shop: str
-    make_gate: Callable[[], Gate]
+    make_gate: Callable[..., Gate]
 
     async def consent(self, person: str, time_zone: str = "", **policy: Any) -> None:
         granted = frozenset(policy.pop("granted", CHANNELS))
@@ -87,11 +87,10 @@ async def gut(
     metrics = InMemoryMetricReader()
     meter = MeterProvider(metric_readers=[metrics]).get_meter("test")
 
-    def make_gate() -> Gate:
-        return Gate(
-            counters, store, writer, clock, meter, shop_policy_ttl=0,
-            database_timeout=SLOW_MACHINE_SECONDS,
-        )  # fmt: skip
+    def make_gate(gate_store: GateStore = store, **overrides: Any) -> Gate:
+        """Another replica on the same stores (its database store and settings overridable)."""
+        settings = {"shop_policy_ttl": 0, "database_timeout": SLOW_MACHINE_SECONDS, **overrides}
+        return Gate(counters, gate_store, writer, clock, meter, **settings)
 
     yield GateUnderTest(
         make_gate(),
@@ -510,10 +509,7 @@ async def test_a_stalled_database_during_a_rebuild_is_gate_unavailable_and_loses
     gives up at the database timeout, answering gate_unavailable rather than hanging, and the
     decisions it was writing stay queued: they reach the log once the database answers again,
     with the gate_unavailable answer."""
-    gate = Gate(
-        gut.gate._counters, gut.store, gut.writer, gut.clock,
-        MeterProvider().get_meter("test"), shop_policy_ttl=0, database_timeout=0.2,
-    )  # fmt: skip
+    gate = gut.make_gate(database_timeout=0.2)
     await gut.consent("p1", granted={"email"})
     await gut.consent("p2", granted={"email"})
     assert (await gut.check("p1", "email", "m1")).allowed is True
@@ -557,11 +553,7 @@ async def test_a_contact_history_first_leaves_the_policy_to_be_pulled_by_the_nex
         asked.append(person_ids)
         return {p: ContactPolicy(frozenset({"email"}), version=5) for p in person_ids}
 
-    gate = Gate(
-        gut.gate._counters, gut.store, gut.writer, gut.clock,
-        MeterProvider().get_meter("test"), shop_policy_ttl=0,
-        database_timeout=SLOW_MACHINE_SECONDS, policy_source=profile,
-    )  # fmt: skip
+    gate = gut.make_gate(policy_source=profile)
     history = await gate.history(gut.shop, "p1", 10)
     assert (history.counts.today_total, history.log, asked) == (0, [], [])
     decision = await gate.check(Request(gut.shop, "p1", "email", "m1"))
@@ -592,10 +584,7 @@ async def test_a_policy_read_that_began_before_a_change_does_not_bring_the_old_o
     gut: GateUnderTest,
 ) -> None:
     store = HeldReads(gut.store._sessions)
-    gate = Gate(
-        gut.gate._counters, store, gut.writer, gut.clock, MeterProvider().get_meter("test"),
-        shop_policy_ttl=0, database_timeout=SLOW_MACHINE_SECONDS,
-    )  # fmt: skip
+    gate = gut.make_gate(store)
     await gate.put_shop_policy(gut.shop, {"global_daily_cap": 3, "channel_caps": {"email": 3}})
     await gut.consent("p1", granted={"email"})
     assert (await gate.check(Request(gut.shop, "p1", "email", "m1"))).allowed is True
